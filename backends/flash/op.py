@@ -1,0 +1,241 @@
+"""The exact tiled attention op: `attention_planner::flash_attention`, and the public `flash_attention`.
+
+One custom op serves every exact tiled variant (full, causal, sliding window, sinks, padding, arbitrary mask): the
+window is a parameter of the tiling, not another kernel. Implementations:
+  "triton"     the fused kernel in backends/flash/triton.py (CUDA; on the CPU only under TRITON_INTERPRET=1)
+  "blockwise"  the online-softmax PyTorch loop in backends/flash/blockwise.py (any device, linear extra memory)
+  "reference"  the dense oracle in backends/flash/naive.py (quadratic memory; for tests)
+The backward is a custom op too, so aot_autograd and torch.export see our backward, not autograd through a loop.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from backends.flash.blockwise import blockwise_attention_backward, blockwise_attention_forward
+from backends.flash.naive import attention_reference
+from planner.errors import BackendError
+
+IMPLEMENTATIONS = ("triton", "blockwise", "reference")
+NO_WINDOW = -1  # the op's encoding of "no window" (custom ops take no Optional[int] defaults cleanly across versions)
+
+
+def _triton_usable(q: torch.Tensor) -> bool:
+    return q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _resolve_impl(impl: Optional[str], q: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> str:
+    if impl is None:
+        # The Triton kernel takes structured masks only; a mask tensor keeps its exact semantics in the loop.
+        return "triton" if q.is_cuda and attn_mask is None else "blockwise"
+    if impl not in IMPLEMENTATIONS:
+        raise BackendError(f"impl={impl!r} is not an implementation; accepted: {', '.join(IMPLEMENTATIONS)} or None")
+    if impl == "triton" and not _triton_usable(q):
+        raise BackendError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU); got tensors on "
+                           f"{q.device}")
+    if impl == "triton" and attn_mask is not None:
+        raise BackendError("impl='triton' does not take an attn_mask tensor; use impl='blockwise' or None")
+    return impl
+
+
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The log-sum-exp is float32, except for float64 inputs (the tests' precision), where it stays float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _window_or_none(window: int) -> Optional[int]:
+    return None if window == NO_WINDOW else window
+
+
+@torch.library.custom_op("attention_planner::flash_attention", mutates_args=())
+def flash_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: Optional[torch.Tensor],
+    attn_mask: Optional[torch.Tensor],
+    causal: bool,
+    window: int,
+    sinks: int,
+    scale: float,
+    impl: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (out, lse): out like q with v's head dim; lse (batch, q_heads, queries), natural log, float32."""
+    arguments = dict(causal=causal, window=_window_or_none(window), sinks=sinks, scale=scale,
+                     key_padding_mask=key_padding_mask)
+    if impl == "triton":
+        from backends.flash.triton import flash_forward
+
+        out, lse = flash_forward(q, k, v, **arguments)
+    elif impl == "blockwise":
+        out, lse = blockwise_attention_forward(q, k, v, attn_mask=attn_mask, **arguments)
+    else:
+        out, lse = attention_reference(q, k, v, attn_mask=attn_mask, return_lse=True, **arguments)
+    return out.contiguous(), lse.to(lse_dtype(q.dtype)).contiguous()
+
+
+@flash_attention_op.register_fake
+def _(q, k, v, key_padding_mask, attn_mask, causal, window, sinks, scale, impl):
+    batch, heads, queries, _ = q.shape
+    out = q.new_empty(batch, heads, queries, v.shape[-1])
+    lse = q.new_empty(batch, heads, queries, dtype=lse_dtype(q.dtype))
+    return out, lse
+
+
+@torch.library.custom_op("attention_planner::flash_attention_backward", mutates_args=())
+def flash_attention_backward_op(
+    grad_out: torch.Tensor,
+    grad_lse: Optional[torch.Tensor],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    key_padding_mask: Optional[torch.Tensor],
+    attn_mask: Optional[torch.Tensor],
+    causal: bool,
+    window: int,
+    sinks: int,
+    scale: float,
+    impl: str,
+    mask_needs_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (dq, dk, dv, d_attn_mask); d_attn_mask is an empty tensor unless mask_needs_grad."""
+    arguments = dict(causal=causal, window=_window_or_none(window), sinks=sinks, scale=scale,
+                     key_padding_mask=key_padding_mask)
+    if impl == "triton":
+        from backends.flash.triton import flash_backward
+
+        grad_q, grad_k, grad_v = flash_backward(grad_out, q, k, v, out, lse, grad_lse=grad_lse, **arguments)
+        grad_mask = None
+    else:
+        # The reference has no backward of its own: the blockwise backward is exact, and is tested against autograd
+        # through the reference.
+        grad_q, grad_k, grad_v, grad_mask = blockwise_attention_backward(
+            grad_out, grad_lse, q, k, v, out, lse, attn_mask=attn_mask, mask_needs_grad=mask_needs_grad, **arguments
+        )
+    if grad_mask is None:
+        grad_mask = q.new_empty(0)
+    return grad_q.contiguous(), grad_k.contiguous(), grad_v.contiguous(), grad_mask
+
+
+@flash_attention_backward_op.register_fake
+def _(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, attn_mask, causal, window, sinks, scale, impl,
+      mask_needs_grad):
+    grad_mask = attn_mask.new_empty(attn_mask.shape) if (mask_needs_grad and attn_mask is not None) else q.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), grad_mask
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_padding_mask, attn_mask, causal, window, sinks, scale, impl = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, attn_mask)
+    ctx.options = (causal, window, sinks, scale, impl)
+    ctx.mask_needs_grad = attn_mask is not None and attn_mask.requires_grad
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, key_padding_mask, attn_mask = ctx.saved_tensors
+    causal, window, sinks, scale, impl = ctx.options
+    backward_impl = "blockwise" if impl == "reference" else impl
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    grad_q, grad_k, grad_v, grad_mask = flash_attention_backward_op(
+        grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, attn_mask, causal, window, sinks, scale,
+        backward_impl, ctx.mask_needs_grad,
+    )
+    return grad_q, grad_k, grad_v, None, (grad_mask if ctx.mask_needs_grad else None), None, None, None, None, None
+
+
+flash_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def validate_attention_inputs(q, k, v, key_padding_mask=None, attn_mask=None) -> None:
+    """Raise BackendError naming the first input that the tiled attention cannot take."""
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
+        if tensor.dim() != 4:
+            raise BackendError(f"{name} must have 4 dims (batch, heads, sequence, head_dim); got shape "
+                               f"{tuple(tensor.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise BackendError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise BackendError(f"dtype {q.dtype} is not supported; accepted: float16, bfloat16, float32, float64")
+    if k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0]:
+        raise BackendError(f"batch sizes differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]}")
+    if k.shape[1] != v.shape[1] or q.shape[1] % k.shape[1] != 0:
+        raise BackendError(f"heads: q has {q.shape[1]}, k {k.shape[1]}, v {v.shape[1]}; k and v must agree and divide "
+                           "q's (grouped-query attention)")
+    if k.shape[2] != v.shape[2]:
+        raise BackendError(f"k has {k.shape[2]} keys but v has {v.shape[2]} values")
+    if k.shape[3] != q.shape[3]:
+        raise BackendError(f"q and k head dims differ: {q.shape[3]} vs {k.shape[3]}")
+    if key_padding_mask is not None and (key_padding_mask.dtype != torch.bool
+                                         or tuple(key_padding_mask.shape) != (q.shape[0], k.shape[2])):
+        raise BackendError(f"key_padding_mask must be a bool tensor of shape (batch, keys) = {(q.shape[0], k.shape[2])}"
+                           f"; got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
+    if attn_mask is not None:
+        try:
+            torch.broadcast_shapes(attn_mask.shape, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
+        except RuntimeError:
+            raise BackendError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to (batch, q_heads, "
+                               f"queries, keys) = {(q.shape[0], q.shape[1], q.shape[2], k.shape[2])}") from None
+
+
+def tiled_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    window: Optional[int] = None,
+    sinks: int = 0,
+    scale: Optional[float] = None,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    attn_mask: Optional[torch.Tensor] = None,
+    return_lse: bool = False,
+    impl: Optional[str] = None,
+):
+    """The one entry to the op, shared by `flash_attention` and `sliding_window_attention`."""
+    validate_attention_inputs(q, k, v, key_padding_mask, attn_mask)
+    if window is not None and window < 1:
+        raise BackendError(f"window must be a positive number of keys; got {window}")
+    if sinks < 0:
+        raise BackendError(f"sinks must be >= 0; got {sinks}")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    impl = _resolve_impl(impl, q, attn_mask)
+    out, lse = flash_attention_op(
+        q, k, v, key_padding_mask, attn_mask, causal, NO_WINDOW if window is None else int(window), sinks, scale, impl
+    )
+    return (out, lse) if return_lse else out
+
+
+def flash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: Optional[float] = None,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    attn_mask: Optional[torch.Tensor] = None,
+    return_lse: bool = False,
+    impl: Optional[str] = None,
+):
+    """Exact softmax attention, tiled: the scores are never materialized.
+
+    Args:
+        q: (batch, q_heads, queries, head_dim). k, v: (batch, kv_heads, keys, head_dim); kv_heads divides q_heads.
+        causal: query i sees key j iff j <= i (top-left aligned, as SDPA's is_causal).
+        scale: multiplies q·k; default 1/sqrt(head_dim).
+        key_padding_mask: (batch, keys) bool, True where a key is real.
+        attn_mask: optional tensor broadcastable to (batch, q_heads, queries, keys), bool (True = attend) or
+            additive; kept exactly (runs the blockwise implementation).
+        return_lse: also return the natural-log log-sum-exp per query, float32 (batch, q_heads, queries).
+        impl: "triton", "blockwise", "reference", or None (Triton on CUDA, blockwise elsewhere).
+
+    Rows with no visible key give zeros (lse = -inf), not NaN.
+    """
+    return tiled_attention(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
+                           attn_mask=attn_mask, return_lse=return_lse, impl=impl)
