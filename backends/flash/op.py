@@ -5,6 +5,8 @@ window is a parameter of the tiling, not another kernel. Implementations:
   "triton"     the fused kernel in backends/flash/triton.py (CUDA; on the CPU only under TRITON_INTERPRET=1)
   "blockwise"  the online-softmax PyTorch loop in backends/flash/blockwise.py (any device, linear extra memory)
   "reference"  the dense oracle in backends/flash/naive.py (quadratic memory; for tests)
+  "auto"       chosen when the op runs, from the tensors' device: what rewritten graphs use, so that a module
+               planned for one device runs on whatever device its weights are on
 The backward is a custom op too, so aot_autograd and torch.export see our backward, not autograd through a loop.
 """
 from __future__ import annotations
@@ -18,7 +20,7 @@ from backends.flash.blockwise import blockwise_attention_backward, blockwise_att
 from backends.flash.naive import attention_reference
 from planner.errors import BackendError
 
-IMPLEMENTATIONS = ("triton", "blockwise", "reference")
+IMPLEMENTATIONS = ("triton", "blockwise", "reference", "auto")
 NO_WINDOW = -1  # the op's encoding of "no window" (custom ops take no Optional[int] defaults cleanly across versions)
 
 
@@ -27,7 +29,7 @@ def _triton_usable(q: torch.Tensor) -> bool:
 
 
 def _resolve_impl(impl: Optional[str], q: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> str:
-    if impl is None:
+    if impl is None or impl == "auto":
         # The Triton kernel takes structured masks only; a mask tensor keeps its exact semantics in the loop.
         return "triton" if q.is_cuda and attn_mask is None else "blockwise"
     if impl not in IMPLEMENTATIONS:
@@ -65,6 +67,7 @@ def flash_attention_op(
     """Returns (out, lse): out like q with v's head dim; lse (batch, q_heads, queries), natural log, float32."""
     arguments = dict(causal=causal, window=_window_or_none(window), sinks=sinks, scale=scale,
                      key_padding_mask=key_padding_mask)
+    impl = _resolve_impl(impl, q, attn_mask)
     if impl == "triton":
         from backends.flash.triton import flash_forward
 
@@ -105,6 +108,7 @@ def flash_attention_backward_op(
     """Returns (dq, dk, dv, d_attn_mask); d_attn_mask is an empty tensor unless mask_needs_grad."""
     arguments = dict(causal=causal, window=_window_or_none(window), sinks=sinks, scale=scale,
                      key_padding_mask=key_padding_mask)
+    impl = _resolve_impl(impl, q, attn_mask)
     if impl == "triton":
         from backends.flash.triton import flash_backward
 
