@@ -1,0 +1,734 @@
+"""Exact tiled attention in Triton: one forward kernel and three backward kernels for full, causal, sliding-window
+(with attention sinks) and key-padded attention, with grouped-query heads.
+
+Reading order: the visibility rule and the block ranges that every kernel shares, the forward kernel, the backward
+kernels (delta preprocess, dK/dV, dQ), the small autotuner, and the launch wrappers `flash_forward` and
+`flash_backward`. The custom op and its autograd live in backends/flash/op.py.
+
+Visibility of key j to query i (positions from 0, top-left aligned as SDPA's is_causal):
+    causal, no window      j <= i
+    causal, window W       i - W < j <= i
+    not causal, window W   |i - j| < W
+    sinks n (with a window) j < n is visible too (still j <= i when causal)
+    key_padding_mask       keys with mask False are never visible
+A row with no visible key gives out = 0 and lse = -inf.
+
+Tiling: a program owns BLOCK_M queries (forward, dQ) or BLOCK_N keys (dK/dV) and walks the other side in three
+ranges: blocks that some query/key pair of the tile cannot see are SKIPPED by the loop bounds; blocks that every pair
+sees run without a mask; only the edge blocks (window start, diagonal, sequence tail, sink blocks) evaluate the mask.
+Scores are kept in the log2 domain: log2(e) is folded into the scale so the softmax uses exp2.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Callable, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from planner.errors import BackendError
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Shared device helpers
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _visible(rows, cols, kv_len, window, sinks, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+             HAS_SINKS: tl.constexpr):
+    """Boolean tile: may query `rows` see key `cols` (broadcast shapes, e.g. (M, 1) and (1, N))."""
+    visible = cols < kv_len
+    if HAS_WINDOW:
+        if CAUSAL:
+            band = (cols <= rows) & (cols > rows - window)
+        else:
+            band = (cols > rows - window) & (cols < rows + window)
+        if HAS_SINKS:
+            sink = cols < sinks
+            if CAUSAL:
+                sink = sink & (cols <= rows)
+            band = band | sink
+        visible = visible & band
+    elif CAUSAL:
+        visible = visible & (cols <= rows)
+    return visible
+
+
+@triton.jit
+def _key_ranges(m_first, m_last, kv_len, window, sinks, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr):
+    """Key ranges for queries m_first..m_last: (sink_blocks, key_lo, full_lo, full_hi, key_hi).
+
+    [0, sink_blocks * BLOCK_N) and [key_lo, full_lo): masked (sinks, window start);
+    [full_lo, full_hi): every query sees every key, no mask; [full_hi, key_hi): masked (diagonal, window end, tail).
+    Keys outside these ranges are invisible to every query of the block and are never loaded.
+    """
+    if CAUSAL:
+        key_hi = tl.minimum(kv_len, m_last + 1)
+    elif HAS_WINDOW:
+        key_hi = tl.minimum(kv_len, m_last + window)
+    else:
+        key_hi = kv_len + 0 * m_first
+    key_lo = 0 * m_first
+    full_lo = 0 * m_first
+    if HAS_WINDOW:
+        # Floor/ceil on non-negative values only: integer division truncates toward zero.
+        key_lo = tl.maximum(m_first - window + 1, 0) // BLOCK_N * BLOCK_N
+        full_lo = (tl.maximum(m_last - window + 1, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    key_lo = tl.minimum(key_lo, key_hi)
+    full_lo = tl.minimum(tl.maximum(full_lo, key_lo), key_hi)
+    if CAUSAL:
+        full_hi = (m_first + 1) // BLOCK_N * BLOCK_N
+    elif HAS_WINDOW:
+        full_hi = (m_first + window) // BLOCK_N * BLOCK_N
+    else:
+        full_hi = kv_len + 0 * m_first
+    # Unmasked blocks must also lie wholly inside the keys (the partial last block is masked).
+    full_hi = tl.minimum(full_hi, kv_len // BLOCK_N * BLOCK_N)
+    full_hi = tl.maximum(tl.minimum(full_hi, key_hi), full_lo)
+    sink_blocks = 0 * m_first
+    if HAS_SINKS:
+        # Sink keys that the window range does not already cover.
+        sink_blocks = (tl.minimum(sinks, key_lo) + BLOCK_N - 1) // BLOCK_N
+    return sink_blocks, key_lo, full_lo, full_hi, key_hi
+
+
+@triton.jit
+def _query_ranges(n_first, n_last, q_len, window, sinks, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr,
+                  HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr):
+    """Query ranges for keys n_first..n_last: (q_lo, full_lo, full_hi, q_hi), the mirror of _key_ranges.
+
+    [q_lo, full_lo) and [full_hi, q_hi) are masked; [full_lo, full_hi) sees all keys of the block.
+    """
+    if CAUSAL:
+        q_lo = n_first // BLOCK_M * BLOCK_M
+    elif HAS_WINDOW:
+        q_lo = tl.maximum(n_first - window + 1, 0) // BLOCK_M * BLOCK_M
+    else:
+        q_lo = 0 * n_first
+    if HAS_WINDOW:
+        q_hi = tl.minimum(q_len, n_last + window)
+    else:
+        q_hi = q_len + 0 * n_first
+    if CAUSAL:
+        full_lo = (n_last + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    elif HAS_WINDOW:
+        full_lo = (tl.maximum(n_last - window + 1, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    else:
+        full_lo = q_lo
+    if HAS_WINDOW:
+        full_hi = (n_first + window) // BLOCK_M * BLOCK_M
+    else:
+        full_hi = q_hi
+    if HAS_SINKS:
+        # A key block holding sinks is seen by every later query: widen to all of them, all masked (rare blocks).
+        holds_sinks = n_first < sinks
+        if CAUSAL:
+            q_lo = tl.where(holds_sinks, n_first // BLOCK_M * BLOCK_M, q_lo)
+        else:
+            q_lo = tl.where(holds_sinks, 0, q_lo)
+        q_hi = tl.where(holds_sinks, q_len, q_hi)
+        full_lo = tl.where(holds_sinks, q_hi, full_lo)
+    q_lo = tl.minimum(q_lo, q_hi)
+    full_lo = tl.minimum(tl.maximum(full_lo, q_lo), q_hi)
+    # Query rows past q_len need no mask: they load zeros and lse = +inf, so they contribute nothing.
+    full_hi = tl.maximum(tl.minimum(full_hi, q_hi), full_lo)
+    return q_lo, full_lo, full_hi, q_hi
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, bias_base, stride_kn, stride_vn, start_n, offs_m, kv_len, window,
+              sinks, qk_scale, D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+              CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_PAD: tl.constexpr,
+              INPUT_PRECISION: tl.constexpr):
+    """One key block of the online softmax: scores, running max/sum update, accumulate P @ V."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_dqk = tl.arange(0, D_QK)
+    offs_dv = tl.arange(0, D_V)
+    k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_dqk[None, :]
+    v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_dv[None, :]
+    if MASKED:
+        k = tl.load(k_ptrs, mask=offs_n[:, None] < kv_len, other=0.0)
+    else:  # an unmasked block lies wholly inside the keys
+        k = tl.load(k_ptrs)
+    scores = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+    if HAS_PAD:
+        scores += tl.load(bias_base + offs_n, mask=offs_n < kv_len, other=float("-inf"))[None, :]
+    if MASKED:
+        visible = _visible(offs_m[:, None], offs_n[None, :], kv_len, window, sinks, CAUSAL, HAS_WINDOW, HAS_SINKS)
+        scores = tl.where(visible, scores, float("-inf"))
+    # m_i starts finite (-1e30), so a fully masked tile keeps m_new finite and exp2(-inf - m_new) = 0, never NaN.
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    p = tl.math.exp2(scores - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if MASKED:
+        v = tl.load(v_ptrs, mask=offs_n[:, None] < kv_len, other=0.0)
+    else:
+        v = tl.load(v_ptrs)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, Out, LSE, Bias,
+              stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+              stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om, stride_bias_b,
+              heads, group, q_len, kv_len, window, sinks, qk_scale,
+              D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_PAD: tl.constexpr,
+              INPUT_PRECISION: tl.constexpr):
+    # Heaviest query blocks first (under causality the last block sees the most keys): the grid's tail is short work.
+    block_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    batch_head = tl.program_id(1)
+    batch = batch_head // heads
+    head = batch_head % heads
+    kv_head = head // group
+    q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+    k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    o_base = Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
+    bias_base = Bias + batch.to(tl.int64) * stride_bias_b
+
+    m_first = block_m * BLOCK_M
+    m_last = tl.minimum(m_first + BLOCK_M, q_len) - 1
+    offs_m = m_first + tl.arange(0, BLOCK_M)
+    offs_dqk = tl.arange(0, D_QK)
+    offs_dv = tl.arange(0, D_V)
+    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_dqk[None, :], mask=offs_m[:, None] < q_len, other=0.0)
+
+    # Running max, running sum and the accumulator stay in fp32 whatever the input dtype.
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D_V], dtype=tl.float32)
+
+    sink_blocks, key_lo, full_lo, full_hi, key_hi = _key_ranges(
+        m_first, m_last, kv_len, window, sinks, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_SINKS)
+    # Masked: the sink blocks, then the window's first blocks (one loop over both, so one copy of the body).
+    masked_head_blocks = sink_blocks + (full_lo - key_lo + BLOCK_N - 1) // BLOCK_N
+    for index in range(0, masked_head_blocks):
+        start_n = tl.where(index < sink_blocks, index * BLOCK_N, key_lo + (index - sink_blocks) * BLOCK_N)
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, bias_base, stride_kn, stride_vn, start_n, offs_m,
+                                  kv_len, window, sinks, qk_scale, D_QK, D_V, BLOCK_N, True, CAUSAL, HAS_WINDOW,
+                                  HAS_SINKS, HAS_PAD, INPUT_PRECISION)
+    # Interior: every query sees every key, no mask.
+    for start_n in range(full_lo, full_hi, BLOCK_N):
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, bias_base, stride_kn, stride_vn, start_n, offs_m,
+                                  kv_len, window, sinks, qk_scale, D_QK, D_V, BLOCK_N, False, CAUSAL, HAS_WINDOW,
+                                  HAS_SINKS, HAS_PAD, INPUT_PRECISION)
+    # Masked: the diagonal (causal), the window's end (not causal) and the partial last key block.
+    for start_n in range(full_hi, key_hi, BLOCK_N):
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, bias_base, stride_kn, stride_vn, start_n, offs_m,
+                                  kv_len, window, sinks, qk_scale, D_QK, D_V, BLOCK_N, True, CAUSAL, HAS_WINDOW,
+                                  HAS_SINKS, HAS_PAD, INPUT_PRECISION)
+
+    empty_row = l_i == 0.0  # no visible key: out = 0, lse = -inf
+    l_safe = tl.where(empty_row, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty_row, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    row_ok = offs_m < q_len
+    tl.store(o_base + offs_m[:, None] * stride_om + offs_dv[None, :], out.to(Out.dtype.element_ty),
+             mask=row_ok[:, None])
+    tl.store(LSE + batch_head.to(tl.int64) * q_len + offs_m, lse, mask=row_ok)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bwd_preprocess(Out, DO, DLSE, Delta, stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom,
+                    heads, q_len, D_V: tl.constexpr, BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr):
+    """delta_i = sum_d dO_id * O_id (fp32), minus dL/dlse_i when the lse itself carries a gradient."""
+    block_m = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    batch = batch_head // heads
+    head = batch_head % heads
+    offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_V)
+    row_ok = offs_m < q_len
+    o = tl.load(Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh + offs_m[:, None] * stride_om
+                + offs_d[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh + offs_m[:, None] * stride_dom
+                 + offs_d[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    row_index = batch_head.to(tl.int64) * q_len + offs_m
+    if HAS_DLSE:
+        # d lse_i / d s_ij = p_ij, so an lse gradient enters dS = P * (dP - delta) with the opposite sign.
+        delta -= tl.load(DLSE + row_index, mask=row_ok, other=0.0)
+    tl.store(Delta + row_index, delta, mask=row_ok)
+
+
+@triton.jit
+def _load_row_stats(LSE, Delta, row_index, row_ok):
+    """lse in the log2 domain and delta for a block of query rows.
+
+    Rows with no visible key (lse = -inf) and rows past q_len get +inf, so exp2(s - lse) = 0 for every key there.
+    """
+    lse = tl.load(LSE + row_index, mask=row_ok, other=float("inf"))
+    lse_log2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    delta = tl.load(Delta + row_index, mask=row_ok, other=0.0)
+    return lse_log2, delta
+
+
+@triton.jit
+def _bwd_kv_tile(dk, dv, k, v, bias, q_base, do_base, dq_base, LSE, Delta, stride_qm, stride_dom, stride_dqm,
+                 start_m, row_base, offs_n, q_len, kv_len, window, sinks, qk_scale, sm_scale,
+                 D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+                 CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_PAD: tl.constexpr,
+                 ATOMIC_DQ: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """One query block's contribution to dK, dV of the program's key block (computed transposed: keys x queries)."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_dqk = tl.arange(0, D_QK)
+    offs_dv = tl.arange(0, D_V)
+    row_ok = offs_m < q_len
+    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_dqk[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_dv[None, :], mask=row_ok[:, None], other=0.0)
+    lse_log2, delta = _load_row_stats(LSE, Delta, row_base + offs_m, row_ok)
+
+    scores_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale
+    if HAS_PAD:
+        scores_t += bias[:, None]
+    if MASKED:
+        visible = _visible(offs_m[None, :], offs_n[:, None], kv_len, window, sinks, CAUSAL, HAS_WINDOW, HAS_SINKS)
+        scores_t = tl.where(visible, scores_t, float("-inf"))
+    p_t = tl.math.exp2(scores_t - lse_log2[None, :])
+    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
+    # dS = P * (dP - delta), kept in fp32 until it enters the next product.
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=INPUT_PRECISION)
+    if ATOMIC_DQ:
+        dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=INPUT_PRECISION) * sm_scale
+        tl.atomic_add(dq_base + offs_m[:, None] * stride_dqm + offs_dqk[None, :], dq, mask=row_ok[:, None],
+                      sem="relaxed")
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, Delta, Bias, DK, DV, DQ,
+                   stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                   stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
+                   stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+                   stride_dqb, stride_dqh, stride_dqm, stride_bias_b,
+                   heads, kv_heads, group, q_len, kv_len, window, sinks, qk_scale, sm_scale,
+                   D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_PAD: tl.constexpr,
+                   ATOMIC_DQ: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    block_n = tl.program_id(0)
+    batch_kv_head = tl.program_id(1)
+    batch = batch_kv_head // kv_heads
+    kv_head = batch_kv_head % kv_heads
+    n_first = block_n * BLOCK_N
+    n_last = tl.minimum(n_first + BLOCK_N, kv_len) - 1
+    offs_n = n_first + tl.arange(0, BLOCK_N)
+    offs_dqk = tl.arange(0, D_QK)
+    offs_dv = tl.arange(0, D_V)
+    key_ok = offs_n < kv_len
+    k = tl.load(K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh + offs_n[:, None] * stride_kn
+                + offs_dqk[None, :], mask=key_ok[:, None], other=0.0)
+    v = tl.load(V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh + offs_n[:, None] * stride_vn
+                + offs_dv[None, :], mask=key_ok[:, None], other=0.0)
+    bias = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if HAS_PAD:
+        bias = tl.load(Bias + batch.to(tl.int64) * stride_bias_b + offs_n, mask=key_ok, other=float("-inf"))
+    # Accumulated in fp32 over every query head of the group: GQA's dK/dV sum, without repeating K/V.
+    dk = tl.zeros([BLOCK_N, D_QK], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, D_V], dtype=tl.float32)
+    q_lo, full_lo, full_hi, q_hi = _query_ranges(n_first, n_last, q_len, window, sinks, BLOCK_M, CAUSAL, HAS_WINDOW,
+                                                 HAS_SINKS)
+    # Key rows past kv_len need no mask in unmasked blocks: their K, V are zero and their dK, dV rows are not stored.
+    for member in range(0, group):
+        head = kv_head * group + member
+        q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+        do_base = DO + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
+        dq_base = DQ + batch.to(tl.int64) * stride_dqb + head.to(tl.int64) * stride_dqh
+        row_base = (batch * heads + head).to(tl.int64) * q_len
+        for start_m in range(q_lo, full_lo, BLOCK_M):
+            dk, dv = _bwd_kv_tile(dk, dv, k, v, bias, q_base, do_base, dq_base, LSE, Delta, stride_qm, stride_dom,
+                                  stride_dqm, start_m, row_base, offs_n, q_len, kv_len, window, sinks, qk_scale,
+                                  sm_scale, D_QK, D_V, BLOCK_M, True, CAUSAL, HAS_WINDOW, HAS_SINKS, HAS_PAD,
+                                  ATOMIC_DQ, INPUT_PRECISION)
+        for start_m in range(full_lo, full_hi, BLOCK_M):
+            dk, dv = _bwd_kv_tile(dk, dv, k, v, bias, q_base, do_base, dq_base, LSE, Delta, stride_qm, stride_dom,
+                                  stride_dqm, start_m, row_base, offs_n, q_len, kv_len, window, sinks, qk_scale,
+                                  sm_scale, D_QK, D_V, BLOCK_M, False, CAUSAL, HAS_WINDOW, HAS_SINKS, HAS_PAD,
+                                  ATOMIC_DQ, INPUT_PRECISION)
+        for start_m in range(full_hi, q_hi, BLOCK_M):
+            dk, dv = _bwd_kv_tile(dk, dv, k, v, bias, q_base, do_base, dq_base, LSE, Delta, stride_qm, stride_dom,
+                                  stride_dqm, start_m, row_base, offs_n, q_len, kv_len, window, sinks, qk_scale,
+                                  sm_scale, D_QK, D_V, BLOCK_M, True, CAUSAL, HAS_WINDOW, HAS_SINKS, HAS_PAD,
+                                  ATOMIC_DQ, INPUT_PRECISION)
+    dk *= sm_scale
+    tl.store(DK + batch.to(tl.int64) * stride_dkb + kv_head.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dkn
+             + offs_dqk[None, :], dk.to(DK.dtype.element_ty), mask=key_ok[:, None])
+    tl.store(DV + batch.to(tl.int64) * stride_dvb + kv_head.to(tl.int64) * stride_dvh + offs_n[:, None] * stride_dvn
+             + offs_dv[None, :], dv.to(DV.dtype.element_ty), mask=key_ok[:, None])
+
+
+@triton.jit
+def _bwd_q_tile(dq, q, do, lse_log2, delta, k_base, v_base, bias_base, stride_kn, stride_vn, start_n, offs_m,
+                kv_len, window, sinks, qk_scale, D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_N: tl.constexpr,
+                MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr,
+                HAS_PAD: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """One key block's contribution to dQ of the program's query block."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_dqk = tl.arange(0, D_QK)
+    offs_dv = tl.arange(0, D_V)
+    k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_dqk[None, :]
+    v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_dv[None, :]
+    if MASKED:
+        k = tl.load(k_ptrs, mask=offs_n[:, None] < kv_len, other=0.0)
+        v = tl.load(v_ptrs, mask=offs_n[:, None] < kv_len, other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    scores = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+    if HAS_PAD:
+        scores += tl.load(bias_base + offs_n, mask=offs_n < kv_len, other=float("-inf"))[None, :]
+    if MASKED:
+        visible = _visible(offs_m[:, None], offs_n[None, :], kv_len, window, sinks, CAUSAL, HAS_WINDOW, HAS_SINKS)
+        scores = tl.where(visible, scores, float("-inf"))
+    p = tl.math.exp2(scores - lse_log2[:, None])
+    dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    return tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, LSE, Delta, Bias, DQ,
+                 stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                 stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
+                 stride_dqb, stride_dqh, stride_dqm, stride_bias_b,
+                 heads, group, q_len, kv_len, window, sinks, qk_scale, sm_scale,
+                 D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_PAD: tl.constexpr,
+                 INPUT_PRECISION: tl.constexpr):
+    block_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest first, as in the forward
+    batch_head = tl.program_id(1)
+    batch = batch_head // heads
+    head = batch_head % heads
+    kv_head = head // group
+    k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    bias_base = Bias + batch.to(tl.int64) * stride_bias_b
+    m_first = block_m * BLOCK_M
+    m_last = tl.minimum(m_first + BLOCK_M, q_len) - 1
+    offs_m = m_first + tl.arange(0, BLOCK_M)
+    offs_dqk = tl.arange(0, D_QK)
+    offs_dv = tl.arange(0, D_V)
+    row_ok = offs_m < q_len
+    q = tl.load(Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qm
+                + offs_dqk[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh + offs_m[:, None] * stride_dom
+                 + offs_dv[None, :], mask=row_ok[:, None], other=0.0)
+    lse_log2, delta = _load_row_stats(LSE, Delta, batch_head.to(tl.int64) * q_len + offs_m, row_ok)
+    dq = tl.zeros([BLOCK_M, D_QK], dtype=tl.float32)
+
+    sink_blocks, key_lo, full_lo, full_hi, key_hi = _key_ranges(
+        m_first, m_last, kv_len, window, sinks, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_SINKS)
+    masked_head_blocks = sink_blocks + (full_lo - key_lo + BLOCK_N - 1) // BLOCK_N
+    for index in range(0, masked_head_blocks):
+        start_n = tl.where(index < sink_blocks, index * BLOCK_N, key_lo + (index - sink_blocks) * BLOCK_N)
+        dq = _bwd_q_tile(dq, q, do, lse_log2, delta, k_base, v_base, bias_base, stride_kn, stride_vn, start_n, offs_m,
+                         kv_len, window, sinks, qk_scale, D_QK, D_V, BLOCK_N, True, CAUSAL, HAS_WINDOW, HAS_SINKS,
+                         HAS_PAD, INPUT_PRECISION)
+    for start_n in range(full_lo, full_hi, BLOCK_N):
+        dq = _bwd_q_tile(dq, q, do, lse_log2, delta, k_base, v_base, bias_base, stride_kn, stride_vn, start_n, offs_m,
+                         kv_len, window, sinks, qk_scale, D_QK, D_V, BLOCK_N, False, CAUSAL, HAS_WINDOW, HAS_SINKS,
+                         HAS_PAD, INPUT_PRECISION)
+    for start_n in range(full_hi, key_hi, BLOCK_N):
+        dq = _bwd_q_tile(dq, q, do, lse_log2, delta, k_base, v_base, bias_base, stride_kn, stride_vn, start_n, offs_m,
+                         kv_len, window, sinks, qk_scale, D_QK, D_V, BLOCK_N, True, CAUSAL, HAS_WINDOW, HAS_SINKS,
+                         HAS_PAD, INPUT_PRECISION)
+    dq *= sm_scale
+    tl.store(DQ + batch.to(tl.int64) * stride_dqb + head.to(tl.int64) * stride_dqh + offs_m[:, None] * stride_dqm
+             + offs_dqk[None, :], dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Launch configurations and a small cached autotuner
+# ----------------------------------------------------------------------------------------------------------------------
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M is the query block, BLOCK_N the key block in every kernel.
+_INTERPRETER_CONFIG = (16, 16, 4, 1)
+_FORWARD_CONFIGS = {
+    "small": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3)],  # head dim <= 128, 16-bit
+    "large": [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3)],  # head dim 256 or fp32: shared memory bound
+}
+_DKDV_CONFIGS = {
+    "small": [(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3)],
+    "large": [(32, 64, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
+}
+_DQ_CONFIGS = {
+    "small": [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
+    "large": [(64, 32, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
+}
+_TUNED: dict = {}
+
+
+def _config_set(table: dict, head_dim: int, dtype: torch.dtype) -> list:
+    if _interpreting():
+        return [_INTERPRETER_CONFIG]  # CI runs the interpreter: one small tile, no tuning
+    return table["large" if head_dim > 128 or dtype == torch.float32 else "small"]
+
+
+def _length_bucket(length: int) -> int:
+    """Tuning is cached per power-of-two length from 1024 up, not per exact length."""
+    return max(1024, triton.next_power_of_2(max(1, length)))
+
+
+def _launch_tuned(name: str, key: tuple, configs: list, launch: Callable[[tuple], None],
+                  prepare: Optional[Callable[[], None]] = None) -> tuple:
+    """Run `launch(config)` with the fastest of `configs` for `key`, timing each once and caching the choice.
+
+    `prepare` runs before every timed launch and before the real one (it zeroes an accumulated output).
+    """
+    cache_key = (name,) + key
+    config = _TUNED.get(cache_key)
+    if config is None:
+        if len(configs) == 1:
+            config = configs[0]
+        else:
+            timings = {}
+            for candidate in configs:
+                def run(candidate=candidate):
+                    if prepare is not None:
+                        prepare()
+                    launch(candidate)
+                try:
+                    timings[candidate] = triton.testing.do_bench(run, warmup=10, rep=40, return_mode="median")
+                except Exception:  # a config that does not fit (shared memory, registers) is skipped
+                    timings[candidate] = float("inf")
+            config = min(timings, key=timings.get)
+            if timings[config] == float("inf"):
+                raise BackendError(f"no launch configuration of {name} fits this device for {key}")
+        _TUNED[cache_key] = config
+    if prepare is not None:
+        prepare()
+    launch(config)
+    return config
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Launch wrappers
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor]):
+    if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise BackendError(f"the Triton attention kernel takes float16, bfloat16 or float32 q, k, v of one dtype; got "
+                           f"{q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise BackendError("q, k, v must be (batch, heads, sequence, head_dim); got shapes "
+                           f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[1] % k.shape[1] != 0 or k.shape[1] != v.shape[1]:
+        raise BackendError(f"kv heads ({k.shape[1]}) must divide q heads ({q.shape[1]}) and match v's ({v.shape[1]})")
+    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
+        raise BackendError(f"head dims up to {MAX_HEAD_DIM} are accepted; got q/k {q.shape[-1]}, v {v.shape[-1]}")
+    if key_padding_mask is not None and tuple(key_padding_mask.shape) != (q.shape[0], k.shape[2]):
+        raise BackendError(f"key_padding_mask must be (batch, keys) = {(q.shape[0], k.shape[2])}; got "
+                           f"{tuple(key_padding_mask.shape)}")
+
+
+def _padded_dim(head_dim: int) -> int:
+    """Head dims are padded to a power of two (at least 16, the smallest tensor-core product)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _pad_last(tensor: torch.Tensor, size: int) -> torch.Tensor:
+    """Zero-pad the head dim (zeros change no dot product), and make it unit-stride for vector loads."""
+    if tensor.shape[-1] != size:
+        return torch.nn.functional.pad(tensor, (0, size - tensor.shape[-1]))
+    return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
+
+
+def _padding_bias(key_padding_mask: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """(batch, keys) fp32 additive bias, 0 for real keys and -inf for padding; a 1-element dummy when absent."""
+    if key_padding_mask is None:
+        return torch.zeros(1, 1, dtype=torch.float32, device=like.device)
+    bias = torch.zeros(key_padding_mask.shape, dtype=torch.float32, device=like.device)
+    return bias.masked_fill_(~key_padding_mask.to(device=like.device, dtype=torch.bool), float("-inf"))
+
+
+def _structure(q_len: int, kv_len: int, causal: bool, window: Optional[int], sinks: int) -> tuple[bool, int, bool, int]:
+    """(has_window, window, has_sinks, sinks) with a window that hides nothing dropped (then sinks change nothing)."""
+    if window is not None and window < 1:
+        raise BackendError(f"window must be a positive number of keys; got {window}")
+    if sinks < 0:
+        raise BackendError(f"sinks must be >= 0; got {sinks}")
+    if window is None:
+        return False, 0, False, 0
+    covers_all = window >= q_len if causal else window >= max(q_len, kv_len)
+    if covers_all:
+        return False, 0, False, 0
+    return True, int(window), sinks > 0, int(min(sinks, kv_len))
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs get true fp32 products; tf32 would cost them three decimal digits.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def flash_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    window: Optional[int],
+    sinks: int,
+    scale: float,
+    key_padding_mask: Optional[torch.Tensor],
+    config: Optional[tuple] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward pass: (out like q with v's head dim, lse (batch, q_heads, queries) natural log fp32).
+
+    `config` = (BLOCK_M, BLOCK_N, num_warps, num_stages) forces a launch configuration (tests); None autotunes.
+    """
+    _check_inputs(q, k, v, key_padding_mask)
+    batch, heads, q_len, d_qk = q.shape
+    kv_heads, kv_len, d_v = k.shape[1], k.shape[2], v.shape[3]
+    has_window, window_size, has_sinks, sink_count = _structure(q_len, kv_len, causal, window, sinks)
+    d_qk_pad, d_v_pad = _padded_dim(d_qk), _padded_dim(d_v)
+    q_, k_, v_ = _pad_last(q, d_qk_pad), _pad_last(k, d_qk_pad), _pad_last(v, d_v_pad)
+    out = torch.empty(batch, heads, q_len, d_v_pad, dtype=q.dtype, device=q.device)
+    lse = torch.empty(batch, heads, q_len, dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out[..., :d_v], lse
+    bias = _padding_bias(key_padding_mask, q)
+
+    def launch(cfg):
+        block_m, block_n, num_warps, num_stages = cfg
+        grid = (triton.cdiv(q_len, block_m), batch * heads)
+        _attn_fwd[grid](
+            q_, k_, v_, out, lse, bias,
+            q_.stride(0), q_.stride(1), q_.stride(2), k_.stride(0), k_.stride(1), k_.stride(2),
+            v_.stride(0), v_.stride(1), v_.stride(2), out.stride(0), out.stride(1), out.stride(2), bias.stride(0),
+            heads, heads // kv_heads, q_len, kv_len, window_size, sink_count, scale * LOG2E,
+            D_QK=d_qk_pad, D_V=d_v_pad, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, HAS_WINDOW=has_window,
+            HAS_SINKS=has_sinks, HAS_PAD=key_padding_mask is not None, INPUT_PRECISION=_input_precision(q.dtype),
+            num_warps=num_warps, num_stages=num_stages,
+        )
+
+    if config is not None:
+        launch(config)
+    else:
+        key = (max(d_qk_pad, d_v_pad), causal, has_window, q.dtype, _length_bucket(max(q_len, kv_len)))
+        _launch_tuned("forward", key, _config_set(_FORWARD_CONFIGS, max(d_qk_pad, d_v_pad), q.dtype), launch)
+    return (out if d_v_pad == d_v else out[..., :d_v]), lse
+
+
+def flash_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    causal: bool,
+    window: Optional[int],
+    sinks: int,
+    scale: float,
+    key_padding_mask: Optional[torch.Tensor],
+    grad_lse: Optional[torch.Tensor] = None,
+    config: Optional[tuple] = None,
+    dq_mode: str = "separate",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward pass: (dq, dk, dv) in the inputs' dtypes; dk, dv summed over each kv head's query group.
+
+    grad_lse: optional gradient of the returned lse. config: (BLOCK_M, BLOCK_N, num_warps, num_stages) for both
+    kernels (tests); None autotunes each. dq_mode: "separate" (a dQ kernel that recomputes the scores, deterministic)
+    or "atomic" (dQ added atomically in fp32 by the dK/dV kernel: two fewer products, nondeterministic order).
+    """
+    _check_inputs(q, k, v, key_padding_mask)
+    if dq_mode not in ("separate", "atomic"):
+        raise BackendError(f"dq_mode must be 'separate' or 'atomic'; got {dq_mode!r}")
+    batch, heads, q_len, d_qk = q.shape
+    kv_heads, kv_len, d_v = k.shape[1], k.shape[2], v.shape[3]
+    group = heads // kv_heads
+    has_window, window_size, has_sinks, sink_count = _structure(q_len, kv_len, causal, window, sinks)
+    d_qk_pad, d_v_pad = _padded_dim(d_qk), _padded_dim(d_v)
+    q_, k_, v_ = _pad_last(q, d_qk_pad), _pad_last(k, d_qk_pad), _pad_last(v, d_v_pad)
+    out_, do_ = _pad_last(out, d_v_pad), _pad_last(grad_out.to(q.dtype), d_v_pad)
+    lse = lse.to(torch.float32).contiguous()
+    dk = torch.empty(batch, kv_heads, kv_len, d_qk_pad, dtype=q.dtype, device=q.device)
+    dv = torch.empty(batch, kv_heads, kv_len, d_v_pad, dtype=q.dtype, device=q.device)
+    atomic = dq_mode == "atomic"
+    dq = torch.empty(batch, heads, q_len, d_qk_pad, dtype=torch.float32 if atomic else q.dtype, device=q.device)
+    if q.numel() == 0 or k.numel() == 0:
+        dq.zero_(), dk.zero_(), dv.zero_()
+        return dq[..., :d_qk].to(q.dtype), dk[..., :d_qk], dv[..., :d_v]
+    bias = _padding_bias(key_padding_mask, q)
+    delta = torch.empty(batch, heads, q_len, dtype=torch.float32, device=q.device)
+    dlse = None if grad_lse is None else grad_lse.to(torch.float32).contiguous()
+    preprocess_block = 64 if d_v_pad <= 128 else 32
+    _bwd_preprocess[(triton.cdiv(q_len, preprocess_block), batch * heads)](
+        out_, do_, dlse if dlse is not None else delta, delta,
+        out_.stride(0), out_.stride(1), out_.stride(2), do_.stride(0), do_.stride(1), do_.stride(2),
+        heads, q_len, D_V=d_v_pad, BLOCK_M=preprocess_block, HAS_DLSE=dlse is not None,
+    )
+    head_dim = max(d_qk_pad, d_v_pad)
+    common = dict(D_QK=d_qk_pad, D_V=d_v_pad, CAUSAL=causal, HAS_WINDOW=has_window, HAS_SINKS=has_sinks,
+                  HAS_PAD=key_padding_mask is not None, INPUT_PRECISION=_input_precision(q.dtype))
+    tune_key = (head_dim, causal, has_window, q.dtype, group > 1, _length_bucket(max(q_len, kv_len)))
+
+    def launch_dkdv(cfg):
+        block_m, block_n, num_warps, num_stages = cfg
+        _attn_bwd_dkdv[(triton.cdiv(kv_len, block_n), batch * kv_heads)](
+            q_, k_, v_, do_, lse, delta, bias, dk, dv, dq,
+            q_.stride(0), q_.stride(1), q_.stride(2), k_.stride(0), k_.stride(1), k_.stride(2),
+            v_.stride(0), v_.stride(1), v_.stride(2), do_.stride(0), do_.stride(1), do_.stride(2),
+            dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2), bias.stride(0),
+            heads, kv_heads, group, q_len, kv_len, window_size, sink_count, scale * LOG2E, scale,
+            BLOCK_M=block_m, BLOCK_N=block_n, ATOMIC_DQ=atomic, num_warps=num_warps, num_stages=num_stages, **common,
+        )
+
+    def launch_dq(cfg):
+        block_m, block_n, num_warps, num_stages = cfg
+        _attn_bwd_dq[(triton.cdiv(q_len, block_m), batch * heads)](
+            q_, k_, v_, do_, lse, delta, bias, dq,
+            q_.stride(0), q_.stride(1), q_.stride(2), k_.stride(0), k_.stride(1), k_.stride(2),
+            v_.stride(0), v_.stride(1), v_.stride(2), do_.stride(0), do_.stride(1), do_.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2), bias.stride(0),
+            heads, group, q_len, kv_len, window_size, sink_count, scale * LOG2E, scale,
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **common,
+        )
+
+    if config is not None:
+        if atomic:
+            dq.zero_()
+        launch_dkdv(config)
+        if not atomic:
+            launch_dq(config)
+    else:
+        _launch_tuned("dkdv" + ("-atomic" if atomic else ""), tune_key,
+                      _config_set(_DKDV_CONFIGS, head_dim, q.dtype), launch_dkdv,
+                      prepare=dq.zero_ if atomic else None)
+        if not atomic:
+            _launch_tuned("dq", tune_key, _config_set(_DQ_CONFIGS, head_dim, q.dtype), launch_dq)
+    dq = dq[..., :d_qk] if d_qk_pad != d_qk else dq
+    dk = dk[..., :d_qk] if d_qk_pad != d_qk else dk
+    dv = dv[..., :d_v] if d_v_pad != d_v else dv
+    return dq.to(q.dtype), dk, dv
