@@ -1,0 +1,116 @@
+"""Find attention sites in an ATen graph.
+
+Each matcher is a plain function `(node) -> AttentionSite | None` whose name says what it matches. `find_sites`
+runs all matchers over the graph in order; the first that claims a node wins.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from passes.graph_info import (
+    dtype_name,
+    module_path,
+    node_argument,
+    shape_of,
+    size_hints,
+    source_line,
+)
+from passes.masks import sdpa_mask
+from planner.records import AttentionSite
+
+SDPA_TARGETS = (torch.ops.aten.scaled_dot_product_attention.default,)
+
+
+def match_scaled_dot_product_attention(node: torch.fx.Node) -> Optional[AttentionSite]:
+    """A call of F.scaled_dot_product_attention: q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa."""
+    if node.op != "call_function" or node.target not in SDPA_TARGETS:
+        return None
+    query, key, value = node.args[0], node.args[1], node.args[2]
+    attn_mask = node_argument(node, 3, "attn_mask")
+    dropout_p = node_argument(node, 4, "dropout_p", 0.0)
+    is_causal = node_argument(node, 5, "is_causal", False)
+    scale = node_argument(node, 6, "scale")
+    enable_gqa = node_argument(node, 7, "enable_gqa", False)
+
+    q_shape, k_shape, v_shape = shape_of(query), shape_of(key), shape_of(value)
+    unsupported = None
+    if q_shape is None or k_shape is None or v_shape is None:
+        unsupported = "q, k or v has no recorded shape"
+        q_shape = k_shape = v_shape = (1, 1, 1, 1)
+    elif not (len(q_shape) == len(k_shape) == len(v_shape) == 4):
+        unsupported = f"q has {len(q_shape)} dims; only (batch, heads, sequence, head_dim) inputs are rewritten"
+        q_shape, k_shape, v_shape = _as_four_dims(q_shape), _as_four_dims(k_shape), _as_four_dims(v_shape)
+    heads, kv_heads = q_shape[1], k_shape[1]
+    if unsupported is None and heads != kv_heads and not enable_gqa:
+        unsupported = f"q has {heads} heads and k {kv_heads}, without enable_gqa (SDPA broadcasting)"
+    if unsupported is None and not all(isinstance(size, int) for size in (heads, kv_heads, q_shape[3], v_shape[3])):
+        unsupported = "heads or head_dim is symbolic"
+    if unsupported is None and isinstance(scale, torch.fx.Node):
+        unsupported = "the scale is a graph value, not a constant"
+
+    hints = {}
+    for tensor in (query, key, value):
+        hints.update(size_hints(tensor))
+    return AttentionSite(
+        name=module_path(node),
+        source=source_line(node),
+        form="sdpa",
+        node=node.name,
+        query=query.name,
+        key=key.name,
+        value=value.name,
+        batch=q_shape[0],
+        heads=heads,
+        kv_heads=kv_heads,
+        q_len=q_shape[2],
+        kv_len=k_shape[2],
+        head_dim=q_shape[3],
+        value_dim=v_shape[3],
+        scale=None if scale is None or isinstance(scale, torch.fx.Node) else float(scale),
+        mask=sdpa_mask(attn_mask, is_causal),
+        dropout_p=float(dropout_p) if isinstance(dropout_p, (int, float)) else -1.0,
+        dtype=dtype_name(query),
+        hints=tuple(sorted(hints.items())),
+        unsupported=unsupported,
+    )
+
+
+def _as_four_dims(shape: tuple) -> tuple:
+    shape = tuple(shape)
+    while len(shape) < 4:
+        shape = (1,) + shape
+    return shape[-4:]
+
+
+MATCHERS: list[Callable[[torch.fx.Node], Optional[AttentionSite]]] = [match_scaled_dot_product_attention]
+
+
+def find_sites(graph_module: torch.fx.GraphModule) -> list[AttentionSite]:
+    """Every attention site in the graph, in graph order."""
+    sites = []
+    for node in graph_module.graph.nodes:
+        for matcher in MATCHERS:
+            site = matcher(node)
+            if site is not None:
+                sites.append(site)
+                break
+    return _unique_names(sites)
+
+
+def _unique_names(sites: list[AttentionSite]) -> list[AttentionSite]:
+    """Two sites in one module (or at top level) get #1, #2 suffixes so that names identify sites."""
+    import dataclasses
+    from collections import Counter
+
+    counts = Counter(site.name for site in sites)
+    seen: Counter = Counter()
+    renamed = []
+    for site in sites:
+        name = site.name or "<top>"
+        if counts[site.name] > 1:
+            seen[site.name] += 1
+            name = f"{name}#{seen[site.name]}"
+        renamed.append(dataclasses.replace(site, name=name))
+    return renamed

@@ -1,0 +1,27 @@
+"""attention-planner: find every softmax attention in a PyTorch model, plan each from a cost model of sequence length
+and device memory, and rewrite it into the variant that runs it best.
+
+    import planner
+    fast = planner.optimize(model, max_len="128k", device="h200", example_inputs=(input_ids,))
+    print(fast.report.summary())
+"""
+from planner.api import find_attention, optimize
+from planner.devices import DeviceSpec, device_spec, known_devices
+from planner.errors import (
+    BackendError,
+    CaptureError,
+    InvalidArgumentError,
+    PlanError,
+    PlannerError,
+    UnknownDeviceError,
+)
+from planner.lengths import parse_length
+from planner.records import AttentionSite, Candidate, MaskSpec, Plan, SiteDecision
+from planner.report import Report
+
+__all__ = [
+    "AttentionSite", "BackendError", "Candidate", "CaptureError", "DeviceSpec", "InvalidArgumentError", "MaskSpec",
+    "Plan", "PlanError", "PlannerError", "Report", "SiteDecision", "UnknownDeviceError", "device_spec",
+    "find_attention", "known_devices", "optimize", "parse_length",
+]
+__version__ = "0.1.0"

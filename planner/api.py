@@ -1,0 +1,85 @@
+"""The public front door: `optimize` and `find_attention`. The torch.compile backend runs the same passes."""
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import torch
+
+from passes.capture import capture
+from passes.match import find_sites
+from passes.rewrite import rewrite
+from planner.devices import DeviceSpec, device_spec
+from planner.lengths import parse_length
+from planner.plan import make_plan
+from planner.records import AttentionSite
+from planner.report import Report
+
+
+def find_attention(
+    model: Any,
+    example_inputs: Optional[tuple] = None,
+    example_kwargs: Optional[dict] = None,
+) -> list[AttentionSite]:
+    """Capture `model` with torch.export and return the attention sites in its graph.
+
+    Args:
+        model: an nn.Module, a torch.fx.GraphModule or a torch.export.ExportedProgram.
+        example_inputs: positional inputs for capture (a tuple; a single tensor is accepted); guessed as token ids
+            when omitted for a model with a token embedding.
+        example_kwargs: keyword inputs for capture.
+    """
+    captured = capture(model, _as_tuple(example_inputs), example_kwargs)
+    return find_sites(captured.graph_module)
+
+
+def optimize(
+    model: Any,
+    max_len: Union[int, str],
+    device: Union[str, torch.device, DeviceSpec] = "cuda",
+    *,
+    example_inputs: Optional[tuple] = None,
+    example_kwargs: Optional[dict] = None,
+    policy: str = "exact",
+) -> torch.nn.Module:
+    """Find every softmax attention in `model`, plan each for `max_len` tokens on `device`, and rewrite it.
+
+    Args:
+        model: an nn.Module, a torch.fx.GraphModule or a torch.export.ExportedProgram.
+        max_len: the longest sequence to plan for: an int or a string such as "32k", "128k", "1M".
+        device: "cuda" (the real GPU), a named target to plan for without having it ("h100", "h200",
+            "a100-80gb", "a100-40gb", "l4", "rtx4090", "cpu"), a torch.device, or a DeviceSpec.
+        example_inputs / example_kwargs: inputs for capture (see find_attention).
+        policy: "exact" (default: only rewrites that keep the function up to floating point), "approximate",
+            or "any".
+
+    Returns:
+        An nn.Module computing the same outputs, with `.report` (a planner.Report). It runs on whatever device its
+        weights are on. A model with no attention comes back unchanged, with a report that says so.
+    """
+    tokens = parse_length(max_len)
+    spec = device_spec(device)
+    captured = capture(model, _as_tuple(example_inputs), example_kwargs)
+    sites = find_sites(captured.graph_module)
+    plan = make_plan(sites, spec, policy, tokens)
+    report = Report(plan=plan, model=captured.model_name)
+    if not sites:
+        report.notes.append("no softmax attention was found in the graph; the model is returned unchanged")
+        if isinstance(model, torch.nn.Module):
+            _attach_report(model, report)
+            return model
+    rewrite(captured.graph_module, plan)
+    _attach_report(captured.graph_module, report)
+    return captured.graph_module
+
+
+def _attach_report(module: torch.nn.Module, report: Report) -> None:
+    # object.__setattr__ keeps the report out of nn.Module's submodule/parameter bookkeeping.
+    object.__setattr__(module, "report", report)
+
+
+def _as_tuple(example_inputs: Any) -> Optional[tuple]:
+    if example_inputs is None or isinstance(example_inputs, tuple):
+        return example_inputs
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs)
+    return (example_inputs,)
