@@ -1,0 +1,249 @@
+"""Ring attention: `attention_planner::ring_attention` (+ its backward op) and the public `ring_attention`.
+
+Each rank of a process group holds a shard of the sequence (backends/ring/layout.py) of Q, K and V. K and V (the kv
+heads only, packed in one buffer) travel around the ring; at every step a rank computes its queries against the
+visiting shard (backends/ring/schedule.py says which blocks) while the next shard is already in flight, and merges
+the block into its running output by log-sum-exp.
+
+Communication per rank and per step (n = local sequence length, B batch, Hkv kv heads, D head dim):
+  forward   one K/V shard, 2·B·Hkv·n·D elements of the input dtype, for `ring_step_count − 1` steps;
+  backward  the same K/V shard for `ring_step_count − 1` steps, plus the dK/dV accumulator of the visiting shard,
+            2·B·Hkv·n·D elements in float32 (float64 for float64 inputs), for `ring_step_count` steps (the last
+            transfer hands each shard's finished dK/dV to its owner).
+With bf16 at B=1, Hkv=32, D=128 that is 16 KiB per local token forward and 48 KiB backward per step.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from backends.flash.op import validate_attention_inputs
+from backends.ring.comm import Ring, group_name_of, resolve_group
+from backends.ring.layout import check_layout, chunks_per_rank
+from backends.ring.local import block_backward, block_forward, check_impl
+from backends.ring.schedule import record_block, ring_schedule, ring_step_count
+from planner.errors import BackendError
+
+NO_WINDOW = -1  # the op's encoding of "no window"
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _window_or_none(window: int) -> Optional[int]:
+    return None if window == NO_WINDOW else window
+
+
+def _pack(first: torch.Tensor, second: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """One flat buffer holding both tensors, so that each hop is a single send and a single receive."""
+    return torch.cat([first.reshape(-1), second.reshape(-1)]).to(dtype or first.dtype)
+
+
+def _unpack(buffer: torch.Tensor, first_shape, second_shape) -> tuple[torch.Tensor, torch.Tensor]:
+    split = first_shape.numel()
+    return buffer[:split].view(first_shape), buffer[split:].view(second_shape)
+
+
+def merge_block(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor) -> None:
+    """In place, the exact merge of a block's (out, lse) into the running (out, lse), in the stable form
+    out ← out − sigmoid(lse_b − lse)·(out − out_b);  lse ← lse − logsigmoid(lse − lse_b).
+    Rows the block cannot see (lse_b = −inf) get weight 0 and keep their lse. Rows not written yet (lse = −inf) take
+    the block as it is: there the formula's −inf − (−inf) would be NaN."""
+    block_out = block_out.to(out.dtype)
+    block_lse = block_lse.to(lse.dtype)
+    fresh = torch.isneginf(lse)
+    weight = torch.where(fresh, 1.0, torch.sigmoid(block_lse - lse))
+    out.sub_(weight.unsqueeze(-1) * (out - block_out))
+    lse.copy_(torch.where(fresh, block_lse, lse - F.logsigmoid(lse - block_lse)))
+
+
+def _ring_plan(group_name: str, local_len: int, causal: bool, window: Optional[int], layout: str):
+    ring = Ring(resolve_group(group_name))
+    schedule = ring_schedule(ring.rank, ring.size, local_len, causal=causal, window=window, layout=layout)
+    steps = ring_step_count(ring.size, local_len, causal=causal, window=window, layout=layout)
+    return ring, schedule, steps
+
+
+def _ring_forward(q, k, v, group_name, causal, window, layout, scale, impl):
+    ring, schedule, steps = _ring_plan(group_name, q.shape[2], causal, window, layout)
+    accumulation = _accumulation_dtype(q.dtype)
+    batch, heads, local_len, _ = q.shape
+    out = torch.zeros(batch, heads, local_len, v.shape[-1], dtype=accumulation, device=q.device)
+    lse = torch.full((batch, heads, local_len), float("-inf"), dtype=accumulation, device=q.device)
+    current = _pack(k, v)
+    spare = torch.empty_like(current) if steps > 1 else None
+    for step in range(steps):
+        # Post the next hop first: its transfer overlaps this step's compute (double buffering).
+        pending = ring.shift(current, spare) if step + 1 < steps else None
+        visiting_k, visiting_v = _unpack(current, k.shape, v.shape)
+        for block in schedule[step].blocks:
+            record_block("forward", step, block)
+            block_out, block_lse = block_forward(q, visiting_k, visiting_v, block, causal=causal, window=window,
+                                                 scale=scale, impl=impl)
+            rows = slice(block.q_start, block.q_end)
+            merge_block(out[:, :, rows], lse[:, :, rows], block_out, block_lse)
+        if pending is not None:
+            pending.wait()
+            current, spare = spare, current
+    return out.to(q.dtype), lse
+
+
+def _ring_backward(grad_out, q, k, v, out, lse, group_name, causal, window, layout, scale, impl):
+    ring, schedule, steps = _ring_plan(group_name, q.shape[2], causal, window, layout)
+    accumulation = _accumulation_dtype(q.dtype)
+    grad_q = torch.zeros(q.shape, dtype=accumulation, device=q.device)
+    current = _pack(k, v)
+    spare = torch.empty_like(current) if steps > 1 else None
+    grad_pending, grad_incoming = None, None
+    for step in range(steps):
+        kv_pending = ring.shift(current, spare) if step + 1 < steps else None
+        visiting_k, visiting_v = _unpack(current, k.shape, v.shape)
+        # dK/dV of the visiting shard, in fp32: this rank's contribution, then what earlier ranks accumulated.
+        grad_kv = torch.zeros(current.numel(), dtype=accumulation, device=q.device)
+        grad_k, grad_v = _unpack(grad_kv, k.shape, v.shape)
+        for block in schedule[step].blocks:
+            record_block("backward", step, block)
+            block_grad_q, block_grad_k, block_grad_v = block_backward(
+                grad_out, q, visiting_k, visiting_v, out, lse, block, causal=causal, window=window, scale=scale,
+                impl=impl)
+            grad_q[:, :, block.q_start:block.q_end] += block_grad_q
+            grad_k[:, :, block.k_start:block.k_end] += block_grad_k
+            grad_v[:, :, block.k_start:block.k_end] += block_grad_v
+        if grad_pending is not None:
+            grad_pending.wait()
+            grad_kv += grad_incoming
+        grad_incoming = torch.empty_like(grad_kv)
+        if step + 1 < steps:
+            grad_pending = ring.shift(grad_kv, grad_incoming)
+        else:  # the last hop hands each shard's finished dK/dV to its owner
+            owner, sender = (ring.rank - step) % ring.size, (ring.rank + step) % ring.size
+            grad_pending = ring.exchange(grad_kv, owner, grad_incoming, sender)
+        if kv_pending is not None:
+            kv_pending.wait()
+            current, spare = spare, current
+    grad_pending.wait()
+    grad_k, grad_v = _unpack(grad_incoming, k.shape, v.shape)
+    # Two views of one buffer may not both be returned by a custom op: copy each out.
+    return grad_q.to(q.dtype), grad_k.to(k.dtype, copy=True), grad_v.to(v.dtype, copy=True)
+
+
+@torch.library.custom_op("attention_planner::ring_attention", mutates_args=())
+def ring_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    group_name: str,
+    causal: bool,
+    window: int,
+    layout: str,
+    scale: float,
+    impl: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (out like q with v's head dim, lse (batch, q_heads, local queries) in float32 / float64)."""
+    return _ring_forward(q, k, v, group_name, causal, _window_or_none(window), layout, scale, impl)
+
+
+@ring_attention_op.register_fake
+def _(q, k, v, group_name, causal, window, layout, scale, impl):
+    batch, heads, local_len, _ = q.shape
+    return (q.new_empty(batch, heads, local_len, v.shape[-1]),
+            q.new_empty(batch, heads, local_len, dtype=_accumulation_dtype(q.dtype)))
+
+
+@torch.library.custom_op("attention_planner::ring_attention_backward", mutates_args=())
+def ring_attention_backward_op(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    group_name: str,
+    causal: bool,
+    window: int,
+    layout: str,
+    scale: float,
+    impl: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (dq, dk, dv) of this rank's shards; dK/dV travel the ring back to their owners."""
+    return _ring_backward(grad_out.contiguous(), q, k, v, out, lse, group_name, causal, _window_or_none(window),
+                          layout, scale, impl)
+
+
+@ring_attention_backward_op.register_fake
+def _(grad_out, q, k, v, out, lse, group_name, causal, window, layout, scale, impl):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, group_name, causal, window, layout, scale, impl = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.options = (group_name, causal, window, layout, scale, impl)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    grad_q, grad_k, grad_v = ring_attention_backward_op(grad_out, q, k, v, out, lse, *ctx.options)
+    return grad_q, grad_k, grad_v, None, None, None, None, None, None
+
+
+ring_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _validate(q, k, v, group, causal, window, layout) -> None:
+    validate_attention_inputs(q, k, v)
+    check_layout(layout)
+    if k.shape[2] != q.shape[2]:
+        raise BackendError(f"ring attention needs K/V shards as long as the Q shard (self-attention); got "
+                           f"{q.shape[2]} queries and {k.shape[2]} keys")
+    if window is not None and (not isinstance(window, int) or window < 1):
+        raise BackendError(f"window must be a positive number of keys or None; got {window!r}")
+    if q.shape[2] % chunks_per_rank(layout):
+        raise BackendError(f"layout {layout!r} needs an even local length (two chunks per rank); got {q.shape[2]}")
+
+
+def ring_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    group: Optional[dist.ProcessGroup] = None,
+    causal: bool = False,
+    window: Optional[int] = None,
+    layout: str = "zigzag",
+    scale: Optional[float] = None,
+    impl: Optional[str] = None,
+) -> torch.Tensor:
+    """Exact softmax attention over a sequence sharded across the ranks of `group`, K/V passed around a ring.
+
+    Args:
+        q: this rank's shard, (batch, q_heads, local queries, head_dim). k, v: this rank's shards,
+            (batch, kv_heads, local keys, head_dim), local keys == local queries; kv_heads divides q_heads
+            (grouped-query attention: only kv heads travel).
+        group: the process group (default: the world); every rank of it must call with the same arguments.
+        causal: query at global position i sees keys j <= i.
+        window: sliding window W: with causal, i − W < j; without, |i − j| < W. Only the ranks inside the window
+            are visited.
+        layout: "zigzag" (2P chunks, rank r holds chunks r and 2P−1−r: causal work balanced) or "contiguous";
+            see backends/ring/layout.py for shard/unshard/global_positions.
+        scale: multiplies q·k; default 1/sqrt(head_dim).
+        impl: the kernel of each block: None (the project's flash op, Triton on CUDA), "triton", "blockwise",
+            "reference", or "sdpa" (torch's fused CUDA flash kernels).
+
+    Returns this rank's shard of the output, like q. Differentiable: dK/dV travel back around the ring.
+    """
+    _validate(q, k, v, group, causal, window, layout)
+    impl = "auto" if impl is None else impl
+    check_impl(impl)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    out, _ = ring_attention_op(q, k, v, group_name_of(group), causal, NO_WINDOW if window is None else int(window),
+                               layout, scale, impl)
+    return out
