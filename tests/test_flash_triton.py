@@ -1,0 +1,195 @@
+"""The Triton tiled attention kernels (backends/flash/triton.py) against the float64 dense reference.
+
+On the CPU these run through TRITON_INTERPRET=1 (set in conftest.py) with 16x16 tiles, so lengths of 17..100 cross
+several blocks, partial last blocks, window edges and sink blocks. Inputs are fp32 (exact fp32 products): errors
+against float64 are ~1e-6, so a wrong mask or a wrong range shows as an O(1) error.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from backends.flash.naive import attention_reference
+from backends.flash.op import flash_attention, flash_attention_op, tiled_attention
+from backends.flash.triton import flash_backward, flash_forward
+from planner.errors import BackendError
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() and __import__("os").environ.get("TRITON_INTERPRET") != "1",
+    reason="needs CUDA or TRITON_INTERPRET=1",
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOLERANCE = 2e-5
+
+
+def _inputs(batch, heads, kv_heads, q_len, kv_len, head_dim, dtype=torch.float32, value_dim=None):
+    q = torch.randn(batch, heads, q_len, head_dim, dtype=dtype, device=DEVICE)
+    k = torch.randn(batch, kv_heads, kv_len, head_dim, dtype=dtype, device=DEVICE)
+    v = torch.randn(batch, kv_heads, kv_len, value_dim or head_dim, dtype=dtype, device=DEVICE)
+    return q, k, v
+
+
+def _reference_with_grads(q, k, v, grad_out, grad_lse, **options):
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    out, lse = attention_reference(*leaves, return_lse=True, **options)
+    finite_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    loss = (out * grad_out.double()).sum()
+    if grad_lse is not None:
+        loss = loss + (finite_lse * grad_lse.double()).sum()
+    grads = torch.autograd.grad(loss, leaves)
+    return out, lse, grads
+
+
+def _assert_close(name, actual, expected, tolerance=TOLERANCE):
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
+    error = (actual.double() - expected.double()).abs().max().item()
+    assert error <= tolerance, f"{name}: max abs error {error:.3e} > {tolerance:.1e}"
+
+
+def _assert_lse(actual, expected):
+    assert torch.equal(torch.isinf(actual), torch.isinf(expected)), "lse: -inf rows differ"
+    assert (actual[torch.isinf(actual)] < 0).all()
+    finite = ~torch.isinf(expected)
+    _assert_close("lse", actual[finite], expected[finite])
+
+
+# batch, heads, kv_heads, q_len, kv_len, head_dim, causal, window, sinks, padding, config
+CASES = [
+    (1, 2, 1, 17, 17, 16, True, None, 0, False, None),  # MQA, odd length, one partial block
+    (2, 2, 2, 100, 64, 16, False, None, 0, True, None),  # full attention, q_len != kv_len, padding
+    (1, 4, 2, 64, 100, 16, True, 8, 2, True, None),  # GQA, window + sinks + padding, kv_len > q_len
+    (1, 2, 1, 100, 100, 64, False, 20, 3, False, None),  # non-causal window with sinks, head dim 64
+    (1, 2, 2, 33, 70, 16, True, 5, 0, False, (32, 16, 4, 1)),  # BLOCK_M != BLOCK_N
+    (1, 2, 2, 70, 33, 16, False, 5, 0, True, (16, 32, 4, 1)),  # rows past kv_len + window see nothing
+    (1, 2, 1, 50, 50, 20, True, None, 0, False, None),  # head dim 20 padded to 32
+    (1, 1, 1, 1, 1, 16, True, None, 0, False, None),  # a single query and key
+    (1, 3, 1, 45, 45, 16, True, 16, 20, False, None),  # more sinks than one block
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
+def test_forward_and_backward_match_float64_reference(case):
+    batch, heads, kv_heads, q_len, kv_len, head_dim, causal, window, sinks, padding, config = case
+    q, k, v = _inputs(batch, heads, kv_heads, q_len, kv_len, head_dim)
+    key_padding_mask = (torch.rand(batch, kv_len, device=DEVICE) > 0.3) if padding else None
+    options = dict(causal=causal, window=window, sinks=sinks, scale=head_dim**-0.5, key_padding_mask=key_padding_mask)
+    grad_out = torch.randn(batch, heads, q_len, head_dim, device=DEVICE)
+    grad_lse = torch.randn(batch, heads, q_len, device=DEVICE)
+    ref_out, ref_lse, ref_grads = _reference_with_grads(q, k, v, grad_out, grad_lse, **options)
+    grad_lse = torch.where(torch.isinf(ref_lse), torch.zeros_like(grad_lse), grad_lse)
+
+    out, lse = flash_forward(q, k, v, config=config, **options)
+    _assert_close("out", out, ref_out)
+    _assert_lse(lse, ref_lse)
+    grads = flash_backward(grad_out, q, k, v, out, lse, grad_lse=grad_lse, config=config, **options)
+    for name, actual, expected in zip(("dq", "dk", "dv"), grads, ref_grads):
+        _assert_close(name, actual, expected, tolerance=5e-5)
+
+
+def test_value_head_dim_may_differ_and_atomic_dq_matches():
+    q, k, v = _inputs(1, 4, 2, 40, 37, 16, value_dim=32)
+    options = dict(causal=True, window=12, sinks=1, scale=0.3, key_padding_mask=None)
+    grad_out = torch.randn(1, 4, 40, 32, device=DEVICE)
+    ref_out, _, ref_grads = _reference_with_grads(q, k, v, grad_out, None, **options)
+    out, lse = flash_forward(q, k, v, **options)
+    _assert_close("out", out, ref_out)
+    grads = flash_backward(grad_out, q, k, v, out, lse, dq_mode="atomic", **options)
+    for name, actual, expected in zip(("dq", "dk", "dv"), grads, ref_grads):
+        _assert_close(name, actual, expected, tolerance=5e-5)
+
+
+def test_rows_without_visible_keys_give_zero_and_zero_gradients():
+    q, k, v = _inputs(1, 2, 2, 30, 30, 16)
+    key_padding_mask = torch.ones(1, 30, dtype=torch.bool, device=DEVICE)
+    key_padding_mask[:, :20] = False  # causal rows 0..19 see only padding
+    out, lse = flash_attention(q, k, v, causal=True, key_padding_mask=key_padding_mask, return_lse=True,
+                               impl="triton")
+    assert torch.equal(out[:, :, :20], torch.zeros_like(out[:, :, :20]))
+    assert torch.isneginf(lse[:, :, :20]).all() and torch.isfinite(lse[:, :, 20:]).all()
+    q.requires_grad_()
+    flash_attention(q, k, v, causal=True, key_padding_mask=key_padding_mask, impl="triton").sum().backward()
+    assert torch.isfinite(q.grad).all() and torch.equal(q.grad[:, :, :20], torch.zeros_like(q.grad[:, :, :20]))
+    assert q.grad[:, :, 20:].abs().sum() > 0
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice")
+@pytest.mark.parametrize("causal", [True, False])
+def test_blocks_outside_the_band_are_skipped_not_masked(causal):
+    """Poison keys/values that no query of a block can see with NaN: a computed-and-masked tile would give
+    0 * NaN = NaN; a skipped tile leaves the rows finite and equal to the reference on clean inputs."""
+    q, k, v = _inputs(1, 1, 1, 96, 96, 16)
+    window, config = 16, (16, 16, 4, 1)
+    options = dict(causal=causal, window=window, sinks=0, scale=0.25, key_padding_mask=None)
+    reference = attention_reference(q.double(), k.double(), v.double(), **options)
+    k_poisoned, v_poisoned = k.clone(), v.clone()
+    k_poisoned[:, :, :32] = float("nan")
+    v_poisoned[:, :, :32] = float("nan")
+    out, _ = flash_forward(q, k_poisoned, v_poisoned, config=config, **options)
+    # Query block [48, 64) starts its band at key 33 -> block 32: keys 0..31 are outside every such block's range.
+    _assert_close("rows >= 48", out[:, :, 48:], reference[:, :, 48:])
+    if causal:  # and causality skips whole key blocks above the diagonal
+        k_future, v_future = k.clone(), v.clone()
+        k_future[:, :, 64:] = float("nan")
+        v_future[:, :, 64:] = float("nan")
+        out, _ = flash_forward(q, k_future, v_future, config=config, **options)
+        _assert_close("rows < 64", out[:, :, :64], reference[:, :, :64])
+
+
+def test_half_precision_inputs_accumulate_in_fp32():
+    # Triton's interpreter computes bfloat16 dot products wrongly (3.9): bfloat16 is checked on the GPU only.
+    dtypes = (torch.float16, torch.bfloat16) if torch.cuda.is_available() else (torch.float16,)
+    for dtype in dtypes:
+        q, k, v = _inputs(1, 2, 1, 40, 40, 16, dtype=dtype)
+        out = flash_attention(q, k, v, causal=True, impl="triton")
+        reference = attention_reference(q.double(), k.double(), v.double(), causal=True)
+        assert out.dtype == dtype
+        relative = ((out.double() - reference).norm() / reference.norm()).item()
+        assert relative < 1e-2, f"{dtype}: relative error {relative:.2e}"
+
+
+def test_public_function_gradients_through_the_op():
+    q, k, v = _inputs(2, 4, 2, 23, 31, 16)
+    key_padding_mask = torch.rand(2, 31, device=DEVICE) > 0.2
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse = flash_attention(*leaves, causal=True, scale=0.2, key_padding_mask=key_padding_mask, return_lse=True,
+                               impl="triton")
+    grad_out, grad_lse = torch.randn_like(out), torch.randn_like(lse)
+    grad_lse = torch.where(torch.isinf(lse), torch.zeros_like(grad_lse), grad_lse)
+    grads = torch.autograd.grad((out * grad_out).sum() + (torch.nan_to_num(lse, neginf=0.0) * grad_lse).sum(), leaves)
+    _, _, ref_grads = _reference_with_grads(q, k, v, grad_out, grad_lse, causal=True, scale=0.2,
+                                            key_padding_mask=key_padding_mask)
+    for name, actual, expected in zip(("dq", "dk", "dv"), grads, ref_grads):
+        _assert_close(name, actual, expected, tolerance=5e-5)
+
+
+def test_opcheck_triton_implementation():
+    q, k, v = _inputs(1, 2, 1, 20, 20, 16)
+    q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
+    key_padding_mask = torch.rand(1, 20, device=DEVICE) > 0.2
+    torch.library.opcheck(flash_attention_op, (q, k, v, key_padding_mask, None, True, 6, 1, 0.25, "triton"))
+
+
+def test_bad_inputs_raise_backend_error():
+    q, k, v = _inputs(1, 3, 2, 8, 8, 16)
+    with pytest.raises(BackendError, match="kv heads"):
+        flash_forward(q, k, v, causal=False, window=None, sinks=0, scale=1.0, key_padding_mask=None)
+    q, k, v = _inputs(1, 2, 1, 8, 8, 16, dtype=torch.float64)
+    with pytest.raises(BackendError, match="float16, bfloat16 or float32"):
+        flash_forward(q, k, v, causal=False, window=None, sinks=0, scale=1.0, key_padding_mask=None)
+    q, k, v = _inputs(1, 2, 1, 8, 8, 16)
+    with pytest.raises(BackendError, match="window"):
+        flash_forward(q, k, v, causal=True, window=0, sinks=0, scale=1.0, key_padding_mask=None)
+    with pytest.raises(BackendError, match="dq_mode"):
+        flash_backward(q, q, k, v, q, q[..., 0], causal=True, window=None, sinks=0, scale=1.0,
+                       key_padding_mask=None, dq_mode="fast")
+
+
+def test_default_scale_is_one_over_sqrt_head_dim():
+    q, k, v = _inputs(1, 2, 2, 12, 12, 16)
+    out = tiled_attention(q, k, v, causal=True, impl="triton")
+    reference = attention_reference(q.double(), k.double(), v.double(), causal=True, scale=1 / math.sqrt(16))
+    _assert_close("out", out, reference)
