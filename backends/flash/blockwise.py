@@ -12,7 +12,8 @@ import torch
 
 from backends.flash.naive import visible_keys
 
-QUERY_BLOCK = 256
+# Equal query and key blocks keep every causal diagonal tile aligned (k_start == q_start), so it needs no mask tensor.
+QUERY_BLOCK = 512
 KEY_BLOCK = 512
 
 
@@ -85,6 +86,78 @@ def _masked_scores(q_tile, keys, scale, visible, bias):
     return scores
 
 
+def _tile_kind(q_start, q_end, k_start, k_end, *, causal, window, sinks) -> str:
+    """'full' when every (query, key) pair of the tile is visible, 'diagonal' when the tile is a causal diagonal with
+    top-left alignment (query q_start + i sees key k_start + j iff j <= i) and nothing else, else 'masked'."""
+    last_query, last_key = q_end - 1, k_end - 1
+    if sinks and window is not None and k_start < sinks:
+        return "masked"
+    in_window = window is None or (
+        (last_query - k_start < window) if causal else max(last_query - k_start, last_key - q_start) < window
+    )
+    if in_window and (not causal or last_key <= q_start):
+        return "full"
+    if causal and k_start == q_start and (window is None or q_end - q_start <= window):
+        return "diagonal"
+    return "masked"
+
+
+def _fused_cpu_tile(q_tile, k, v, k_start, k_end, scale, causal, compute_dtype):
+    """(out, lse) of one unmasked or top-left-causal tile through PyTorch's fused CPU flash kernel."""
+    batch, q_heads, queries, _ = q_tile.shape
+    kv_heads = k.shape[1]
+    group = q_heads // kv_heads
+    keys, values = k[:, :, k_start:k_end].to(compute_dtype), v[:, :, k_start:k_end].to(compute_dtype)
+    q_tile = q_tile.to(compute_dtype)
+    if group > 1 and not causal:
+        # Without a mask every query row is alike: fold each kv head's query group into its rows instead of
+        # repeating keys and values.
+        folded = q_tile.reshape(batch, kv_heads, group * queries, -1)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(folded, keys, values, scale=scale)
+        return out.reshape(batch, q_heads, queries, -1).to(lse.dtype), lse.reshape(batch, q_heads, queries)
+    if group > 1:
+        keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q_tile, keys, values, is_causal=causal, scale=scale
+    )
+    return out.to(lse.dtype), lse
+
+
+def _torch_tile(q_tile, keys, values, scale, visible, bias, compute_dtype):
+    """(out, lse) of one tile in plain PyTorch, in compute_dtype; rows with no visible key give out 0, lse -inf."""
+    scores = _masked_scores(q_tile.to(compute_dtype), keys.to(compute_dtype), scale, visible, bias)
+    lse = torch.logsumexp(scores, dim=-1)
+    # exp(-inf - -inf) is NaN: shift empty rows by 0 instead, which leaves their probabilities at exactly 0.
+    probabilities = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
+    return probabilities @ values.to(compute_dtype), lse
+
+
+def _merge(out, lse, tile_out, tile_lse):
+    """Exact merge of two softmax partial results by their log-sum-exp, in the stable form (fp32 or fp64)."""
+    if out is None:
+        return tile_out, tile_lse
+    # sigmoid(lse_b - lse) is the weight of the new part; both -inf (no key yet) gives NaN, so guard those rows.
+    both_empty = torch.isinf(lse) & torch.isinf(tile_lse)
+    weight = torch.where(both_empty, 0.0, torch.sigmoid(tile_lse - lse))
+    out = out - weight[..., None] * (out - torch.where(torch.isinf(tile_lse)[..., None], 0.0, tile_out))
+    lse = torch.where(both_empty, lse, torch.logaddexp(lse, tile_lse))
+    return out, lse
+
+
+def _key_segments(q_start, q_end, key_starts, kv_len, *, causal, window, sinks, fused):
+    """Group consecutive key blocks into segments (kind, k_start, k_end); with the fused kernel, adjacent 'full'
+    blocks become one call."""
+    segments = []
+    for k_start in key_starts:
+        k_end = min(kv_len, k_start + KEY_BLOCK)
+        kind = _tile_kind(q_start, q_end, k_start, k_end, causal=causal, window=window, sinks=sinks)
+        if fused and kind == "full" and segments and segments[-1][0] == "full" and segments[-1][2] == k_start:
+            segments[-1] = ("full", segments[-1][1], k_end)
+        else:
+            segments.append((kind, k_start, k_end))
+    return segments
+
+
 def blockwise_attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -97,45 +170,46 @@ def blockwise_attention_forward(
     key_padding_mask: Optional[torch.Tensor],
     attn_mask: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (out in q.dtype, lse in float32, or float64 for float64 inputs)."""
+    """Returns (out in q.dtype, lse in float32, or float64 for float64 inputs).
+
+    On the CPU, tiles that need no mask (or only a top-left causal diagonal) run through PyTorch's fused flash
+    kernel, which returns the lse we merge with; masked tiles run in plain PyTorch.
+    """
     batch, q_heads, q_len, _ = q.shape
     kv_len, value_dim = k.shape[2], v.shape[3]
     group = q_heads // k.shape[1]
     compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     attn_mask = _broadcast_mask(attn_mask, batch, q_heads, q_len, kv_len)
+    fused = q.device.type == "cpu" and key_padding_mask is None and attn_mask is None
     out = q.new_empty(batch, q_heads, q_len, value_dim)
     lse = torch.empty(batch, q_heads, q_len, dtype=compute_dtype, device=q.device)
 
     for q_start in range(0, q_len, QUERY_BLOCK):
         q_end = min(q_len, q_start + QUERY_BLOCK)
-        q_tile = q[:, :, q_start:q_end].to(compute_dtype)
-        # Running max, running sum and unnormalized output, all kept in fp32: the online softmax rescales them.
-        running_max = torch.full((batch, q_heads, q_end - q_start, 1), float("-inf"), dtype=compute_dtype, device=q.device)
-        running_sum = torch.zeros_like(running_max)
-        accumulator = torch.zeros(batch, q_heads, q_end - q_start, value_dim, dtype=compute_dtype, device=q.device)
+        q_tile = q[:, :, q_start:q_end]
         key_starts = _key_block_range(q_start, q_end, kv_len, causal, window, KEY_BLOCK)
         if sinks and window is not None:
             key_starts = sorted(set(range(0, min(sinks, kv_len), KEY_BLOCK)) | set(key_starts))
-        for k_start in key_starts:
-            k_end = min(kv_len, k_start + KEY_BLOCK)
-            keys, values = _tile_key_values(k, v, k_start, k_end, group)
-            visible, bias = _tile_mask(
-                q_start, q_end, k_start, k_end, causal=causal, window=window, sinks=sinks,
-                key_padding_mask=key_padding_mask, attn_mask=attn_mask, device=q.device,
-            )
-            scores = _masked_scores(q_tile, keys.to(compute_dtype), scale, visible, bias)
-            new_max = torch.maximum(running_max, scores.amax(dim=-1, keepdim=True))
-            # A row that has seen only -inf keeps max -inf; shift by 0 there so exp() gives 0, not NaN.
-            shift = torch.where(torch.isinf(new_max), 0.0, new_max)
-            probabilities = torch.exp(scores - shift)
-            correction = torch.exp(running_max - shift)
-            running_sum = running_sum * correction + probabilities.sum(dim=-1, keepdim=True)
-            accumulator = accumulator * correction + probabilities @ values.to(compute_dtype)
-            running_max = new_max
-        empty_rows = running_sum == 0
-        out[:, :, q_start:q_end] = torch.where(empty_rows, 0.0, accumulator / running_sum.clamp_min(1e-30)).to(q.dtype)
-        tile_lse = torch.where(empty_rows, float("-inf"), running_max + torch.log(running_sum.clamp_min(1e-30)))
-        lse[:, :, q_start:q_end] = tile_lse.squeeze(-1)
+        tile_out = tile_lse = None
+        for kind, k_start, k_end in _key_segments(q_start, q_end, key_starts, kv_len, causal=causal, window=window,
+                                                  sinks=sinks, fused=fused):
+            if fused and kind != "masked":
+                part = _fused_cpu_tile(q_tile, k, v, k_start, k_end, scale, kind == "diagonal", compute_dtype)
+            else:
+                keys, values = _tile_key_values(k, v, k_start, k_end, group)
+                visible, bias = _tile_mask(
+                    q_start, q_end, k_start, k_end, causal=causal, window=window, sinks=sinks,
+                    key_padding_mask=key_padding_mask, attn_mask=attn_mask, device=q.device,
+                )
+                part = _torch_tile(q_tile, keys, values, scale, visible, bias, compute_dtype)
+            tile_out, tile_lse = _merge(tile_out, tile_lse, *part)
+        if tile_out is None:  # no key block is visible from this query block
+            out[:, :, q_start:q_end] = 0
+            lse[:, :, q_start:q_end] = float("-inf")
+            continue
+        empty_rows = torch.isinf(tile_lse)[..., None]
+        out[:, :, q_start:q_end] = torch.where(empty_rows, 0.0, tile_out).to(q.dtype)
+        lse[:, :, q_start:q_end] = tile_lse
     return out, lse
 
 
