@@ -50,6 +50,17 @@ def _load_rows(pointer, rows, columns, row_limit, column_limit, stride):
 
 
 @triton.jit
+def _load_values(v_base, scale_base, rows, values, seq_len, V: tl.constexpr, VALUE_SCALE: tl.constexpr,
+                 ACC: tl.constexpr):
+    """v rows, times a per-position scale when VALUE_SCALE (Mamba-2's v = x * dt, never materialized)."""
+    block = _load_rows(v_base, rows, values, seq_len, V, V)
+    if VALUE_SCALE:
+        scale = tl.load(scale_base + rows, mask=rows < seq_len, other=0.0).to(ACC)
+        block = (block * scale[:, None]).to(block.dtype)
+    return block
+
+
+@triton.jit
 def _load_decay(decay_pointer, rows, columns, column_limit, DECAY: tl.constexpr):
     """Cumulative log-decay at `rows`: (rows,) for scalar decay, (rows, columns) per channel.
 
@@ -64,11 +75,11 @@ def _load_decay(decay_pointer, rows, columns, column_limit, DECAY: tl.constexpr)
 
 @triton.jit
 def _state_forward_kernel(
-    k_ptr, v_ptr, decay_ptr, initial_ptr, states_ptr, final_ptr,
+    k_ptr, v_ptr, scale_ptr, decay_ptr, initial_ptr, states_ptr, final_ptr,
     seq_len, num_chunks, heads, group,
     K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     CHUNK: tl.constexpr, ROWS: tl.constexpr, DECAY: tl.constexpr, HAS_INITIAL: tl.constexpr,
-    PREC: tl.constexpr, ACC: tl.constexpr,
+    VALUE_SCALE: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
 ):
     i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_qk = (i_bh // heads) * (heads // group) + (i_bh % heads) // group
@@ -78,6 +89,7 @@ def _state_forward_kernel(
     state_offsets = keys[:, None] * V + values[None, :]
     k_base = k_ptr + i_qk * seq_len * K
     v_base = v_ptr + i_bh * seq_len * V
+    scale_base = scale_ptr + i_bh * seq_len
     decay_base = decay_ptr + i_bh * num_chunks * CHUNK * (K if DECAY == 2 else 1)
     # The running state stays in the accumulator type; only the per-chunk copies take the input dtype.
     state = tl.zeros([BK, BV], dtype=ACC)
@@ -91,7 +103,7 @@ def _state_forward_kernel(
         for start in range(0, CHUNK, ROWS):
             rows = chunk * CHUNK + start + tl.arange(0, ROWS)
             keys_block = _load_rows(k_base, rows, keys, seq_len, K, K)
-            values_block = _load_rows(v_base, rows, values, seq_len, V, V)
+            values_block = _load_values(v_base, scale_base, rows, values, seq_len, V, VALUE_SCALE, ACC)
             if DECAY == 1:
                 # exp(b_last - b_s) <= 1: the key's decay from its position to the chunk's end.
                 decay_to_end = tl.exp((tl.load(decay_base + last) - tl.load(decay_base + rows)).to(ACC))
@@ -134,10 +146,11 @@ def _channel_scores(q_base, k_base, decay_base, row_start, column_start, seq_len
 
 @triton.jit
 def _output_forward_kernel(
-    q_ptr, k_ptr, v_ptr, decay_ptr, states_ptr, out_ptr,
+    q_ptr, k_ptr, v_ptr, scale_ptr, decay_ptr, states_ptr, out_ptr,
     seq_len, num_chunks, heads, group,
     K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, KC: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK: tl.constexpr, DECAY: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr, DECAY: tl.constexpr, VALUE_SCALE: tl.constexpr,
+    PREC: tl.constexpr, ACC: tl.constexpr,
 ):
     i_v, i_row, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_qk = (i_bh // heads) * (heads // group) + (i_bh % heads) // group
@@ -149,6 +162,7 @@ def _output_forward_kernel(
     q_base = q_ptr + i_qk * seq_len * K
     k_base = k_ptr + i_qk * seq_len * K
     v_base = v_ptr + i_bh * seq_len * V
+    scale_base = scale_ptr + i_bh * seq_len
     decay_base = decay_ptr + i_bh * num_chunks * CHUNK * (K if DECAY == 2 else 1)
 
     queries = _load_rows(q_base, rows, keys, seq_len, K, K)
@@ -170,7 +184,7 @@ def _output_forward_kernel(
     # Intra-chunk: column blocks from the chunk's start up to and including the diagonal one.
     for i_col in range(first_block, i_row + 1):
         columns = i_col * BLOCK + tl.arange(0, BLOCK)
-        values_block = _load_rows(v_base, columns, values, seq_len, V, V)
+        values_block = _load_values(v_base, scale_base, columns, values, seq_len, V, VALUE_SCALE, ACC)
         if DECAY == 2:
             if i_col < i_row:
                 keys_block = _load_rows(k_base, columns, keys, seq_len, K, K)
@@ -311,10 +325,11 @@ def _value_backward_kernel(
 
 @triton.jit
 def _query_key_backward_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, decay_ptr, states_ptr, grad_states_ptr, dq_ptr, dk_ptr, grad_decay_ptr,
+    q_ptr, k_ptr, v_ptr, scale_ptr, do_ptr, decay_ptr, states_ptr, grad_states_ptr, dq_ptr, dk_ptr, grad_decay_ptr,
     seq_len, num_chunks, heads, group,
     K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK: tl.constexpr, DECAY: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr, DECAY: tl.constexpr, VALUE_SCALE: tl.constexpr,
+    PREC: tl.constexpr, ACC: tl.constexpr,
 ):
     """dq and dk of one block of positions, and q*dq - k*dk for the decay's gradient.
 
@@ -337,11 +352,12 @@ def _query_key_backward_kernel(
     k_base = k_ptr + i_qk * seq_len * K
     v_base = v_ptr + i_bh * seq_len * V
     do_base = do_ptr + i_bh * seq_len * V
+    scale_base = scale_ptr + i_bh * seq_len
     decay_base = decay_ptr + i_bh * num_chunks * CHUNK * (K if DECAY == 2 else 1)
 
     queries = _load_rows(q_base, positions, keys, seq_len, K, K)
     keys_block = _load_rows(k_base, positions, keys, seq_len, K, K)
-    values_block = _load_rows(v_base, positions, values, seq_len, V, V)
+    values_block = _load_values(v_base, scale_base, positions, values, seq_len, V, VALUE_SCALE, ACC)
     grad_out = _load_rows(do_base, positions, values, seq_len, V, V)
     state = _load_rows(states_ptr + (i_bh * num_chunks + chunk) * K * V, keys, values, K, V, V).to(queries.dtype)
     grad_state = _load_rows(grad_states_ptr + (i_bh * num_chunks + chunk) * K * V, keys, values, K, V, V).to(
@@ -369,7 +385,7 @@ def _query_key_backward_kernel(
     for i_col in range(first_block, i_block + 1):
         columns = i_col * BLOCK + tl.arange(0, BLOCK)
         other_keys = _load_rows(k_base, columns, keys, seq_len, K, K)
-        other_values = _load_rows(v_base, columns, values, seq_len, V, V)
+        other_values = _load_values(v_base, scale_base, columns, values, seq_len, V, VALUE_SCALE, ACC)
         grad_scores = tl.dot(grad_out, tl.trans(other_values), input_precision=PREC, out_dtype=ACC)
         if DECAY == 2:
             b_columns = _load_decay(decay_base, columns, keys, K, DECAY).to(ACC)
@@ -472,6 +488,11 @@ def cumulative_decay(log_decay: Optional[torch.Tensor], chunk_size: int, num_chu
     return chunked.view(padded.shape).contiguous()
 
 
+def _or_dummy(tensor: Optional[torch.Tensor], dummy: torch.Tensor) -> torch.Tensor:
+    """Kernels take a pointer for every optional input; a constexpr flag says whether it is read."""
+    return tensor if tensor is not None else dummy
+
+
 def _block_sizes(key_dim: int, value_dim: int, chunk_size: int, mode: int):
     full_key = triton.next_power_of_2(key_dim)
     full_value = triton.next_power_of_2(value_dim)
@@ -489,7 +510,7 @@ def _check_chunk_size(chunk_size: int) -> None:
         raise BackendError(f"chunk_size must be a power of two >= 16; got {chunk_size}")
 
 
-def _state_pass(k, v, cumulative, initial_state, chunk_size, mode, sizes, heads, group):
+def _state_pass(k, v, value_scale, cumulative, initial_state, chunk_size, mode, sizes, heads, group):
     """Launch _state_forward_kernel: states entering every chunk (input dtype for half inputs) and the final one."""
     batch, _, seq_len, key_dim = k.shape
     value_dim = v.shape[-1]
@@ -501,21 +522,24 @@ def _state_pass(k, v, cumulative, initial_state, chunk_size, mode, sizes, heads,
     precision, acc = _dot_settings(k.dtype)
     grid = (triton.cdiv(key_dim, sizes["state_key"]), triton.cdiv(value_dim, sizes["state_value"]), batch * heads)
     _state_forward_kernel[grid](
-        k, v, cumulative, initial_state if initial_state is not None else final, states, final,
+        k, v, _or_dummy(value_scale, final), cumulative, _or_dummy(initial_state, final), states, final,
         seq_len, num_chunks, heads, group,
         K=key_dim, V=value_dim, BK=sizes["state_key"], BV=sizes["state_value"], CHUNK=chunk_size,
-        ROWS=sizes["rows"], DECAY=mode, HAS_INITIAL=initial_state is not None, PREC=precision, ACC=acc,
+        ROWS=sizes["rows"], DECAY=mode, HAS_INITIAL=initial_state is not None, VALUE_SCALE=value_scale is not None,
+        PREC=precision, ACC=acc,
     )
     return states, final
 
 
 def chunk_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: Optional[torch.Tensor],
-                  initial_state: Optional[torch.Tensor], chunk_size: int):
+                  initial_state: Optional[torch.Tensor], chunk_size: int,
+                  value_scale: Optional[torch.Tensor] = None):
     """Causal linear attention with decay, chunked. Returns (out like v, final state (batch, heads, K, V)).
 
     q, k: (batch, qk_heads, seq, key_dim), v: (batch, heads, seq, value_dim), qk_heads divides heads; log_decay:
     None, (batch, heads, seq) or (batch, heads, seq, key_dim); initial_state: (batch, heads, key_dim, value_dim).
-    All contiguous. The final state is float32 (float64 for float64 inputs).
+    value_scale: None or (batch, heads, seq): the values used are v * value_scale[..., None] (Mamba-2's x * dt),
+    scaled as they are loaded. All contiguous. The final state is float32 (float64 for float64 inputs).
     """
     batch, heads, seq_len, value_dim = v.shape
     key_dim = q.shape[-1]
@@ -528,23 +552,26 @@ def chunk_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: 
     cumulative = cumulative_decay(log_decay, chunk_size, num_chunks, accumulator).to(q.device)
     if initial_state is not None:
         initial_state = initial_state.to(accumulator).contiguous()
-    states, final = _state_pass(k, v, cumulative, initial_state, chunk_size, mode, sizes, heads, group)
+    states, final = _state_pass(k, v, value_scale, cumulative, initial_state, chunk_size, mode, sizes, heads, group)
     out = torch.empty_like(v)
     precision, acc = _dot_settings(q.dtype)
     grid = (triton.cdiv(value_dim, sizes["output_value"]), num_chunks * (chunk_size // sizes["block"]),
             batch * heads)
     _output_forward_kernel[grid](
-        q, k, v, cumulative, states, out, seq_len, num_chunks, heads, group,
+        q, k, v, _or_dummy(value_scale, final), cumulative, states, out, seq_len, num_chunks, heads, group,
         K=key_dim, V=value_dim, BK=sizes["full_key"], BV=sizes["output_value"], KC=sizes["channel_slice"],
-        CHUNK=chunk_size, BLOCK=sizes["block"], DECAY=mode, PREC=precision, ACC=acc,
+        CHUNK=chunk_size, BLOCK=sizes["block"], DECAY=mode, VALUE_SCALE=value_scale is not None,
+        PREC=precision, ACC=acc,
     )
     return out, final
 
 
 def chunk_backward(grad_out: torch.Tensor, grad_final: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
                    v: torch.Tensor, log_decay: Optional[torch.Tensor], initial_state: Optional[torch.Tensor],
-                   final_state: torch.Tensor, chunk_size: int):
+                   final_state: torch.Tensor, chunk_size: int, value_scale: Optional[torch.Tensor] = None):
     """Gradients of chunk_forward. Returns (dq, dk, dv, d_log_decay or None, d_initial_state or None).
+
+    With value_scale, dv is the gradient of the scaled values v * value_scale (the caller applies the chain rule).
 
     The per-chunk states are recomputed (one more sequential pass) instead of kept from the forward: they are
     num_chunks * key_dim * value_dim per head, as large as q itself for chunk 64 and head dim 128.
@@ -560,7 +587,7 @@ def chunk_backward(grad_out: torch.Tensor, grad_final: Optional[torch.Tensor], q
     if initial_state is not None:
         initial_state = initial_state.to(accumulator).contiguous()
     grad_out = grad_out.contiguous()
-    states, _ = _state_pass(k, v, cumulative, initial_state, chunk_size, mode, sizes, heads, group)
+    states, _ = _state_pass(k, v, value_scale, cumulative, initial_state, chunk_size, mode, sizes, heads, group)
     precision, acc = _dot_settings(q.dtype)
 
     grad_states = torch.empty_like(states)
@@ -569,7 +596,7 @@ def chunk_backward(grad_out: torch.Tensor, grad_final: Optional[torch.Tensor], q
         grad_final = grad_final.to(accumulator).contiguous()
     grid = (triton.cdiv(key_dim, sizes["state_key"]), triton.cdiv(value_dim, sizes["state_value"]), batch * heads)
     _state_backward_kernel[grid](
-        q, grad_out, cumulative, grad_final if grad_final is not None else grad_initial, grad_states, grad_initial,
+        q, grad_out, cumulative, _or_dummy(grad_final, grad_initial), grad_states, grad_initial,
         seq_len, num_chunks, heads, group,
         K=key_dim, V=value_dim, BK=sizes["state_key"], BV=sizes["state_value"], CHUNK=chunk_size,
         ROWS=sizes["rows"], DECAY=mode, HAS_GRAD_FINAL=grad_final is not None, PREC=precision, ACC=acc,
@@ -595,10 +622,10 @@ def chunk_backward(grad_out: torch.Tensor, grad_final: Optional[torch.Tensor], q
     key_block = sizes["channel_slice"] if mode == DECAY_CHANNEL else sizes["full_key"]
     grid = (triton.cdiv(key_dim, key_block), blocks, batch * heads)
     _query_key_backward_kernel[grid](
-        q, k, v, grad_out, cumulative, states, grad_states, grad_q, grad_k, grad_decay,
-        seq_len, num_chunks, heads, group,
+        q, k, v, _or_dummy(value_scale, grad_initial), grad_out, cumulative, states, grad_states, grad_q, grad_k,
+        grad_decay, seq_len, num_chunks, heads, group,
         K=key_dim, V=value_dim, BK=key_block, BV=sizes["full_value"], CHUNK=chunk_size, BLOCK=sizes["block"],
-        DECAY=mode, PREC=precision, ACC=acc,
+        DECAY=mode, VALUE_SCALE=value_scale is not None, PREC=precision, ACC=acc,
     )
     if group > 1:
         grad_q = grad_q.view(batch, qk_heads, group, seq_len, key_dim).sum(2).to(q.dtype)
