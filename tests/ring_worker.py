@@ -16,9 +16,10 @@ FLOAT32_TOLERANCE = 2e-5
 
 
 def make_case(name, *, batch=2, heads=4, kv_heads=2, chunk=3, head_dim=8, causal=False, window=None,
-              layout="zigzag", dtype="float64", impl=None, subgroup=None, scale=None):
+              layout="zigzag", dtype="float64", impl=None, subgroup=None, scale=None, pass_bytes=None):
     return dict(name=name, batch=batch, heads=heads, kv_heads=kv_heads, chunk=chunk, head_dim=head_dim,
-                causal=causal, window=window, layout=layout, dtype=dtype, impl=impl, subgroup=subgroup, scale=scale)
+                causal=causal, window=window, layout=layout, dtype=dtype, impl=impl, subgroup=subgroup, scale=scale,
+                pass_bytes=pass_bytes)
 
 
 def cases(world_size: int) -> list[dict]:
@@ -35,6 +36,9 @@ def cases(world_size: int) -> list[dict]:
     found.append(make_case("contiguous-causal-window-inside-shard", causal=True, window=2, chunk=3,
                            layout="contiguous"))
     found.append(make_case("zigzag-causal-reference-impl", causal=True, impl="reference"))
+    # A tiny pass budget: kv heads go round one at a time (backends.ring.op.head_passes).
+    found.append(make_case("zigzag-causal-window-head-passes", causal=True, window=7, kv_heads=4, heads=8,
+                           pass_bytes=1))
     found.append(make_case("zigzag-causal-float32", causal=True, dtype="float32", chunk=7, head_dim=16))
     if world_size == 4:
         found.append(make_case("zigzag-causal-subgroup", causal=True, subgroup=[1, 3]))
@@ -73,10 +77,19 @@ def run_case(case, groups) -> dict:
     rank, size = dist.get_rank(group), dist.get_world_size(group)
     layout = case["layout"]
     local = [shard(t, 2, rank, size, layout).requires_grad_(t is not grad_out) for t in (q, k, v, grad_out)]
-    with count_block_work() as counter:
-        out = ring_attention(local[0], local[1], local[2], group=group, causal=case["causal"], window=case["window"],
-                             layout=layout, scale=case["scale"], impl=case["impl"])
-        out.backward(local[3])
+    import backends.ring.op as ring_op
+
+    default_pass_bytes = ring_op.PASS_BYTES
+    ring_op.PASS_BYTES = case["pass_bytes"] or default_pass_bytes
+    try:
+        with count_block_work() as counter:
+            out = ring_attention(local[0], local[1], local[2], group=group, causal=case["causal"],
+                                 window=case["window"], layout=layout, scale=case["scale"], impl=case["impl"])
+            out.backward(local[3])
+    finally:
+        ring_op.PASS_BYTES = default_pass_bytes
+    passes = len(ring_op.head_passes(q.shape[0], k.shape[1], q.shape[1] // k.shape[1], local[0].shape[2],
+                                     q.shape[3], case["pass_bytes"]))
 
     full = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     expected = ring_attention_reference(*full, causal=case["causal"], window=case["window"], scale=case["scale"])
@@ -86,11 +99,11 @@ def run_case(case, groups) -> dict:
     for name, local_tensor, full_tensor in zip("qkv", local, full):
         errors[f"d{name}"] = _max_error(unshard(_gather(local_tensor.grad, group), 2, layout), full_tensor.grad)
     scheduled = work_per_step(size, local[0].shape[2], causal=case["causal"], window=case["window"], layout=layout)
-    counted = counter.work("forward")
+    counted = [work // passes for work in counter.work("forward")]  # every pass runs the same blocks
     tolerance = FLOAT64_TOLERANCE if case["dtype"] == "float64" else FLOAT32_TOLERANCE
     return {"errors": errors, "tolerance": tolerance, "counted_work": counted,
             "scheduled_work": scheduled[rank][:len(counted)], "scheduled_total": sum(scheduled[rank]),
-            "backward_work": sum(counter.work("backward"))}
+            "backward_work": sum(counter.work("backward")) // passes, "passes": passes}
 
 
 def _max_error(actual, expected) -> float:

@@ -225,3 +225,18 @@ def test_zigzag_ranks_did_equal_work(ring_results, world_size):
 def test_opcheck_on_two_ranks(ring_results):
     for rank, results in enumerate(ring_results[2]):
         assert results["opcheck"] == {"status": "ok"}, f"rank {rank}:\n{results['opcheck'].get('exception')}"
+
+
+def test_head_passes_split_kv_heads_evenly_under_the_budget():
+    from backends.ring.op import head_passes
+
+    assert head_passes(1, 32, 1, 1024, 128, pass_bytes=2**40) == [(0, 32)]
+    assert head_passes(1, 8, 4, 16, 8, pass_bytes=1) == [(i, i + 1) for i in range(8)]
+    per_kv_head = 1 * 131072 * 128 * 4 * (2 * 1 + 4)
+    passes = head_passes(1, 32, 1, 131072, 128, pass_bytes=4 * per_kv_head)
+    assert passes == [(i, i + 4) for i in range(0, 32, 4)]
+    assert len(head_passes(1, 6, 1, 100, 8, pass_bytes=4 * 100 * 8 * 4 * 6)) == 2  # 4 per pass does not divide 6
+
+
+def test_ring_runs_multiple_head_passes(ring_results):
+    assert all(results["zigzag-causal-window-head-passes"]["passes"] == 4 for results in ring_results[2])

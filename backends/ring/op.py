@@ -53,11 +53,12 @@ def merge_block(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, b
     out ← out − sigmoid(lse_b − lse)·(out − out_b);  lse ← lse − logsigmoid(lse − lse_b).
     Rows the block cannot see (lse_b = −inf) get weight 0 and keep their lse. Rows not written yet (lse = −inf) take
     the block as it is: there the formula's −inf − (−inf) would be NaN."""
-    block_out = block_out.to(out.dtype)
     block_lse = block_lse.to(lse.dtype)
     fresh = torch.isneginf(lse)
     weight = torch.where(fresh, 1.0, torch.sigmoid(block_lse - lse))
-    out.sub_(weight.unsqueeze(-1) * (out - block_out))
+    difference = out - block_out  # promoted to out's fp32; the one temporary of output size
+    difference.mul_(weight.unsqueeze(-1))
+    out.sub_(difference)
     lse.copy_(torch.where(fresh, block_lse, lse - F.logsigmoid(lse - block_lse)))
 
 
@@ -68,8 +69,43 @@ def _ring_plan(group_name: str, local_len: int, causal: bool, window: Optional[i
     return ring, schedule, steps
 
 
+# Memory: the ring's temporaries (fp32 output and dQ accumulators, the K/V shard in flight, the fp32 dK/dV in flight)
+# would be several times the inputs if every head went round at once. Heads go round in passes instead, a group of kv
+# heads (with their query heads) at a time, so that the temporaries of one pass stay under PASS_BYTES and the memory
+# per local token stays close to what a single device needs per token: the longest sequence grows ~P times.
+PASS_BYTES = 2 * 2**30
+
+
+def head_passes(batch: int, kv_heads: int, group: int, local_len: int, head_dim: int,
+                pass_bytes: Optional[int] = None) -> list[tuple[int, int]]:
+    """[first, end) kv-head ranges processed one after the other: the fewest equal passes whose temporaries (about
+    batch·n·head_dim·4·(2·group + 4) bytes per kv head, backward included) stay under `pass_bytes`."""
+    budget = PASS_BYTES if pass_bytes is None else pass_bytes
+    per_kv_head = batch * local_len * head_dim * 4 * (2 * group + 4)
+    passes = next((count for count in range(1, kv_heads + 1)
+                   if kv_heads % count == 0 and (kv_heads // count) * per_kv_head <= budget), kv_heads)
+    size = kv_heads // passes
+    return [(first, first + size) for first in range(0, kv_heads, size)]
+
+
+def _passes_of(q, k):
+    group = q.shape[1] // k.shape[1]
+    for first, end in head_passes(q.shape[0], k.shape[1], group, q.shape[2], q.shape[3]):
+        yield slice(first * group, end * group), slice(first, end)
+
+
 def _ring_forward(q, k, v, group_name, causal, window, layout, scale, impl):
     ring, schedule, steps = _ring_plan(group_name, q.shape[2], causal, window, layout)
+    batch, heads, local_len, _ = q.shape
+    out = q.new_empty(batch, heads, local_len, v.shape[-1])
+    lse = torch.empty(batch, heads, local_len, dtype=_accumulation_dtype(q.dtype), device=q.device)
+    for q_heads, kv_heads in _passes_of(q, k):
+        out[:, q_heads], lse[:, q_heads] = _ring_forward_pass(
+            q[:, q_heads], k[:, kv_heads], v[:, kv_heads], ring, schedule, steps, causal, window, scale, impl)
+    return out, lse
+
+
+def _ring_forward_pass(q, k, v, ring, schedule, steps, causal, window, scale, impl):
     accumulation = _accumulation_dtype(q.dtype)
     batch, heads, local_len, _ = q.shape
     out = torch.zeros(batch, heads, local_len, v.shape[-1], dtype=accumulation, device=q.device)
@@ -86,14 +122,24 @@ def _ring_forward(q, k, v, group_name, causal, window, layout, scale, impl):
                                                  scale=scale, impl=impl)
             rows = slice(block.q_start, block.q_end)
             merge_block(out[:, :, rows], lse[:, :, rows], block_out, block_lse)
+            del block_out, block_lse
         if pending is not None:
             pending.wait()
             current, spare = spare, current
-    return out.to(q.dtype), lse
+    return out, lse
 
 
 def _ring_backward(grad_out, q, k, v, out, lse, group_name, causal, window, layout, scale, impl):
     ring, schedule, steps = _ring_plan(group_name, q.shape[2], causal, window, layout)
+    grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    for q_heads, kv_heads in _passes_of(q, k):
+        grad_q[:, q_heads], grad_k[:, kv_heads], grad_v[:, kv_heads] = _ring_backward_pass(
+            grad_out[:, q_heads], q[:, q_heads], k[:, kv_heads], v[:, kv_heads], out[:, q_heads], lse[:, q_heads],
+            ring, schedule, steps, causal, window, scale, impl)
+    return grad_q, grad_k, grad_v
+
+
+def _ring_backward_pass(grad_out, q, k, v, out, lse, ring, schedule, steps, causal, window, scale, impl):
     accumulation = _accumulation_dtype(q.dtype)
     grad_q = torch.zeros(q.shape, dtype=accumulation, device=q.device)
     current = _pack(k, v)
@@ -113,6 +159,7 @@ def _ring_backward(grad_out, q, k, v, out, lse, group_name, causal, window, layo
             grad_q[:, :, block.q_start:block.q_end] += block_grad_q
             grad_k[:, :, block.k_start:block.k_end] += block_grad_k
             grad_v[:, :, block.k_start:block.k_end] += block_grad_v
+            del block_grad_q, block_grad_k, block_grad_v
         if grad_pending is not None:
             grad_pending.wait()
             grad_kv += grad_incoming
@@ -122,13 +169,13 @@ def _ring_backward(grad_out, q, k, v, out, lse, group_name, causal, window, layo
         else:  # the last hop hands each shard's finished dK/dV to its owner
             owner, sender = (ring.rank - step) % ring.size, (ring.rank + step) % ring.size
             grad_pending = ring.exchange(grad_kv, owner, grad_incoming, sender)
+        del grad_kv, grad_k, grad_v
         if kv_pending is not None:
             kv_pending.wait()
             current, spare = spare, current
     grad_pending.wait()
     grad_k, grad_v = _unpack(grad_incoming, k.shape, v.shape)
-    # Two views of one buffer may not both be returned by a custom op: copy each out.
-    return grad_q.to(q.dtype), grad_k.to(k.dtype, copy=True), grad_v.to(v.dtype, copy=True)
+    return grad_q, grad_k, grad_v
 
 
 @torch.library.custom_op("attention_planner::ring_attention", mutates_args=())
