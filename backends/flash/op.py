@@ -31,7 +31,8 @@ def _triton_usable(q: torch.Tensor) -> bool:
 def _resolve_impl(impl: Optional[str], q: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> str:
     if impl is None or impl == "auto":
         # The Triton kernel takes structured masks only; a mask tensor keeps its exact semantics in the loop.
-        return "triton" if q.is_cuda and attn_mask is None else "blockwise"
+        # float64 (a reference precision) also stays in the loop: the kernel accumulates in fp32.
+        return "triton" if q.is_cuda and attn_mask is None and q.dtype != torch.float64 else "blockwise"
     if impl not in IMPLEMENTATIONS:
         raise BackendError(f"impl={impl!r} is not an implementation; accepted: {', '.join(IMPLEMENTATIONS)} or None")
     if impl == "triton" and not _triton_usable(q):

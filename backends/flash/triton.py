@@ -148,6 +148,14 @@ def _query_ranges(n_first, n_last, q_len, window, sinks, BLOCK_M: tl.constexpr, 
     return q_lo, full_lo, full_hi, q_hi
 
 
+# Sizes and counts vary per call: no recompile for values that happen to be 1 or multiples of 16 (strides keep it).
+_RUNTIME_INTS = ["heads", "kv_heads", "group", "q_len", "kv_len", "window", "sinks"]
+
+
+def _jit_runtime_ints(fn):
+    return triton.jit(fn, do_not_specialize=[name for name in _RUNTIME_INTS if name in fn.__code__.co_varnames])
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------------------------------
@@ -188,7 +196,7 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, bias_base, stride_kn, stride_vn,
     return acc, l_i, m_new
 
 
-@triton.jit
+@_jit_runtime_ints
 def _attn_fwd(Q, K, V, Out, LSE, Bias,
               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
               stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om, stride_bias_b,
@@ -324,7 +332,7 @@ def _bwd_kv_tile(dk, dv, k, v, bias, q_base, do_base, dq_base, LSE, Delta, strid
     return dk, dv
 
 
-@triton.jit
+@_jit_runtime_ints
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, Delta, Bias, DK, DV, DQ,
                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
@@ -414,7 +422,7 @@ def _bwd_q_tile(dq, q, do, lse_log2, delta, k_base, v_base, bias_base, stride_kn
     return tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
 
 
-@triton.jit
+@_jit_runtime_ints
 def _attn_bwd_dq(Q, K, V, DO, LSE, Delta, Bias, DQ,
                  stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                  stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
@@ -472,15 +480,15 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, Delta, Bias, DQ,
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M is the query block, BLOCK_N the key block in every kernel.
 _INTERPRETER_CONFIG = (16, 16, 4, 1)
 _FORWARD_CONFIGS = {
-    "small": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3)],  # head dim <= 128, 16-bit
+    "small": [(128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3)],  # head dim <= 128, 16-bit
     "large": [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3)],  # head dim 256 or fp32: shared memory bound
 }
 _DKDV_CONFIGS = {
-    "small": [(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3)],
+    "small": [(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 8, 2), (64, 128, 8, 3)],
     "large": [(32, 64, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
 }
 _DQ_CONFIGS = {
-    "small": [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
+    "small": [(128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3), (128, 64, 8, 3)],
     "large": [(64, 32, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
 }
 _TUNED: dict = {}
