@@ -144,7 +144,9 @@ def main() -> int:
                 backward_case(length, True, None, name, label, theirs)
         backward_case(32768, True, 4096, "bwd window 4096 32k", "triton (ours)",
                       lambda q, k, v: tiled_attention(q, k, v, causal=True, window=4096, impl="triton"))
-    print(f"\nbench time {time.time() - start:.0f}s; tuned configs: {flash_triton._TUNED}")
+    print(f"\nbench time {time.time() - start:.0f}s")
+    for name, key, timings in flash_triton.TUNING_LOG:
+        print(f"[tune] {name} {key}: " + ", ".join(f"{c}={t:.3f}" for c, t in sorted(timings.items(), key=lambda x: x[1])))
     with open(os.path.join(os.environ.get("OUT", "."), "bench_flash.jsonl"), "w") as log:
         for row in RESULTS:
             log.write(json.dumps(row) + "\n")

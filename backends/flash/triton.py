@@ -480,7 +480,9 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, Delta, Bias, DQ,
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M is the query block, BLOCK_N the key block in every kernel.
 _INTERPRETER_CONFIG = (16, 16, 4, 1)
 _FORWARD_CONFIGS = {
-    "small": [(128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3)],  # head dim <= 128, 16-bit
+    # head dim <= 128, 16-bit. BLOCK_M 64 with 4 warps fits two programs per SM, which then overlap each other's
+    # softmax with their products.
+    "small": [(128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 2), (64, 64, 4, 3)],
     "large": [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3)],  # head dim 256 or fp32: shared memory bound
 }
 _DKDV_CONFIGS = {
@@ -492,6 +494,7 @@ _DQ_CONFIGS = {
     "large": [(64, 32, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
 }
 _TUNED: dict = {}
+TUNING_LOG: list = []  # (kernel, key, {config: median ms}) of each tuning run, for benchmarks and reports
 
 
 def _config_set(table: dict, head_dim: int, dtype: torch.dtype) -> list:
@@ -528,6 +531,7 @@ def _launch_tuned(name: str, key: tuple, configs: list, launch: Callable[[tuple]
                 except Exception:  # a config that does not fit (shared memory, registers) is skipped
                     timings[candidate] = float("inf")
             config = min(timings, key=timings.get)
+            TUNING_LOG.append((name, key, timings))
             if timings[config] == float("inf"):
                 raise BackendError(f"no launch configuration of {name} fits this device for {key}")
         _TUNED[cache_key] = config
