@@ -112,3 +112,60 @@ def linear_attention_naive(
         outputs.append(torch.einsum("bhk,bhkv->bhv", queries[:, :, t], state))
     out = torch.stack(outputs, dim=2) if outputs else values.new_zeros(batch, heads, 0, value_dim)
     return (out.to(v.dtype), state) if return_state else out.to(v.dtype)
+
+
+def linear_attention_naive_backward(
+    grad_out: torch.Tensor,
+    grad_final: Optional[torch.Tensor],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_decay: Optional[torch.Tensor],
+    initial_state: Optional[torch.Tensor],
+):
+    """Gradients of the causal recurrence, by the recurrence run backwards (float64; no autograd needed, so it runs
+    inside a custom op, where autograd does not record). log_decay: None, (batch, heads, seq) or (..., key_dim).
+
+    With dS the gradient of S_t, going t = T-1 .. 0:
+        dS += q_t do_t^T;  dq_t = S_t do_t;  dk_t = dS v_t;  dv_t = dS^T k_t;
+        dg_t = sum(dS * exp(g_t) S_{t-1}) (per key channel, or over all for a scalar decay);  dS *= exp(g_t)
+    Returns (dq, dk, dv, d_log_decay or None, d_initial_state or None) in the inputs' dtypes.
+    """
+    batch, heads, seq_len, value_dim = v.shape
+    qk_heads, key_dim = q.shape[1], q.shape[-1]
+    queries, keys = _expand_qk_heads(q, heads).double(), _expand_qk_heads(k, heads).double()
+    values, grad_out = v.double(), grad_out.double()
+    state = torch.zeros(batch, heads, key_dim, value_dim, dtype=torch.float64, device=v.device)
+    if initial_state is not None:
+        state = state + initial_state.double()
+    factors = None if log_decay is None else log_decay.double().exp()
+    states = [state]  # states[t] = S_{t-1}
+    for t in range(seq_len):
+        if factors is not None:
+            factor = factors[:, :, t]
+            state = state * (factor[..., None, None] if factor.dim() == 2 else factor[..., None])
+        state = state + keys[:, :, t, :, None] * values[:, :, t, None, :]
+        states.append(state)
+
+    grad_state = torch.zeros_like(state) if grad_final is None else grad_final.double().clone()
+    grad_q, grad_k, grad_v = torch.zeros_like(queries), torch.zeros_like(keys), torch.zeros_like(values)
+    grad_decay = None if log_decay is None else torch.zeros_like(log_decay, dtype=torch.float64)
+    for t in reversed(range(seq_len)):
+        grad_state = grad_state + queries[:, :, t, :, None] * grad_out[:, :, t, None, :]
+        grad_q[:, :, t] = torch.einsum("bhkv,bhv->bhk", states[t + 1], grad_out[:, :, t])
+        grad_k[:, :, t] = torch.einsum("bhkv,bhv->bhk", grad_state, values[:, :, t])
+        grad_v[:, :, t] = torch.einsum("bhkv,bhk->bhv", grad_state, keys[:, :, t])
+        if factors is not None:
+            factor = factors[:, :, t]
+            if factor.dim() == 2:
+                grad_decay[:, :, t] = factor * (grad_state * states[t]).sum((-1, -2))
+                grad_state = grad_state * factor[..., None, None]
+            else:
+                grad_decay[:, :, t] = factor * (grad_state * states[t]).sum(-1)
+                grad_state = grad_state * factor[..., None]
+    group = heads // qk_heads
+    grad_q = grad_q.view(batch, qk_heads, group, seq_len, key_dim).sum(2)
+    grad_k = grad_k.view(batch, qk_heads, group, seq_len, key_dim).sum(2)
+    return (grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype),
+            None if grad_decay is None else grad_decay.to(log_decay.dtype),
+            None if initial_state is None else grad_state.to(initial_state.dtype))

@@ -14,7 +14,7 @@ import torch
 
 from backends.linear.chunk import accumulator_dtype, chunk_backward, chunk_forward
 from backends.linear.naive import (Decay, FeatureMap, apply_feature_map, linear_attention_naive,
-                                   log_decay_per_position)
+                                   linear_attention_naive_backward, log_decay_per_position)
 from backends.linear.recurrent import recurrent_forward
 from planner.errors import BackendError
 
@@ -79,28 +79,12 @@ def linear_attention_backward_op(
     if _triton_usable(q):
         grads = chunk_backward(grad_out, grad_final, q, k, v, log_decay, initial_state, final_state, chunk_size)
     else:
-        grads = _naive_backward(grad_out, grad_final, q, k, v, log_decay, initial_state)
+        grads = linear_attention_naive_backward(grad_out, grad_final, q, k, v, log_decay, initial_state)
     grad_q, grad_k, grad_v, grad_decay, grad_initial = grads
     empty = q.new_empty(0)
     return (grad_q.contiguous(), grad_k.contiguous(), grad_v.contiguous(),
             empty if grad_decay is None else grad_decay.contiguous(),
             empty if grad_initial is None else grad_initial.contiguous())
-
-
-def _naive_backward(grad_out, grad_final, q, k, v, log_decay, initial_state):
-    inputs = [t.detach().requires_grad_() if t is not None else None for t in (q, k, v, log_decay, initial_state)]
-    with torch.enable_grad():
-        out, final = linear_attention_naive(*inputs[:3], decay=inputs[3], initial_state=inputs[4], return_state=True)
-        loss = (out.double() * grad_out.double()).sum()
-        if grad_final is not None:
-            loss = loss + (final * grad_final.double()).sum()
-        needed = [t for t in inputs if t is not None]
-        grads = iter(torch.autograd.grad(loss, needed, allow_unused=True))
-    result = []
-    for tensor in inputs:
-        grad = next(grads) if tensor is not None else None
-        result.append(None if tensor is None else (torch.zeros_like(tensor) if grad is None else grad.to(tensor.dtype)))
-    return tuple(result)
 
 
 @linear_attention_backward_op.register_fake

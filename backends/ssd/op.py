@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from backends.linear.chunk import accumulator_dtype
+from backends.linear.naive import linear_attention_naive_backward
 from backends.ssd.chunk import ssd_chunk_backward, ssd_chunk_forward
 from backends.ssd.naive import ssd_naive
 from backends.ssd.recurrent import ssd_recurrent_forward
@@ -85,19 +86,18 @@ def ssd_backward_op(
 
 
 def _naive_backward(grad_y, grad_final, x, dt, A, B, C, initial_state):
-    inputs = [t.detach().requires_grad_() if t is not None else None for t in (x, dt, A, B, C, initial_state)]
-    with torch.enable_grad():
-        y, final = ssd_naive(*inputs[:5], initial_state=inputs[5], return_state=True)
-        loss = (y.double() * grad_y.double()).sum()
-        if grad_final is not None:
-            loss = loss + (final * grad_final.double()).sum()
-        needed = [t for t in inputs if t is not None]
-        grads = iter(torch.autograd.grad(loss, needed, allow_unused=True))
-    result = []
-    for tensor in inputs:
-        grad = next(grads) if tensor is not None else None
-        result.append(None if tensor is None else (torch.zeros_like(tensor) if grad is None else grad.to(tensor.dtype)))
-    return tuple(result)
+    """The CPU fallback's backward: the linear-attention recurrence's explicit backward under SSD's names (autograd
+    does not record inside a custom op), then the chain rule through v = x * dt and a = dt * A, in float64."""
+    x64, dt64, A64 = x.double(), dt.double(), A.double()
+    transpose = lambda state: None if state is None else state.double().transpose(-1, -2)  # noqa: E731
+    grad_C, grad_B, grad_values, grad_decay, grad_initial = linear_attention_naive_backward(
+        grad_y, transpose(grad_final), C.double(), B.double(), x64 * dt64[..., None], dt64 * A64[None, :, None],
+        transpose(initial_state))
+    grad_x = grad_values * dt64[..., None]
+    grad_dt = (grad_values * x64).sum(-1) + grad_decay * A64[None, :, None]
+    grad_A = (grad_decay * dt64).sum((0, 2))
+    return (grad_x.to(x.dtype), grad_dt.to(dt.dtype), grad_A.to(A.dtype), grad_B.to(B.dtype), grad_C.to(C.dtype),
+            None if initial_state is None else transpose(grad_initial).to(initial_state.dtype))
 
 
 @ssd_backward_op.register_fake
