@@ -132,10 +132,15 @@ def _ring_forward_pass(q, k, v, ring, schedule, steps, causal, window, scale, im
 def _ring_backward(grad_out, q, k, v, out, lse, group_name, causal, window, layout, scale, impl):
     ring, schedule, steps = _ring_plan(group_name, q.shape[2], causal, window, layout)
     grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    unfinished = None  # the previous pass: its last dK/dV hop overlaps this pass's compute
     for q_heads, kv_heads in _passes_of(q, k):
-        grad_q[:, q_heads], grad_k[:, kv_heads], grad_v[:, kv_heads] = _ring_backward_pass(
+        grad_q[:, q_heads], finish = _ring_backward_pass(
             grad_out[:, q_heads], q[:, q_heads], k[:, kv_heads], v[:, kv_heads], out[:, q_heads], lse[:, q_heads],
             ring, schedule, steps, causal, window, scale, impl)
+        if unfinished is not None:
+            grad_k[:, unfinished[0]], grad_v[:, unfinished[0]] = unfinished[1]()
+        unfinished = (kv_heads, finish)
+    grad_k[:, unfinished[0]], grad_v[:, unfinished[0]] = unfinished[1]()
     return grad_q, grad_k, grad_v
 
 
@@ -173,9 +178,13 @@ def _ring_backward_pass(grad_out, q, k, v, out, lse, ring, schedule, steps, caus
         if kv_pending is not None:
             kv_pending.wait()
             current, spare = spare, current
-    grad_pending.wait()
-    grad_k, grad_v = _unpack(grad_incoming, k.shape, v.shape)
-    return grad_q, grad_k, grad_v
+
+    def finish():
+        """dK/dV of this rank's own shard, once the last hop has arrived."""
+        grad_pending.wait()
+        return _unpack(grad_incoming, k.shape, v.shape)
+
+    return grad_q, finish
 
 
 @torch.library.custom_op("attention_planner::ring_attention", mutates_args=())
