@@ -18,6 +18,9 @@ from planner.errors import (
 from planner.lengths import parse_length
 from planner.records import AttentionSite, Candidate, MaskSpec, Plan, SiteDecision
 from planner.report import Report
+from planner.compile_backend import backend, last_report, register as _register_compile_backend
+
+_register_compile_backend()  # torch.compile(model, backend="attention_planner")
 
 __all__ = [
     "AttentionSite", "BackendError", "Candidate", "CaptureError", "DeviceSpec", "InvalidArgumentError", "MaskSpec",
