@@ -7,11 +7,11 @@ import torch
 
 from passes.capture import capture
 from passes.match import find_sites
-from passes.rewrite import rewrite
 from planner.devices import DeviceSpec, device_spec
 from planner.lengths import parse_length
-from planner.plan import make_plan
-from planner.records import AttentionSite
+from planner.pipeline import plan_and_rewrite
+from planner.errors import InvalidArgumentError
+from planner.records import POLICIES, AttentionSite
 from planner.report import Report
 
 
@@ -56,18 +56,16 @@ def optimize(
         An nn.Module computing the same outputs, with `.report` (a planner.Report). It runs on whatever device its
         weights are on. A model with no attention comes back unchanged, with a report that says so.
     """
+    # Arguments are checked before the (slow) capture, so a typo fails at once.
     tokens = parse_length(max_len)
     spec = device_spec(device)
+    if policy not in POLICIES:
+        raise InvalidArgumentError(f"policy={policy!r} is not a policy; accepted: {', '.join(POLICIES)}")
     captured = capture(model, _as_tuple(example_inputs), example_kwargs)
-    sites = find_sites(captured.graph_module)
-    plan = make_plan(sites, spec, policy, tokens)
-    report = Report(plan=plan, model=captured.model_name)
-    if not sites:
-        report.notes.append("no softmax attention was found in the graph; the model is returned unchanged")
-        if isinstance(model, torch.nn.Module):
-            _attach_report(model, report)
-            return model
-    rewrite(captured.graph_module, plan)
+    report = plan_and_rewrite(captured.graph_module, spec, policy, tokens, model_name=captured.model_name)
+    if not report.decisions and isinstance(model, torch.nn.Module):
+        _attach_report(model, report)
+        return model
     _attach_report(captured.graph_module, report)
     return captured.graph_module
 
