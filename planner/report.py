@@ -1,13 +1,24 @@
-"""The rewrite report: what was found, what the planner decided and why. It reads the Plan; it never recomputes it.
+"""The rewrite report: what was found, what the planner decided and why. It reads the Plan; it never recomputes a
+decision (the plots evaluate the plan's own expressions at more lengths).
 
-JSON schema (version 1), stable: keys are only added, never renamed or removed, within a version:
+`summary()` is for people, `to_json()` for programs, `save_html(path)` for both (one self-contained page with the
+per-site table and log-log plots of every candidate's estimated time and memory against the sequence length).
+
+JSON schema (version 1), stable: keys are only added, never renamed or removed, within a version. Keys marked (+)
+were added after the first release of version 1 and may be absent from older files.
 {
   "schema_version": 1,
-  "model": str,                      # class name of the model
-  "device": {"name", "memory_bytes", "memory_bandwidth", "matrix_flops": {dtype: FLOP/s}, "source"},
+  "model": str,                      # class name of the model (or the preset's name)
+  "device": {"name", "memory_bytes", "memory_bandwidth", "matrix_flops": {dtype: FLOP/s}, "source",
+             (+) "key", (+) "family", (+) "usable_bytes", (+) "interconnect_bandwidth", (+) "launch_overhead_s",
+             (+) "efficiency": {work: fraction of peak}},
   "policy": "exact" | "approximate" | "any",
   "max_len": int, "world_size": int,
-  "notes": [str],                    # plan-wide remarks (e.g. no attention found)
+  (+) "train": bool, (+) "window": int | null, (+) "sinks": int,
+  "notes": [str],                    # plan-wide remarks (e.g. no attention found, layers represented)
+  (+) "memory": {"usable_bytes", "weights_bytes", "activations_bytes", "masks_bytes", "attention_bytes",
+                 "total_bytes", "fits": bool, "ring_devices": int | null, "verdict": str, "method": str} | null,
+  (+) "groups": [{"label": str, "sites": [site name]}],   # sites with identical decisions, as summary() groups them
   "sites": [{
      "name", "source", "form", "dtype",
      "shape": {"batch", "heads", "kv_heads", "q_len", "kv_len", "head_dim", "value_dim"},   # ints or symbol strings
@@ -16,22 +27,35 @@ JSON schema (version 1), stable: keys are only added, never renamed or removed, 
      "choice": {"variant", "implementation", "exactness"} | null,     # null: left as it is
      "rewritten": bool, "reason": str,
      "candidates": [{"variant", "implementation", "exactness", "feasible", "time_s", "memory_bytes", "reason",
-                     "time_expr", "memory_expr"}],                     # expressions as strings in L
-     "crossovers": [{"faster", "slower", "sequence_length"}],
+                     "time_expr", "memory_expr",                       # expressions as strings in L
+                     (+) "parameters": {name: value}, (+) "flops", (+) "bytes_moved", (+) "comm_bytes",
+                     (+) "bound": "compute" | "memory" | "interconnect" | "launches" | null, (+) "work",
+                     (+) "saved_bytes", (+) "fits_up_to": int | null}],
+     "crossovers": [{"faster", "slower", "sequence_length"}],         # where the cheapest candidate changes
+     (+) "envelope": [{"from_length": int, "variant": str}],          # the cheapest candidate from each length on
      "notes": [str]
   }]
 }
 """
 from __future__ import annotations
 
+import base64
+import html
+import io
 import json
+import math
+import re
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Optional, Union
 
+from planner.errors import PlannerError
 from planner.lengths import format_length
-from planner.records import AttentionSite, Plan, SiteDecision
+from planner.records import AttentionSite, Candidate, Plan, SiteDecision
 
 SCHEMA_VERSION = 1
+PLOT_EXTRA = "pip install attention-planner[plot]"
 
 
 def _size(value: Any) -> Any:
@@ -40,7 +64,49 @@ def _size(value: Any) -> Any:
 
 def _shape_text(site: AttentionSite) -> str:
     heads = f"{site.heads}" if site.heads == site.kv_heads else f"{site.heads}/{site.kv_heads}kv"
-    return f"B={_size(site.batch)} H={heads} L={_size(site.q_len)} S={_size(site.kv_len)} D={site.head_dim}"
+    lengths = f"L=S={_size(site.q_len)}" if site.q_len == site.kv_len else f"L={_size(site.q_len)} S={_size(site.kv_len)}"
+    return f"B={_size(site.batch)} H={heads} {lengths} D={site.head_dim}"
+
+
+def _format_bytes(count: Optional[float]) -> str:
+    from planner.plan import format_bytes
+
+    return "-" if count is None else format_bytes(count)
+
+
+def _format_seconds(seconds: Optional[float]) -> str:
+    from planner.plan import format_seconds
+
+    return "-" if seconds is None else format_seconds(seconds)
+
+
+def _label(candidate: Candidate) -> str:
+    from planner.plan import label
+
+    return label(candidate)
+
+
+def compress_names(names: list[str]) -> str:
+    """['layers.0.attn', 'layers.1.attn', 'layers.2.attn'] -> 'layers.{0..2}.attn'; other lists: the first name and
+    how many more."""
+    if len(names) == 1:
+        return names[0]
+    pieces = [re.split(r"(\d+)", name) for name in names]
+    if len({len(piece) for piece in pieces}) == 1:
+        varying = [index for index in range(len(pieces[0])) if len({piece[index] for piece in pieces}) > 1]
+        if len(varying) == 1 and varying[0] % 2 == 1:
+            position = varying[0]
+            numbers = [int(piece[position]) for piece in pieces]
+            steps = {b - a for a, b in zip(numbers, numbers[1:])}
+            if steps == {1}:
+                middle = f"{{{numbers[0]}..{numbers[-1]}}}"
+            elif len(steps) == 1 and len(numbers) > 3:
+                middle = f"{{{numbers[0]},{numbers[1]}..{numbers[-1]}}}"
+            else:
+                middle = "{" + ",".join(str(number) for number in numbers) + "}"
+            template = pieces[0]
+            return "".join(template[:position]) + middle + "".join(template[position + 1:])
+    return f"{names[0]} (+{len(names) - 1} more)"
 
 
 @dataclass
@@ -63,37 +129,116 @@ class Report:
     def rewritten(self) -> list[str]:
         return [decision.site.name for decision in self.plan.decisions if decision.rewritten]
 
+    @property
+    def memory(self):
+        """The plan's whole-model memory fit (planner.plan.MemoryFit), or None."""
+        return getattr(self.plan, "memory", None)
+
     def all_notes(self) -> list[str]:
         return list(self.plan.notes) + list(self.notes)
 
+    def groups(self) -> list[tuple[str, list[SiteDecision]]]:
+        """Decisions grouped by identical site signature and choice, in order of first appearance: (label, list)."""
+        from planner.plan import _site_signature
+
+        grouped: "OrderedDict[tuple, list[SiteDecision]]" = OrderedDict()
+        for decision in self.plan.decisions:
+            choice = decision.choice
+            key = (_site_signature(decision.site), decision.site.source,
+                   None if choice is None else (choice.variant, choice.implementation, choice.parameters))
+            grouped.setdefault(key, []).append(decision)
+        return [(compress_names([decision.site.name for decision in members]), members)
+                for members in grouped.values()]
+
+    # -----------------------------------------------------------------------------------------------------------
+    # Text
+
     def summary(self) -> str:
-        """A readable table, one row per site (module, source line, shapes, mask, choice, why)."""
+        """A readable table, one row per group of identical sites (module, source line, shape, mask, choice, the
+        estimate at max_len, why), then per group the candidates and crossovers, the memory fit and the notes."""
         plan = self.plan
-        header = (f"attention-planner: {self.model} on {plan.device.name}, max_len={format_length(plan.max_len)}, "
-                  f"policy={plan.policy}: {len(self.rewritten)} of {len(plan.decisions)} attention sites rewritten")
-        rows = [("module", "source", "shape", "mask", "choice", "why")]
-        for decision in plan.decisions:
-            site = decision.site
-            choice = "kept" if not decision.rewritten else f"{decision.choice.variant}/{decision.choice.implementation}"
-            rows.append((site.name, _short_source(site.source), _shape_text(site), site.mask.describe(), choice,
-                         decision.reason))
-        lines = [header]
-        if len(rows) > 1:
-            widths = [max(len(row[column]) for row in rows) for column in range(5)]
-            for row in rows:
-                lines.append("  ".join(cell.ljust(width) for cell, width in zip(row[:5], widths)) + "  " + row[5])
-            for decision in plan.decisions:
-                lines.append(f"  {decision.site.name}: mask {decision.site.mask.describe()}: {decision.site.mask.proof}")
-                for crossover in decision.crossovers:
-                    lines.append(f"    {crossover.faster} beats {crossover.slower} from "
-                                 f"{crossover.sequence_length:,} tokens")
+        lines = [self._header(), f"device figures: {plan.device.source}"]
+        groups = self.groups()
+        if groups:
+            lines.append("")
+            lines.extend(_table(self._rows(groups)))
+            for name, members in groups:
+                lines.append("")
+                lines.extend(self._group_details(name, members))
+        memory = self.memory
+        if memory is not None:
+            lines.append("")
+            lines.append(f"memory: {memory.verdict}")
         for note in self.all_notes():
             lines.append(f"note: {note}")
         return "\n".join(lines)
 
+    def _header(self) -> str:
+        plan = self.plan
+        extras = []
+        if plan.world_size > 1:
+            extras.append(f"world_size={plan.world_size}")
+        if getattr(plan, "window", None):
+            extras.append(f"window={plan.window}")
+        if getattr(plan, "train", False):
+            extras.append("train=True")
+        extra = (", " + ", ".join(extras)) if extras else ""
+        return (f"attention-planner: {self.model} on {plan.device.name}, max_len={format_length(plan.max_len)}, "
+                f"policy={plan.policy}{extra}: {len(self.rewritten)} of {len(plan.decisions)} attention sites "
+                "rewritten")
+
+    def _rows(self, groups) -> list[tuple[str, ...]]:
+        at = format_length(self.plan.max_len)
+        rows = [("sites", "n", "source", "shape", "mask", "choice", f"time@{at}", "memory", "why")]
+        for name, members in groups:
+            decision = members[0]
+            site, choice = decision.site, decision.choice
+            if choice is None:
+                text, seconds, memory = "left as is", None, None
+            elif choice.variant == "dense":
+                text, seconds, memory = f"kept ({choice.implementation})", choice.time_s, choice.memory_bytes
+            else:
+                text, seconds, memory = _label(choice), choice.time_s, choice.memory_bytes
+            rows.append((name, str(len(members)), _short_source(site.source), _shape_text(site), site.mask.describe(),
+                         text, _format_seconds(seconds), _format_bytes(memory), decision.reason))
+        return rows
+
+    def _group_details(self, name: str, members: list[SiteDecision]) -> list[str]:
+        decision = members[0]
+        site = decision.site
+        count = f" ({len(members)} sites)" if len(members) > 1 else ""
+        lines = [f"{name}{count}: mask {site.mask.describe()}: {site.mask.proof}"]
+        lines.append(f"  candidates at {self.plan.max_len:,} tokens:")
+        for candidate in decision.candidates:
+            mark = "*" if candidate is decision.choice else " "
+            if candidate.time_s is None:
+                lines.append(f"   {mark} {_label(candidate)}: {candidate.reason}")
+                continue
+            bound = getattr(candidate, "bound", None)
+            bound_text = f", {bound}-bound" if bound else ""
+            status = "" if candidate.feasible else f" - {candidate.reason}"
+            lines.append(f"   {mark} {_label(candidate)}: {_format_seconds(candidate.time_s)}, "
+                         f"{_format_bytes(candidate.memory_bytes)} extra{bound_text}{status}")
+        envelope = getattr(decision, "envelope", ())
+        if len(envelope) > 1 or decision.crossovers:
+            names = {candidate.variant: _label(candidate) for candidate in decision.candidates}
+            steps = [f"{names.get(crossover.faster, crossover.faster)} beats "
+                     f"{names.get(crossover.slower, crossover.slower)} from {crossover.sequence_length:,} tokens"
+                     for crossover in decision.crossovers]
+            lines.append("  crossovers: " + "; ".join(steps))
+        elif envelope:
+            lines.append(f"  cheapest at every length up to {8 * self.plan.max_len:,} tokens: {envelope[0][1]}")
+        for note in site.notes:
+            lines.append(f"  note: {note}")
+        return lines
+
+    # -----------------------------------------------------------------------------------------------------------
+    # JSON
+
     def to_dict(self) -> dict:
         plan = self.plan
         device = plan.device
+        memory = self.memory
         return {
             "schema_version": SCHEMA_VERSION,
             "model": self.model,
@@ -103,11 +248,28 @@ class Report:
                 "memory_bandwidth": device.memory_bandwidth,
                 "matrix_flops": dict(device.matrix_flops),
                 "source": device.source,
+                "key": getattr(device, "key", ""),
+                "family": getattr(device, "family", ""),
+                "usable_bytes": getattr(device, "usable_bytes", device.memory_bytes),
+                "interconnect_bandwidth": getattr(device, "interconnect_bandwidth", None),
+                "launch_overhead_s": getattr(device, "launch_overhead_s", None),
+                "efficiency": dict(getattr(device, "efficiency", {})),
             },
             "policy": plan.policy,
             "max_len": plan.max_len,
             "world_size": plan.world_size,
+            "train": bool(getattr(plan, "train", False)),
+            "window": getattr(plan, "window", None),
+            "sinks": int(getattr(plan, "sinks", 0)),
             "notes": self.all_notes(),
+            "memory": None if memory is None else {
+                "usable_bytes": memory.usable_bytes, "weights_bytes": memory.weights,
+                "activations_bytes": memory.activations, "masks_bytes": memory.masks,
+                "attention_bytes": memory.attention, "total_bytes": memory.total, "fits": memory.fits,
+                "ring_devices": memory.ring_devices, "verdict": memory.verdict, "method": memory.method,
+            },
+            "groups": [{"label": name, "sites": [decision.site.name for decision in members]}
+                       for name, members in self.groups()],
             "sites": [_decision_dict(decision) for decision in plan.decisions],
         }
 
@@ -115,13 +277,113 @@ class Report:
         """Stable JSON (schema in this module's docstring)."""
         return json.dumps(self.to_dict(), indent=indent, sort_keys=False)
 
+    # -----------------------------------------------------------------------------------------------------------
+    # HTML
+
+    def to_html(self, plot_format: str = "svg") -> str:
+        """The report as one self-contained HTML page (plots inline as SVG, or as base64 PNG with plot_format="png";
+        the JSON report embedded in a <script type="application/json" id="report-json">)."""
+        plan = self.plan
+        parts = [
+            "<!DOCTYPE html>", "<html lang=\"en\"><head><meta charset=\"utf-8\">",
+            f"<title>attention-planner: {html.escape(self.model)}</title>",
+            "<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:1300px}"
+            "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:4px 6px;"
+            "vertical-align:top;text-align:left}th{background:#f3f3f3}.fit{color:#176c2f}.nofit{color:#a11}"
+            "figure{margin:1em 0}code{font-size:12px}</style></head><body>",
+            f"<h1>{html.escape(self._header())}</h1>",
+            f"<p>Device figures: {html.escape(plan.device.source)}</p>",
+        ]
+        memory = self.memory
+        if memory is not None:
+            css = "fit" if memory.fits else "nofit"
+            parts.append(f"<p class=\"{css}\"><b>Memory:</b> {html.escape(memory.verdict)}</p>")
+        groups = self.groups()
+        if groups:
+            rows = self._rows(groups)
+            parts.append("<table id=\"sites\"><thead><tr>" + "".join(f"<th>{html.escape(cell)}</th>" for cell in rows[0])
+                         + "</tr></thead><tbody>")
+            for row in rows[1:]:
+                parts.append("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>")
+            parts.append("</tbody></table>")
+        for index, (name, members) in enumerate(groups):
+            parts.append(f"<h2>{html.escape(name)}</h2>")
+            parts.append("<pre>" + html.escape("\n".join(self._group_details(name, members))) + "</pre>")
+            figure = _plot(members[0], plan, plot_format)
+            parts.append(f"<figure id=\"plot-{index}\">{figure}<figcaption>Estimated time and extra memory of each "
+                         f"candidate against the sequence length on {html.escape(plan.device.name)}; dashed: "
+                         "max_len; the device's usable memory as a line.</figcaption></figure>")
+        for note in self.all_notes():
+            parts.append(f"<p>Note: {html.escape(note)}</p>")
+        payload = self.to_json(indent=None).replace("</", "<\\/")
+        parts.append(f"<script type=\"application/json\" id=\"report-json\">{payload}</script>")
+        parts.append("</body></html>")
+        return "\n".join(parts)
+
+    def save_html(self, path: Union[str, Path], plot_format: str = "svg") -> Path:
+        """Write the page of `to_html()` to `path`; needs matplotlib (pip install attention-planner[plot])."""
+        path = Path(path)
+        path.write_text(self.to_html(plot_format), encoding="utf-8")
+        return path
+
     def __str__(self) -> str:
         return self.summary()
+
+
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row[:-1], widths)) + "  " + row[-1] for row in rows]
 
 
 def _short_source(source: str) -> str:
     path, _, line = source.rpartition(":")
     return f"{path.rsplit('/', 1)[-1]}:{line}" if path else source
+
+
+def _plot(decision: SiteDecision, plan: Plan, plot_format: str) -> str:
+    """Log-log plot of every costed candidate's time and memory over sequence length, as inline SVG or PNG."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as error:
+        raise PlannerError(f"save_html needs matplotlib for its plots: {PLOT_EXTRA}") from error
+    from planner.plan import memory_at, time_at
+
+    max_len = plan.max_len
+    high = 8 * max_len
+    lengths = sorted({int(round(2 ** (step / 4))) for step in range(4 * 7, int(4 * math.log2(high)) + 1)})
+    figure = Figure(figsize=(12, 4.2))
+    time_axes, memory_axes = figure.subplots(1, 2)
+    for candidate in decision.candidates:
+        if candidate.time_expr is None:
+            continue
+        style = "-" if candidate.exactness == "exact" else "--"
+        width = 2.5 if candidate is decision.choice else 1.2
+        name = _label(candidate) + ("" if candidate.exactness == "exact" else f" [{candidate.exactness}]")
+        time_axes.plot(lengths, time_at(candidate, lengths), style, linewidth=width, label=name)
+        memory_values = [max(value, 1.0) for value in memory_at(candidate, lengths)]
+        memory_axes.plot(lengths, memory_values, style, linewidth=width, label=name)
+    usable = getattr(plan.device, "usable_bytes", plan.device.memory_bytes)
+    memory_axes.axhline(usable, color="black", linewidth=1, label=f"{plan.device.name} usable memory")
+    for axes in (time_axes, memory_axes):
+        axes.axvline(max_len, color="gray", linestyle=":", linewidth=1.5, label=f"max_len = {max_len:,}")
+        axes.set_xscale("log", base=2)
+        axes.set_yscale("log")
+        axes.set_xlabel("sequence length (tokens)")
+        axes.grid(True, which="major", alpha=0.3)
+    time_axes.set_ylabel("estimated time per call (s)")
+    memory_axes.set_ylabel("extra memory per call (bytes)")
+    time_axes.set_title("time")
+    memory_axes.set_title("memory")
+    memory_axes.legend(fontsize=7, loc="lower right")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    if plot_format == "png":
+        figure.savefig(buffer, format="png", dpi=110)
+        encoded = base64.b64encode(buffer.getvalue()).decode("ascii")
+        return f"<img alt=\"time and memory against sequence length\" src=\"data:image/png;base64,{encoded}\">"
+    figure.savefig(buffer, format="svg")
+    svg = buffer.getvalue().decode("utf-8")
+    return svg[svg.index("<svg"):]
 
 
 def _decision_dict(decision: SiteDecision) -> dict:
@@ -146,19 +408,30 @@ def _decision_dict(decision: SiteDecision) -> dict:
         },
         "rewritten": decision.rewritten,
         "reason": decision.reason,
-        "candidates": [
-            {
-                "variant": candidate.variant, "implementation": candidate.implementation,
-                "exactness": candidate.exactness, "feasible": candidate.feasible, "time_s": candidate.time_s,
-                "memory_bytes": candidate.memory_bytes, "reason": candidate.reason,
-                "time_expr": None if candidate.time_expr is None else str(candidate.time_expr),
-                "memory_expr": None if candidate.memory_expr is None else str(candidate.memory_expr),
-            }
-            for candidate in decision.candidates
-        ],
+        "candidates": [_candidate_dict(candidate) for candidate in decision.candidates],
         "crossovers": [
             {"faster": crossover.faster, "slower": crossover.slower, "sequence_length": crossover.sequence_length}
             for crossover in decision.crossovers
         ],
+        "envelope": [{"from_length": length, "variant": variant}
+                     for length, variant in getattr(decision, "envelope", ())],
         "notes": list(site.notes) + ([f"unsupported: {site.unsupported}"] if site.unsupported else []),
+    }
+
+
+def _candidate_dict(candidate: Candidate) -> dict:
+    return {
+        "variant": candidate.variant, "implementation": candidate.implementation,
+        "exactness": candidate.exactness, "feasible": candidate.feasible, "time_s": candidate.time_s,
+        "memory_bytes": candidate.memory_bytes, "reason": candidate.reason,
+        "time_expr": None if candidate.time_expr is None else str(candidate.time_expr),
+        "memory_expr": None if candidate.memory_expr is None else str(candidate.memory_expr),
+        "parameters": {name: value for name, value in candidate.parameters},
+        "flops": getattr(candidate, "flops", None),
+        "bytes_moved": getattr(candidate, "bytes_moved", None),
+        "comm_bytes": getattr(candidate, "comm_bytes", None),
+        "bound": getattr(candidate, "bound", None),
+        "work": getattr(candidate, "work", None),
+        "saved_bytes": getattr(candidate, "saved_bytes", None),
+        "fits_up_to": getattr(candidate, "fits_up_to", None),
     }
