@@ -66,13 +66,19 @@ def try_bench(name, impl, length, causal, window, fn, backward=False, note=""):
     torch.cuda.empty_cache()
 
 
-def ours_forward(length, causal, window, name):
+LOOPS = {True: "1 loop", False: "3 loops"}
+
+
+def ours_forward(length, causal, window, name, single_loops=(True, False)):
     q, k, v = inputs(length)
-    with torch.no_grad():
-        fn = lambda: tiled_attention(q, k, v, causal=causal, window=window, impl="triton")  # noqa: E731
-        fn()
-        try_bench(name, "triton (ours)", length, causal, window, fn,
-                  note=f"cfg={flash_triton._TUNED.get(next(reversed(flash_triton._TUNED)))}")
+    for single in single_loops:  # both loop structures, same inputs, same run
+        flash_triton.SINGLE_LOOP["forward"] = single
+        with torch.no_grad():
+            fn = lambda: tiled_attention(q, k, v, causal=causal, window=window, impl="triton")  # noqa: E731
+            fn()
+            try_bench(name, f"triton (ours, {LOOPS[single]})", length, causal, window, fn,
+                      note=f"cfg={flash_triton._TUNED.get(next(reversed(flash_triton._TUNED)))}")
+    flash_triton.SINGLE_LOOP["forward"] = True
 
 
 def sdpa_forward(length, backend, label, name):
@@ -119,12 +125,11 @@ def main() -> int:
     want = lambda tag: not only or tag in only  # noqa: E731
     start = time.time()
     if want("causal"):
-        for length in (32768, 16384):
-            name = f"fwd causal {length // 1024}k"
-            ours_forward(length, True, None, name)
-            sdpa_forward(length, SDPBackend.CUDNN_ATTENTION, "SDPA cuDNN", name)
-            sdpa_forward(length, SDPBackend.FLASH_ATTENTION, "SDPA flash", name)
-        flex_forward(32768, None, "fwd causal 32k")
+        name = "fwd causal 32k"
+        ours_forward(32768, True, None, name)
+        sdpa_forward(32768, SDPBackend.CUDNN_ATTENTION, "SDPA cuDNN", name)
+        sdpa_forward(32768, SDPBackend.FLASH_ATTENTION, "SDPA flash", name)
+        flex_forward(32768, None, name)
     if want("window"):
         ours_forward(32768, True, 4096, "fwd window 4096 32k")
         flex_forward(32768, 4096, "fwd window 4096 32k")
@@ -132,17 +137,18 @@ def main() -> int:
     if want("backward"):
         length = 16384
         name = "bwd causal 16k"
-        for mode in ("separate", "atomic"):
-            def ours(q, k, v, mode=mode):
-                return OursWithMode.apply(q, k, v, mode)
-            backward_case(length, True, None, name, f"triton (ours, dq {mode})", ours)
+        for single in (True, False):
+            flash_triton.SINGLE_LOOP.update(dkdv=single, dq=single)
+            backward_case(length, True, None, name, f"triton (ours, {LOOPS[single]})",
+                          lambda q, k, v: tiled_attention(q, k, v, causal=True, impl="triton"))
+        flash_triton.SINGLE_LOOP.update(dkdv=True, dq=True)
         for backend, label in ((SDPBackend.CUDNN_ATTENTION, "SDPA cuDNN"), (SDPBackend.FLASH_ATTENTION, "SDPA flash")):
             def theirs(q, k, v, backend=backend):
                 with sdpa_kernel(backend):
                     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
             with sdpa_kernel(backend):
                 backward_case(length, True, None, name, label, theirs)
-        backward_case(32768, True, 4096, "bwd window 4096 32k", "triton (ours)",
+        backward_case(32768, True, 4096, "bwd window 4096 32k", "triton (ours, 1 loop)",
                       lambda q, k, v: tiled_attention(q, k, v, causal=True, window=4096, impl="triton"))
     print(f"\nbench time {time.time() - start:.0f}s")
     for name, key, timings in flash_triton.TUNING_LOG:
@@ -154,25 +160,6 @@ def main() -> int:
     for row in RESULTS:
         print(f"{row['name']:28s} {row['impl']:26s} {row['ms']:8.3f} {row['tflops']:8.1f} {row['note'][:60]}")
     return 0
-
-
-class OursWithMode(torch.autograd.Function):
-    """Our forward and backward launched directly, to time both dQ strategies of the backward."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, mode):
-        out, lse = flash_triton.flash_forward(q, k, v, causal=True, window=None, sinks=0, scale=HEAD_DIM**-0.5,
-                                              key_padding_mask=None)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.mode = mode
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, out, lse = ctx.saved_tensors
-        grads = flash_triton.flash_backward(grad_out, q, k, v, out, lse, causal=True, window=None, sinks=0,
-                                            scale=HEAD_DIM**-0.5, key_padding_mask=None, dq_mode=ctx.mode)
-        return grads + (None,)
 
 
 if __name__ == "__main__":
