@@ -40,6 +40,8 @@ def optimize(
     example_inputs: Optional[tuple] = None,
     example_kwargs: Optional[dict] = None,
     policy: str = "exact",
+    train: bool = False,
+    variant: Optional[str] = None,
 ) -> torch.nn.Module:
     """Find every softmax attention in `model`, plan each for `max_len` tokens on `device`, and rewrite it.
 
@@ -51,6 +53,10 @@ def optimize(
         example_inputs / example_kwargs: inputs for capture (see find_attention).
         policy: "exact" (default: only rewrites that keep the function up to floating point), "approximate",
             or "any".
+        train: the model will be trained: the memory fit counts what autograd keeps, and under policy "any" the
+            retrain variants (linear attention, SSD) become candidates.
+        variant: force this variant ("flash", "sliding_window", ...) at every site where it applies, whatever the
+            costs say (the report still shows the estimates). For debugging and benchmarks.
 
     Returns:
         An nn.Module computing the same outputs, with `.report` (a planner.Report). It runs on whatever device its
@@ -62,7 +68,8 @@ def optimize(
     if policy not in POLICIES:
         raise InvalidArgumentError(f"policy={policy!r} is not a policy; accepted: {', '.join(POLICIES)}")
     captured = capture(model, _as_tuple(example_inputs), example_kwargs)
-    report = plan_and_rewrite(captured.graph_module, spec, policy, tokens, model_name=captured.model_name)
+    report = plan_and_rewrite(captured.graph_module, spec, policy, tokens, model_name=captured.model_name,
+                              train=train, variant=variant)
     if not report.decisions and isinstance(model, torch.nn.Module):
         _attach_report(model, report)
         return model

@@ -5,15 +5,18 @@
 """
 from __future__ import annotations
 
-from typing import Union
+import dataclasses
+from typing import Optional, Union
 
 import torch
 
 from passes.match import find_sites
 from passes.rewrite import rewrite
 from planner.devices import DeviceSpec, device_spec
+from planner.errors import InvalidArgumentError
 from planner.lengths import parse_length
 from planner.plan import make_plan
+from planner.records import Plan
 from planner.report import Report
 
 NO_ATTENTION_NOTE = "no softmax attention was found in the graph; the model is returned unchanged"
@@ -25,17 +28,48 @@ def plan_and_rewrite(
     policy: str,
     max_len: Union[int, str],
     model_name: str = "GraphModule",
+    *,
+    train: bool = False,
+    variant: Optional[str] = None,
 ) -> Report:
     """Find every attention site in `graph_module` (an ATen graph whose nodes carry meta["val"]), plan each for
     `max_len` tokens on `device` under `policy`, and rewrite the graph in place. Returns the report; a graph with no
-    attention is left untouched and its report says so."""
+    attention is left untouched and its report says so.
+
+    variant: overrides the planner's choice with this variant wherever it applies (the cost model still runs, and
+    the report keeps its estimates and says that the choice was forced).
+    """
     tokens = parse_length(max_len)
     spec = device_spec(device)
     sites = find_sites(graph_module)
-    plan = make_plan(sites, spec, policy, tokens)
+    plan = make_plan(sites, spec, policy, tokens, train=train, graph_module=graph_module)
+    if variant is not None:
+        plan = force_variant(plan, variant)
     report = Report(plan=plan, model=model_name)
     if not sites:
         report.notes.append(NO_ATTENTION_NOTE)
         return report
     rewrite(graph_module, plan)
     return report
+
+
+def force_variant(plan: Plan, variant: str) -> Plan:
+    """The plan with `variant` chosen at every site where it applies under the plan's policy; other sites are left
+    as they are, with the reason."""
+    known = {candidate.variant for decision in plan.decisions for candidate in decision.candidates}
+    if plan.decisions and variant not in known:
+        raise InvalidArgumentError(f"variant={variant!r} is not a candidate under policy={plan.policy!r}; "
+                                   f"candidates: {', '.join(sorted(known))}")
+    decisions = []
+    for decision in plan.decisions:
+        forced = next((candidate for candidate in decision.candidates
+                       if candidate.variant == variant and candidate.time_expr is not None), None)
+        if forced is None:
+            why = next((candidate.reason for candidate in decision.candidates if candidate.variant == variant), "")
+            decision = dataclasses.replace(decision, choice=None,
+                                           reason=f"left as it is: variant={variant!r} does not apply ({why})")
+        else:
+            decision = dataclasses.replace(decision, choice=forced,
+                                           reason=f"forced by variant={variant!r}: {forced.reason}")
+        decisions.append(decision)
+    return dataclasses.replace(plan, decisions=tuple(decisions))
