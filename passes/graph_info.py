@@ -43,12 +43,20 @@ def size_hints(node: Any) -> dict[str, int]:
             if isinstance(expr, sympy.Symbol):
                 hints[str(expr)] = int(size.node.hint)
             else:
-                shape_env = size.node.shape_env
                 for symbol in expr.free_symbols:
-                    hint = shape_env.var_to_val.get(symbol)
+                    hint = symbol_hint(size.node.shape_env, symbol)
                     if hint is not None:
                         hints[str(symbol)] = int(hint)
     return hints
+
+
+def symbol_hint(shape_env: Any, symbol: sympy.Symbol) -> Optional[int]:
+    """The value a size symbol had at capture (torch renamed var_to_val to backed_var_to_val)."""
+    table = getattr(shape_env, "backed_var_to_val", None)
+    if table is None:
+        table = getattr(shape_env, "var_to_val", {})
+    value = table.get(symbol)
+    return None if value is None else int(value)
 
 
 def module_path(node: torch.fx.Node) -> str:

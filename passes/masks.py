@@ -1,21 +1,104 @@
 """Mask analysis: classify what a site's mask is, and record how that was proved.
 
-A classification must hold for every sequence length, not one example. What cannot be proved stays "arbitrary":
-the site keeps the mask tensor, and with it exact semantics.
+A classification must hold for every sequence length, not one example. The proof is symbolic: every tensor that masks
+or biases the scores (an additive mask, a masked_fill/where condition, SDPA's attn_mask) is evaluated element-wise on
+index symbols by passes/detect_symbolic.py, giving a formula in the query position i, the key position j, the batch
+and head indices, and the graph's inputs (an attention_mask input appears as input_attention_mask(b, j)). The
+conjunction of those formulas is the visibility predicate. Its atoms that relate i and j are linear in d = j - i, so
+the predicate is a piecewise-constant function of d with breakpoints at the atoms' thresholds: sampling it at every
+breakpoint and once inside every gap decides it exactly, for every length. That yields none, causal (d <= 0) or
+sliding window W (1 - W <= d <= 0); one atom on an input indexed by (batch, key) combined by conjunction is the key
+padding. As an independent check, the mask subgraph is then run at several lengths (including ones not seen at
+capture) and compared with the claim.
+
+What cannot be proved stays "arbitrary": the site keeps the mask tensor, and with it exact semantics. An additive
+term that is not a mask (ALiBi, relative positions: anything with finite non-zero values) is a bias and is kept as a
+tensor too, next to whatever structure was proved.
+
+Exactness: a rewrite that drops a proved mask computes attention over exactly the visible keys. It differs from the
+original only in rows where every key is masked (the original gives the mean of the values there when it masks with
+a finite value, NaN with -inf; the tiled kernels give 0).
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
 
+import sympy
 import torch
+from sympy.core.function import AppliedUndef
 
+from passes.detect_symbolic import (
+    HUGE_NEGATIVE,
+    SymbolicEvaluator,
+    Unsupported,
+    as_bool,
+    fold,
+    is_boolean,
+)
+from passes.graph_info import size_expr, symbol_hint, tensor_meta
 from planner.records import MaskSpec
+
+CHECK_LENGTHS = (1, 2, 3, 7, 64, 257)
+
+
+@dataclass
+class MaskTerm:
+    """One tensor that masks or biases the scores.
+
+    kind: "add" (coefficient * tensor is added to the scaled scores), "fill" (positions where the tensor is True get
+        `fill`), "keep" (positions where it is False get `fill`).
+    dims: for each dimension of the tensor (right-aligned to the scores), the index symbols it spans, outer to inner;
+        () where the tensor broadcasts.
+    """
+
+    kind: str
+    node: torch.fx.Node
+    dims: tuple
+    coefficient: float = 1.0
+    fill: float = -math.inf
+
+
+@dataclass
+class IndexSpace:
+    """The index symbols of the scores: independent axes (batch, heads), query positions and key positions."""
+
+    independent: tuple
+    query: tuple
+    key: tuple
+    sizes: dict
+
+    @property
+    def order(self) -> tuple:
+        return self.independent + self.query + self.key
+
+
+@dataclass
+class KeyPaddingFinding:
+    """The key padding mask: `relation(input, value)` (negated if `negate`) is True where key j of batch b is visible.
+    `positions` says which input dim holds the batch index and which the key index (the others have size 1)."""
+
+    node: torch.fx.Node
+    relation: str
+    value: float
+    negate: bool
+    batch_symbol: sympy.Symbol
+    batch_dim: int
+    key_dim: int
+
+
+@dataclass
+class MaskAnalysis:
+    spec: MaskSpec
+    key_padding: Optional[KeyPaddingFinding] = None
+    kept_terms: tuple = ()
+    notes: tuple = ()
 
 
 def sdpa_mask(attn_mask: Optional[torch.fx.Node], is_causal: Any) -> MaskSpec:
-    """The mask of a scaled_dot_product_attention call from its attn_mask and is_causal arguments."""
+    """The mask of a scaled_dot_product_attention call from its arguments alone (no analysis of the tensor)."""
     if attn_mask is not None and is_causal:
-        # SDPA itself rejects this combination; keep the call as it is.
         return MaskSpec(kind="arbitrary", tensor=attn_mask.name,
                         proof="attn_mask and is_causal=True together; kept as the model wrote it")
     if is_causal is True:
@@ -27,3 +110,503 @@ def sdpa_mask(attn_mask: Optional[torch.fx.Node], is_causal: Any) -> MaskSpec:
         return MaskSpec(kind="none", proof="no attn_mask and is_causal=False in the scaled_dot_product_attention call")
     return MaskSpec(kind="arbitrary", tensor=attn_mask.name,
                     proof="the attn_mask tensor's structure was not proved; it is kept exactly")
+
+
+# -- the analysis ------------------------------------------------------------------------------------------------------
+
+def analyze_mask(graph_module: Optional[torch.nn.Module], terms: Sequence[MaskTerm], space: IndexSpace,
+                 is_causal: bool = False, check_lengths: Sequence[int] = CHECK_LENGTHS) -> MaskAnalysis:
+    """Classify the mask made of `terms` (plus SDPA's is_causal) over `space`; see the module docstring."""
+    if not terms:
+        if is_causal:
+            return MaskAnalysis(MaskSpec(kind="causal", proof="is_causal=True in the scaled_dot_product_attention "
+                                         "call (top-left aligned)"))
+        return MaskAnalysis(MaskSpec(kind="none", proof="no mask, bias or fill reaches the softmax"))
+    evaluator = SymbolicEvaluator(graph_module)
+    for symbol, size in space.sizes.items():
+        evaluator.bounds[symbol] = size
+    visibility: list = [sympy.Le(space.key[0], space.query[0])] if is_causal else []
+    kept: list[MaskTerm] = []
+    unproved: list[str] = []
+    biases: list[str] = []
+    for term in terms:
+        try:
+            value = evaluator.value(term.node, _term_index(term, space))
+        except (Unsupported, RecursionError, TypeError, ValueError) as error:
+            kept.append(term)
+            unproved.append(f"{term.node.name} ({error})")
+            continue
+        if term.kind == "add":
+            visible, bias = split_additive(fold(value * term.coefficient) if term.coefficient != 1 else value)
+            if bias:
+                kept.append(term)
+                biases.append(term.node.name)
+            visibility.append(visible)
+        elif term.kind == "fill":
+            visibility.append(sympy.Not(as_bool(value)))
+        else:
+            visibility.append(as_bool(value))
+    predicate = sympy.And(*visibility)
+    structure = classify_visibility(predicate, space, evaluator)
+    if structure is None:
+        kept = list(terms)
+        reason = "; ".join(unproved) if unproved else f"the visibility {_short(predicate)} is not a proved structure"
+        spec = MaskSpec(kind="arbitrary", tensor=terms[0].node.name,
+                        proof=f"not proved ({reason}); the mask tensor is kept exactly")
+        return MaskAnalysis(spec, None, tuple(kept))
+    kind, window, padding = structure
+    notes = []
+    check = check_numerically(graph_module, terms, space, structure, check_lengths, skip=set(map(id, kept)),
+                              is_causal=is_causal)
+    if check is not True:
+        spec = MaskSpec(kind="arbitrary", tensor=terms[0].node.name,
+                        proof=f"the symbolic form {_short(predicate)} failed the numeric check ({check}); "
+                              "the mask tensor is kept exactly")
+        return MaskAnalysis(spec, None, tuple(terms), (f"mask check failed: {check}",))
+    if padding is not None and kind == "none":
+        kind = "padding"
+    if kind == "none" and kept:
+        kind = "bias" if not unproved else "arbitrary"
+    described = _describe(kind, window, padding)
+    proof = f"symbolic: the visible keys are {described} for every length (d = j - i, decided at every breakpoint)"
+    if check_lengths:
+        proof += f"; checked numerically at lengths {', '.join(map(str, check_lengths))}"
+    if biases:
+        proof += f"; additive bias {', '.join(biases)} kept as a tensor"
+    if unproved:
+        proof += f"; not analyzed, kept as a tensor: {', '.join(unproved)}"
+    spec = MaskSpec(
+        kind=kind, window=window,
+        key_padding=padding.node.name if padding is not None else None,
+        bias=kept[0].node.name if kept and (biases or unproved) else None,
+        tensor=kept[0].node.name if kept else terms[0].node.name,
+        proof=proof,
+    )
+    return MaskAnalysis(spec, padding, tuple(kept), tuple(notes))
+
+
+def _describe(kind: str, window: Optional[int], padding: Optional[KeyPaddingFinding]) -> str:
+    text = {"none": "all keys", "padding": "all keys", "bias": "all keys", "arbitrary": "all keys",
+            "causal": "j <= i", "sliding_window": f"i - {window} < j <= i"}[kind]
+    if padding is not None:
+        relation = f"{padding.node.name}[b, j] {_RELATION_TEXT[padding.relation]} {padding.value:g}"
+        text += f" where {'not ' if padding.negate else ''}{relation}"
+    return text
+
+
+_RELATION_TEXT = {"eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}
+_RELATIONS = {sympy.Eq: "eq", sympy.Ne: "ne", sympy.StrictLessThan: "lt", sympy.LessThan: "le",
+              sympy.StrictGreaterThan: "gt", sympy.GreaterThan: "ge"}
+_FLIPPED = {"eq": "eq", "ne": "ne", "lt": "gt", "le": "ge", "gt": "lt", "ge": "le"}
+
+
+def _short(expression: Any, limit: int = 160) -> str:
+    text = str(expression)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _term_index(term: MaskTerm, space: IndexSpace) -> tuple:
+    """The tensor's index as mixed-radix combinations of the symbols each of its dims spans."""
+    index = []
+    for symbols in term.dims:
+        position = sympy.Integer(0)
+        for symbol in symbols:
+            position = position * space.sizes[symbol] + symbol
+        index.append(position)
+    return tuple(index)
+
+
+def is_masking_value(value: Any) -> bool:
+    """A constant at or below HUGE_NEGATIVE (or -inf): adding or writing it masks the position."""
+    if isinstance(value, (int, float)):
+        return value <= HUGE_NEGATIVE
+    value = sympy.sympify(value)
+    return bool(value.is_number and (value == -sympy.oo or (value.is_real and value <= HUGE_NEGATIVE)))
+
+
+def split_additive(expression: sympy.Basic) -> tuple[sympy.Basic, list]:
+    """(visibility, bias addends) of an additive term: addends that only take the values 0 and a masking value
+    become visibility; anything else is a bias."""
+    expression = fold(expression)
+    visible, bias = sympy.true, []
+    for addend in sympy.Add.make_args(expression):
+        mask = _masklike(addend)
+        if mask is None:
+            bias.append(addend)
+        else:
+            visible = sympy.And(visible, mask)
+    return visible, bias
+
+
+def _masklike(expression: sympy.Basic) -> Optional[sympy.Basic]:
+    if expression == 0:
+        return sympy.true
+    if is_masking_value(expression):
+        return sympy.false
+    if isinstance(expression, sympy.Piecewise):
+        visible, taken = sympy.false, sympy.false
+        for value, condition in expression.args:
+            inner = _masklike(value)
+            if inner is None:
+                return None
+            visible = sympy.Or(visible, sympy.And(condition, sympy.Not(taken), inner))
+            taken = sympy.Or(taken, condition)
+        return visible
+    return None
+
+
+# -- classification of the visibility predicate -------------------------------------------------------------------
+
+def classify_visibility(predicate: sympy.Basic, space: IndexSpace, evaluator: SymbolicEvaluator):
+    """(kind, window, key padding) when the predicate is a proved structure, else None."""
+    if predicate is sympy.true:
+        return "none", None, None
+    if len(space.query) != 1 or len(space.key) != 1:
+        return None
+    query, key = space.query[0], space.key[0]
+    bounds = dict(evaluator.bounds)
+    replacements = {}
+    structural = []
+    padding_atoms = []
+    for atom in _atoms(predicate):
+        functions = atom.atoms(AppliedUndef)
+        if functions:
+            padding_atoms.append(atom)
+            continue
+        decided = _decide_on_box(atom, bounds)
+        if decided is not None:
+            replacements[atom] = decided
+            continue
+        linear = _difference_form(atom, query, key)
+        if linear is None:
+            return None
+        structural.append((atom, linear))
+    predicate = predicate.xreplace(replacements)
+    if len(padding_atoms) > 1:
+        return None
+    padding = None
+    if padding_atoms:
+        padding = _key_padding(padding_atoms[0], space, evaluator)
+        if padding is None:
+            return None
+    samples = _samples([linear for _, linear in structural])
+    tables = {}
+    for padding_value in ((True, False) if padding_atoms else (None,)):
+        table = []
+        for d in samples:
+            truth = {atom: sympy.true if _holds(atom, query, key, d) else sympy.false for atom, _ in structural}
+            if padding_atoms:
+                truth[padding_atoms[0]] = sympy.true if padding_value else sympy.false
+            value = predicate.xreplace(truth)
+            if value not in (sympy.true, sympy.false):
+                value = sympy.simplify(value)
+            if value not in (sympy.true, sympy.false):
+                return None
+            table.append(bool(value))
+        tables[padding_value] = table
+    if padding_atoms:
+        if not any(tables[False]):
+            structure_table, negate = tables[True], False
+        elif not any(tables[True]):
+            structure_table, negate = tables[False], True
+        elif tables[True] == tables[False]:
+            structure_table, negate, padding = tables[True], False, None
+        else:
+            return None
+        if padding is not None and negate:
+            padding.negate = not padding.negate
+    else:
+        structure_table = tables[None]
+    shape = _interval(samples, structure_table)
+    if shape is None:
+        return None
+    low, high = shape
+    if low is None and high is None:
+        return "none", None, padding
+    if low is None and high == 0:
+        return "causal", None, padding
+    if low is not None and high == 0 and low <= 0:
+        return "sliding_window", 1 - low, padding
+    return None
+
+
+def _atoms(predicate: sympy.Basic) -> list:
+    if isinstance(predicate, sympy.logic.boolalg.BooleanAtom):
+        return []
+    if isinstance(predicate, sympy.core.relational.Relational):
+        return [predicate]
+    found = []
+    for argument in predicate.args:
+        for atom in _atoms(argument):
+            if atom not in found:
+                found.append(atom)
+    return found
+
+
+def _difference_form(atom, query, key) -> Optional[tuple]:
+    """(relation, a, c) with atom <=> relation(a * (j - i) + c, 0), or None if the atom is not a function of j - i."""
+    relation = _RELATIONS.get(type(atom))
+    if relation is None:
+        return None
+    expression = sympy.expand(atom.lhs - atom.rhs)
+    if not expression.free_symbols <= {query, key}:
+        return None
+    if not expression.is_polynomial(query, key) or sympy.Poly(expression, query, key).total_degree() > 1:
+        return None
+    a_key = expression.coeff(key)
+    a_query = expression.coeff(query)
+    rest = sympy.expand(expression - a_key * key - a_query * query)
+    if not (a_key.is_number and a_query.is_number and rest.is_number) or a_key != -a_query or a_key == 0:
+        return None
+    return relation, a_key, rest
+
+
+def _holds(atom, query, key, d: int) -> bool:
+    value = atom.xreplace({query: sympy.Integer(0), key: sympy.Integer(d)})
+    return bool(value)
+
+
+def _samples(linears: list) -> list[int]:
+    points = {-1, 0, 1}
+    for _, a, c in linears:
+        threshold = -c / a
+        floor, ceil = int(math.floor(threshold)), int(math.ceil(threshold))
+        points.update({floor - 1, floor, floor + 1, ceil, ceil + 1})
+    low, high = min(points) - 2, max(points) + 2
+    points.update({low, high})
+    points.update({point + 1 for point in list(points) if point + 1 <= high})
+    return sorted(points)
+
+
+def _interval(samples: list[int], table: list[bool]) -> Optional[tuple]:
+    """(low, high) of a contiguous true set (None for an infinite end), from a table that is exact on the samples
+    and constant beyond the first and the last one."""
+    true_positions = [position for position, value in enumerate(table) if value]
+    if not true_positions:
+        return None
+    first, last = true_positions[0], true_positions[-1]
+    if any(not table[position] for position in range(first, last + 1)):
+        return None
+    low = None if first == 0 else samples[first]
+    high = None if last == len(samples) - 1 else samples[last]
+    return low, high
+
+
+def _decide_on_box(atom, bounds: dict) -> Optional[sympy.Basic]:
+    """True/False when the atom holds or fails for every index in its box (indices in [0, size)), else None."""
+    relation = _RELATIONS.get(type(atom))
+    if relation is None:
+        return None
+    expression = sympy.expand(atom.lhs - atom.rhs)
+    index_symbols = [symbol for symbol in expression.free_symbols if symbol in bounds]
+    if not expression.is_polynomial(*expression.free_symbols):
+        return None
+    low, high = sympy.Integer(0), sympy.Integer(0)
+    for term in sympy.Add.make_args(expression):
+        coefficient, factors = term.as_coeff_mul()
+        index_factors = [factor for factor in factors if factor in index_symbols]
+        if len(index_factors) > 1 or any(factor.as_base_exp()[1] != 1 for factor in factors):
+            return None
+        others = sympy.Mul(*[factor for factor in factors if factor not in index_symbols])
+        if index_factors and not (others == 1 or others.is_positive):
+            return None
+        if not index_factors:
+            low, high = low + term, high + term
+            continue
+        top = coefficient * others * (bounds[index_factors[0]] - 1)
+        low, high = (low + top, high) if coefficient < 0 else (low, high + top)
+    checks = {
+        "lt": (high < 0, low >= 0), "le": (high <= 0, low > 0), "gt": (low > 0, high <= 0), "ge": (low >= 0, high < 0),
+    }
+    if relation not in checks:
+        return None
+    always, never = (sympy.simplify(check) for check in checks[relation])
+    if always is sympy.true:
+        return sympy.true
+    if never is sympy.true:
+        return sympy.false
+    return None
+
+
+def _key_padding(atom, space: IndexSpace, evaluator: SymbolicEvaluator) -> Optional[KeyPaddingFinding]:
+    """The atom as relation(input[b, j], constant) for an input indexed by one independent axis and the key."""
+    relation = _RELATIONS.get(type(atom))
+    if relation is None:
+        return None
+    lhs, rhs = atom.lhs, atom.rhs
+    if isinstance(rhs, AppliedUndef) and not isinstance(lhs, AppliedUndef):
+        lhs, rhs, relation = rhs, lhs, _FLIPPED[relation]
+    if not isinstance(lhs, AppliedUndef) or not rhs.is_number:
+        return None
+    name = lhs.func.__name__
+    node = evaluator.inputs.get(name)
+    if node is None:
+        return None  # a parameter or buffer, not an input: not padding
+    key = space.key[0]
+    batch_dim = key_dim = None
+    batch_symbol = None
+    shape = tensor_meta(node).shape
+    for dim, argument in enumerate(lhs.args):
+        if argument == key and key_dim is None:
+            key_dim = dim
+        elif argument in space.independent and batch_symbol is None:
+            batch_symbol, batch_dim = argument, dim
+        elif argument == 0 and size_expr(shape[dim]) == 1:
+            continue
+        else:
+            return None
+    if key_dim is None or batch_symbol is None or batch_dim > key_dim:
+        return None
+    if not _same_size(size_expr(shape[batch_dim]), space.sizes[batch_symbol]):
+        return None
+    if not _same_size(size_expr(shape[key_dim]), space.sizes[key]):
+        return None
+    return KeyPaddingFinding(node, relation, float(rhs), False, batch_symbol, batch_dim, key_dim)
+
+
+def _same_size(first, second) -> bool:
+    return sympy.simplify(sympy.sympify(first) - sympy.sympify(second)) == 0
+
+
+# -- the numeric check ------------------------------------------------------------------------------------------------
+
+def check_numerically(graph_module, terms: Sequence[MaskTerm], space: IndexSpace, structure: tuple,
+                      lengths: Sequence[int], skip: set, is_causal: bool = False):
+    """Run the mask subgraph at each length and compare the visible keys with the claim. True, or what failed."""
+    checked = [term for term in terms if id(term) not in skip]
+    if not checked or not lengths or graph_module is None:
+        return True
+    kind, window, padding = structure
+    sequence_symbols = set()
+    for symbol in space.query + space.key:
+        size = sympy.sympify(space.sizes[symbol])
+        sequence_symbols |= size.free_symbols
+    try:
+        module, placeholders = _mask_subgraph(graph_module, [term.node for term in checked])
+    except Exception as error:  # noqa: BLE001 - any failure to build the subgraph means "not checked"
+        return f"the mask subgraph could not be extracted: {type(error).__name__}"
+    generator = torch.Generator().manual_seed(0)
+    for length in lengths:
+        values = _hints(graph_module)
+        values.update({symbol: length for symbol in sequence_symbols})
+        try:
+            inputs = [_example_input(node, values, generator) for node in placeholders]
+            with torch.no_grad():
+                outputs = module(*inputs)
+        except Exception as error:  # noqa: BLE001
+            return f"the mask subgraph failed at length {length}: {type(error).__name__}: {str(error)[:80]}"
+        sizes = {symbol: int(sympy.sympify(size).subs(values)) for symbol, size in space.sizes.items()}
+        visible = None
+        for term, output in zip(checked, outputs):
+            grid = index_grid(output, term.dims, space.order, sizes)
+            if term.kind == "add":
+                term_visible = (grid * term.coefficient) > HUGE_NEGATIVE
+            elif term.kind == "fill":
+                term_visible = ~grid.bool()
+            else:
+                term_visible = grid.bool()
+            visible = term_visible if visible is None else visible & term_visible
+        claim = _claimed_visibility(kind, window, padding, space, sizes, inputs, placeholders)
+        if is_causal:
+            claim = claim & _structure_grid("causal", None, space, sizes)
+        if not torch.equal(visible.expand(claim.shape), claim.expand(visible.shape)):
+            return f"the subgraph's mask differs from the claim at length {length}"
+    return True
+
+
+def _structure_grid(kind: str, window, space: IndexSpace, sizes: dict) -> torch.Tensor:
+    queries = torch.arange(sizes[space.query[0]])
+    keys = torch.arange(sizes[space.key[0]])
+    d = keys[None, :] - queries[:, None]
+    if kind == "causal":
+        grid = d <= 0
+    elif kind == "sliding_window":
+        grid = (d <= 0) & (d > -window)
+    else:
+        grid = torch.ones_like(d, dtype=torch.bool)
+    return grid.reshape((1,) * len(space.independent) + tuple(grid.shape))
+
+
+def _claimed_visibility(kind, window, padding, space, sizes, inputs, placeholders) -> torch.Tensor:
+    grid = _structure_grid(kind, window, space, sizes)
+    if padding is None:
+        return grid
+    tensor = inputs[placeholders.index(padding.node)]
+    keep = padding_tensor(tensor, padding)
+    shape = [1] * len(space.order)
+    shape[space.order.index(padding.batch_symbol)] = keep.shape[0]
+    shape[space.order.index(space.key[0])] = keep.shape[1]
+    return grid & keep.reshape(shape)
+
+
+def padding_tensor(tensor: torch.Tensor, padding: KeyPaddingFinding) -> torch.Tensor:
+    """The (batch, keys) bool mask from the input, as the rewrite computes it."""
+    tensor = tensor.reshape(tensor.shape[padding.batch_dim], tensor.shape[padding.key_dim])
+    keep = getattr(torch, padding.relation)(tensor, padding.value)
+    return ~keep if padding.negate else keep
+
+
+def index_grid(tensor: torch.Tensor, dims: tuple, order: tuple, sizes: dict) -> torch.Tensor:
+    """The tensor with one dim per symbol of `order` (size 1 where it broadcasts)."""
+    leaf_sizes, leaf_symbols = [], []
+    for symbols in dims:
+        for symbol in symbols:
+            leaf_sizes.append(sizes[symbol])
+            leaf_symbols.append(symbol)
+    tensor = tensor.reshape(leaf_sizes)
+    present = [symbol for symbol in order if symbol in leaf_symbols]
+    tensor = tensor.permute([leaf_symbols.index(symbol) for symbol in present])
+    return tensor.reshape([sizes[symbol] if symbol in leaf_symbols else 1 for symbol in order])
+
+
+def _hints(graph_module) -> dict:
+    values = {}
+    for node in graph_module.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        value = tensor_meta(node)
+        if value is None:
+            continue
+        for size in value.shape:
+            if isinstance(size, torch.SymInt):
+                expr = size.node.expr
+                for symbol in expr.free_symbols:
+                    hint = symbol_hint(size.node.shape_env, symbol)
+                    if hint is not None:
+                        values[symbol] = hint
+    return values
+
+
+def _example_input(node: torch.fx.Node, values: dict, generator: torch.Generator) -> Any:
+    value = tensor_meta(node)
+    if value is None:
+        return node.meta.get("val")
+    shape = [int(sympy.sympify(size_expr(size)).subs(values)) for size in value.shape]
+    if value.dtype == torch.bool:
+        return torch.rand(shape, generator=generator) < 0.7
+    if value.dtype.is_floating_point:
+        return (torch.rand(shape, generator=generator) < 0.7).to(value.dtype)
+    return (torch.rand(shape, generator=generator) < 0.7).to(value.dtype)
+
+
+def _mask_subgraph(graph_module, outputs: list) -> tuple[torch.fx.GraphModule, list]:
+    """A module computing `outputs` from the placeholders they depend on (parameters read from graph_module)."""
+    needed = set()
+    stack = list(outputs)
+    while stack:
+        node = stack.pop()
+        if node in needed:
+            continue
+        needed.add(node)
+        stack.extend(node.all_input_nodes)
+    graph = torch.fx.Graph()
+    mapping: dict = {}
+    placeholders = []
+    for node in graph_module.graph.nodes:
+        if node not in needed:
+            continue
+        if node.op == "placeholder":
+            placeholders.append(node)
+        mapping[node] = graph.node_copy(node, lambda argument: mapping[argument])
+    graph.output(tuple(mapping[node] for node in outputs))
+    return torch.fx.GraphModule(graph_module, graph), placeholders

@@ -1,10 +1,13 @@
 """Find attention sites in an ATen graph.
 
 Each matcher is a plain function `(node) -> AttentionSite | None` whose name says what it matches. `find_sites`
-runs all matchers over the graph in order; the first that claims a node wins.
+runs all matchers over the graph in order; the first that claims a node wins. A matcher that fails on a node leaves
+that node alone (the model keeps its original computation there), so that detection never breaks a model.
 """
 from __future__ import annotations
 
+import math
+import os
 from typing import Callable, Optional
 
 import torch
@@ -17,8 +20,14 @@ from passes.graph_info import (
     size_hints,
     source_line,
 )
-from passes.masks import sdpa_mask
-from planner.records import AttentionSite
+from passes.detect_adapters import KeyPaddingAdapter, SiteAdapter
+from passes.detect_attention import match_softmax_attention
+from passes.detect_symbolic import index_symbol
+from passes.masks import IndexSpace, MaskTerm, analyze_mask, sdpa_mask
+from planner.records import AttentionSite, MaskSpec
+
+# Set to re-raise matcher errors instead of skipping the node (tests do).
+STRICT = os.environ.get("ATTENTION_PLANNER_STRICT") == "1"
 
 SDPA_TARGETS = (torch.ops.aten.scaled_dot_product_attention.default,)
 
@@ -53,6 +62,7 @@ def match_scaled_dot_product_attention(node: torch.fx.Node) -> Optional[Attentio
     hints = {}
     for tensor in (query, key, value):
         hints.update(size_hints(tensor))
+    mask, adapter = _sdpa_mask_and_adapter(node, attn_mask, is_causal, q_shape, k_shape, unsupported)
     return AttentionSite(
         name=module_path(node),
         source=source_line(node),
@@ -69,12 +79,50 @@ def match_scaled_dot_product_attention(node: torch.fx.Node) -> Optional[Attentio
         head_dim=q_shape[3],
         value_dim=v_shape[3],
         scale=None if scale is None or isinstance(scale, torch.fx.Node) else float(scale),
-        mask=sdpa_mask(attn_mask, is_causal),
+        mask=mask,
         dropout_p=float(dropout_p) if isinstance(dropout_p, (int, float)) else -1.0,
         dtype=dtype_name(query),
         hints=tuple(sorted(hints.items())),
         unsupported=unsupported,
+        adapter=adapter,
     )
+
+
+def _sdpa_mask_and_adapter(node, attn_mask, is_causal, q_shape, k_shape, unsupported):
+    """Analyze SDPA's attn_mask like any mask (passes/masks.py); the only recipe SDPA needs is the key padding."""
+    if unsupported or not isinstance(is_causal, bool) or (attn_mask is not None and is_causal) or \
+            not isinstance(attn_mask, (torch.fx.Node, type(None))):
+        return sdpa_mask(attn_mask if isinstance(attn_mask, torch.fx.Node) else None, is_causal), None
+    if attn_mask is None:
+        return sdpa_mask(None, is_causal), None
+    symbols = tuple(index_symbol(name) for name in ("b", "h", "i", "j"))
+    sizes = dict(zip(symbols, (q_shape[0], q_shape[1], q_shape[2], k_shape[2])))
+    space = IndexSpace(symbols[:2], symbols[2:3], symbols[3:], sizes)
+    mask_shape = shape_of(attn_mask)
+    if mask_shape is None or len(mask_shape) > 4:
+        return sdpa_mask(attn_mask, is_causal), None
+    dims = tuple(() if size == 1 and sizes[symbol] != 1 else (symbol,)
+                 for size, symbol in zip(mask_shape, symbols[4 - len(mask_shape):]))
+    kind = "keep" if dtype_name(attn_mask) == "bool" else "add"
+    analysis = analyze_mask(node.graph.owning_module, [MaskTerm(kind, attn_mask, dims, 1.0, -math.inf)], space)
+    padding = None
+    if analysis.key_padding is not None:
+        finding = analysis.key_padding
+        if finding.batch_symbol != symbols[0]:
+            return MaskSpec(kind="arbitrary", tensor=attn_mask.name,
+                            proof="the padding is not indexed by the batch; the mask tensor is kept exactly"), None
+        padding = KeyPaddingAdapter(finding.node.name, finding.relation, finding.value, finding.negate,
+                                    (q_shape[0], k_shape[2]))
+    adapter = SiteAdapter(key_padding=padding)
+    if padding is not None:
+        from passes.detect_attention import UnsupportedSite, _with_symbols
+
+        try:
+            adapter = _with_symbols(adapter, node.graph)
+        except UnsupportedSite as error:
+            return MaskSpec(kind="arbitrary", tensor=attn_mask.name, proof=f"{analysis.spec.proof}; but {error}, so "
+                            "the mask tensor is kept exactly"), None
+    return analysis.spec, adapter
 
 
 def _as_four_dims(shape: tuple) -> tuple:
@@ -84,7 +132,10 @@ def _as_four_dims(shape: tuple) -> tuple:
     return shape[-4:]
 
 
-MATCHERS: list[Callable[[torch.fx.Node], Optional[AttentionSite]]] = [match_scaled_dot_product_attention]
+MATCHERS: list[Callable[[torch.fx.Node], Optional[AttentionSite]]] = [
+    match_scaled_dot_product_attention,
+    match_softmax_attention,
+]
 
 
 def find_sites(graph_module: torch.fx.GraphModule) -> list[AttentionSite]:
@@ -92,7 +143,12 @@ def find_sites(graph_module: torch.fx.GraphModule) -> list[AttentionSite]:
     sites = []
     for node in graph_module.graph.nodes:
         for matcher in MATCHERS:
-            site = matcher(node)
+            try:
+                site = matcher(node)
+            except Exception:  # noqa: BLE001 - a matcher bug must not break the model; the node stays as it is
+                if STRICT:
+                    raise
+                site = None
             if site is not None:
                 sites.append(site)
                 break

@@ -1,29 +1,212 @@
-"""Rewrite: replace each site that the plan rewrites with the call its variant emits."""
+"""Rewrite: replace each site that the plan rewrites with the call its variant emits.
+
+A site found in a hand-written form carries a SiteAdapter (passes/detect_adapters.py): before the variant's call, the
+rewrite emits the layout steps that turn the site's roots into (batch, heads, sequence, head_dim) q, k and v, the key
+padding mask when the mask proof names one, and the kept mask tensor when the site keeps it; after the call, the steps
+that return the output to the replaced node's layout and dtype. Sizes are emitted from the graph's inputs
+(sym_size), so the rewritten graph works at every length the original did.
+"""
 from __future__ import annotations
 
+import dataclasses
+import math
+import operator
+from typing import Any, Optional
+
+import sympy
 import torch
 
 from backends.registry import VARIANTS
-from planner.records import Plan
+from passes.detect_adapters import SiteAdapter, TensorAdapter
+from planner.errors import PlanError
+from planner.records import AttentionSite, Plan
+
+aten = torch.ops.aten
 
 
 def rewrite(graph_module: torch.fx.GraphModule, plan: Plan) -> list[str]:
     """Rewrite `graph_module` in place following `plan`; return the names of the rewritten sites."""
-    nodes = {node.name: node for node in graph_module.graph.nodes}
+    graph = graph_module.graph
+    nodes = {node.name: node for node in graph.nodes}
     rewritten = []
     for decision in plan.decisions:
         if not decision.rewritten:
             continue
         site = decision.site
         node = nodes[site.node]
-        replacement = VARIANTS[decision.choice.variant].emit(graph_module.graph, node, site, nodes)
+        variant = VARIANTS[decision.choice.variant]
+        with graph.inserting_before(node):
+            emitted_site, extra = prepare_inputs(graph, site, nodes)
+            replacement = variant.emit(graph, node, emitted_site, {**nodes, **extra}, decision.choice)
+            output = restore_output(graph, replacement, site, extra)
         for key in ("val", "stack_trace", "nn_module_stack", "source_fn_stack"):
             if key in node.meta:
-                replacement.meta[key] = node.meta[key]
-        node.replace_all_uses_with(replacement)
-        graph_module.graph.erase_node(node)
+                output.meta[key] = node.meta[key]
+        node.replace_all_uses_with(output)
+        graph.erase_node(node)
         rewritten.append(site.name)
-    graph_module.graph.eliminate_dead_code()
-    graph_module.graph.lint()
+    drop_dead_metadata_asserts(graph)
+    graph.eliminate_dead_code()
+    graph.lint()
     graph_module.recompile()
     return rewritten
+
+
+class _Emitter:
+    """Emits layout steps and sizes into a graph at the current insertion point."""
+
+    def __init__(self, graph: torch.fx.Graph, nodes: dict, adapter: SiteAdapter):
+        self.graph = graph
+        self.nodes = nodes
+        self.sizes: dict = {}
+        for symbol, placeholder, dim in adapter.symbols:
+            self.sizes[sympy.Symbol(symbol)] = (placeholder, dim)
+        self.emitted: dict = {}
+
+    def symbol(self, symbol: sympy.Symbol) -> torch.fx.Node:
+        key = str(symbol)
+        if key not in self.emitted:
+            found = next((source for candidate, source in self.sizes.items() if str(candidate) == key), None)
+            if found is None:
+                raise PlanError(f"the size {symbol} has no input to be read from")
+            placeholder, dim = found
+            self.emitted[key] = self.graph.call_function(aten.sym_size.int, (self.nodes[placeholder], dim))
+        return self.emitted[key]
+
+    def size(self, size: Any) -> Any:
+        """An int, or a node computing the sympy expression from the inputs' sizes."""
+        if isinstance(size, int):
+            return size
+        expression = sympy.sympify(size)
+        if expression.is_Integer:
+            return int(expression)
+        if expression.is_Symbol:
+            return self.symbol(expression)
+        if expression.is_Add:
+            terms = [self.size(term) for term in expression.args]
+            total = terms[0]
+            for term in terms[1:]:
+                total = self.graph.call_function(operator.add, (total, term))
+            return total
+        if expression.is_Mul:
+            coefficient, rest = expression.as_coeff_Mul()
+            factors = [self.size(factor) for factor in sympy.Mul.make_args(rest)]
+            value = factors[0]
+            for factor in factors[1:]:
+                value = self.graph.call_function(operator.mul, (value, factor))
+            numerator, denominator = sympy.fraction(sympy.Rational(coefficient))
+            if numerator != 1:
+                value = self.graph.call_function(operator.mul, (value, int(numerator)))
+            if denominator != 1:
+                value = self.graph.call_function(operator.floordiv, (value, int(denominator)))
+            return value
+        if expression.is_Pow and expression.exp.is_Integer and expression.exp > 0:
+            base = self.size(expression.base)
+            value = base
+            for _ in range(int(expression.exp) - 1):
+                value = self.graph.call_function(operator.mul, (value, base))
+            return value
+        raise PlanError(f"cannot emit the size {expression}")
+
+    def steps(self, tensor: torch.fx.Node, steps: tuple) -> torch.fx.Node:
+        for kind, argument in steps:
+            if kind == "reshape":
+                tensor = self.graph.call_function(aten.reshape.default, (tensor, [self.size(s) for s in argument]))
+            elif kind == "permute":
+                tensor = self.graph.call_function(aten.permute.default, (tensor, list(argument)))
+            elif kind == "expand":
+                tensor = self.graph.call_function(aten.expand.default, (tensor, [self.size(s) for s in argument]))
+            elif kind == "dtype":
+                tensor = self.graph.call_function(aten._to_copy.default, (tensor,),
+                                                  {"dtype": getattr(torch, argument)})
+        return tensor
+
+    def adapt(self, adapter: TensorAdapter, source: Optional[torch.fx.Node] = None) -> torch.fx.Node:
+        return self.steps(source if source is not None else self.nodes[adapter.source], adapter.steps)
+
+
+def prepare_inputs(graph: torch.fx.Graph, site: AttentionSite, nodes: dict) -> tuple[AttentionSite, dict]:
+    """Emit the site's adapters; return the site as the variant should see it and the new nodes by name."""
+    adapter: Optional[SiteAdapter] = site.adapter
+    if adapter is None:
+        return site, {}
+    emitter = _Emitter(graph, nodes, adapter)
+    extra: dict = {"__emitter__": emitter}
+    changes: dict = {}
+    for field_name in ("query", "key", "value"):
+        recipe = getattr(adapter, field_name)
+        if recipe is not None:
+            node = emitter.adapt(recipe)
+            extra[node.name] = node
+            changes[field_name] = node.name
+    mask = site.mask
+    mask_changes: dict = {}
+    if adapter.key_padding is not None and mask.key_padding is not None:
+        node = _emit_key_padding(emitter, adapter)
+        extra[node.name] = node
+        mask_changes["key_padding"] = node.name
+    keeps_tensor = mask.kind == "arbitrary" or mask.bias is not None
+    if keeps_tensor and adapter.mask_terms:
+        node = _emit_kept_mask(emitter, adapter)
+        extra[node.name] = node
+        mask_changes["tensor"] = node.name
+    if mask_changes:
+        changes["mask"] = dataclasses.replace(mask, **mask_changes)
+    return dataclasses.replace(site, **changes), extra
+
+
+def _emit_key_padding(emitter: _Emitter, adapter: SiteAdapter) -> torch.fx.Node:
+    padding = adapter.key_padding
+    tensor = emitter.graph.call_function(aten.reshape.default,
+                                         (emitter.nodes[padding.source], [emitter.size(s) for s in padding.shape]))
+    value = int(padding.value) if float(padding.value).is_integer() else padding.value
+    keep = emitter.graph.call_function(getattr(aten, padding.relation).Scalar, (tensor, value))
+    if padding.negate:
+        keep = emitter.graph.call_function(aten.logical_not.default, (keep,))
+    return keep
+
+
+def _emit_kept_mask(emitter: _Emitter, adapter: SiteAdapter) -> torch.fx.Node:
+    """One mask for the op: a lone "keep" term stays boolean; otherwise every term becomes additive and is summed."""
+    terms = adapter.mask_terms
+    if len(terms) == 1 and terms[0].kind == "keep":
+        return emitter.adapt(terms[0].tensor)
+    total = None
+    for term in terms:
+        tensor = emitter.adapt(term.tensor)
+        if term.kind == "add":
+            if term.coefficient != 1.0:
+                tensor = emitter.graph.call_function(aten.mul.Tensor, (tensor, term.coefficient))
+        elif term.kind == "keep":
+            tensor = emitter.graph.call_function(aten.where.Scalar, (tensor, 0.0, -math.inf))
+        else:
+            tensor = emitter.graph.call_function(aten.where.Scalar, (tensor, -math.inf, 0.0))
+        total = tensor if total is None else emitter.graph.call_function(aten.add.Tensor, (total, tensor))
+    return total
+
+
+def restore_output(graph: torch.fx.Graph, replacement: torch.fx.Node, site: AttentionSite,
+                   extra: dict) -> torch.fx.Node:
+    """The op's output in the replaced node's layout and dtype."""
+    adapter: Optional[SiteAdapter] = site.adapter
+    if adapter is None or adapter.output is None:
+        return replacement
+    return extra["__emitter__"].adapt(adapter.output, replacement)
+
+
+def drop_dead_metadata_asserts(graph: torch.fx.Graph) -> None:
+    """Erase _assert_tensor_metadata checks on values nothing else needs any more: they are side-effectful for FX, so
+    they would keep a replaced softmax (and its quadratic scores) alive."""
+    assert_target = aten._assert_tensor_metadata.default
+    live: set = set()
+    stack = [node for node in graph.nodes
+             if node.op == "output" or (node.target != assert_target and node.op != "placeholder" and node.is_impure())]
+    while stack:
+        node = stack.pop()
+        if node in live:
+            continue
+        live.add(node)
+        stack.extend(node.all_input_nodes)
+    for node in list(graph.nodes):
+        if node.target == assert_target and node.args and node.args[0] not in live:
+            graph.erase_node(node)

@@ -95,6 +95,10 @@ class AttentionSite:
     hints: tuple[tuple[str, int], ...] = ()
     notes: tuple[str, ...] = ()
     unsupported: Optional[str] = None  # why no rewrite can take this site (the planner then leaves it exact)
+    # How to feed the site to a (batch, heads, sequence, head_dim) op and return its output in the node's layout
+    # (a passes.detect_adapters.SiteAdapter). With an adapter, query/key/value name the roots the adapter starts from
+    # (a projection's output, not necessarily in that layout); None: query/key/value are in that layout already.
+    adapter: Optional[Any] = field(default=None, compare=False, repr=False)
 
     @property
     def sequence_symbols(self) -> frozenset:

@@ -1,0 +1,807 @@
+"""Find softmax attention however a model writes it: a softmax over a contraction of Q with K that feeds a contraction
+with V, in the exported ATen graph.
+
+The matcher is anchored on the softmax. Backwards, it follows the scores through casts, layout ops, scaling,
+additive masks and biases, masked_fill/where, tanh soft-capping and concatenated sink logits to a contraction (matmul,
+bmm, baddbmm, einsum); forwards, through casts, layout ops, dropout and the sink slice, to the contraction with V. Each
+contraction operand is followed back through layout ops and constant scalings to its root (the projection, the rotary
+embedding). Then passes/detect_layout.py proves by index algebra which root factors are batch, heads, positions and
+head dim, passes/masks.py proves the mask, and passes/detect_adapters.py records how to feed a tiled op.
+
+The functions are named for what they match, in the style of Inductor's pattern matcher; `match_softmax_attention`
+is the entry that passes/match.py runs on every node.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
+
+import sympy
+import torch
+
+from passes.detect_adapters import (
+    KeyPaddingAdapter,
+    MaskTermAdapter,
+    SiteAdapter,
+    TensorAdapter,
+    build_steps,
+)
+from passes.detect_layout import (
+    Atom,
+    AtomSpace,
+    Contraction,
+    LayoutError,
+    apply_layout_op,
+    as_contraction,
+    constant_scalar,
+    contraction_layout,
+    is_layout_op,
+    layout_sizes,
+    leaves,
+    node_shape,
+    product,
+    root_layout,
+    scalar_factor,
+    sizes_equal,
+)
+from passes.detect_symbolic import index_symbol
+from passes.graph_info import dtype_name, module_path, size_expr, size_hints, source_line, tensor_meta
+from passes.masks import IndexSpace, MaskAnalysis, MaskTerm, analyze_mask, is_masking_value
+from planner.records import AttentionSite, MaskSpec
+
+aten = torch.ops.aten
+
+SOFTMAX_TARGETS = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
+MAX_DEPTH = 48
+
+
+class NotAttention(Exception):
+    """The softmax is not attention (a classifier, a router, ...): no site."""
+
+
+class UnsupportedSite(Exception):
+    """It is attention, but a detail cannot be handled: a site marked unsupported (left exact)."""
+
+
+# -- operands ---------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Operand:
+    """A contraction operand followed back to its root: root layout (the root's factors) and the layout at the
+    contraction, with the constant factors met on the way."""
+
+    node: torch.fx.Node
+    root: torch.fx.Node
+    root_atoms: list
+    layout: list
+    scale: float
+    dtype: Optional[torch.dtype]
+
+
+def trace_operand(node: Any, space: AtomSpace, role: str) -> Operand:
+    """Follow layout ops and constant scalings back from `node` to the root it rearranges."""
+    if not isinstance(node, torch.fx.Node):
+        raise NotAttention("a contraction operand is not a tensor")
+    chain = []
+    scale = 1.0
+    current = node
+    for _ in range(MAX_DEPTH):
+        if is_layout_op(current):
+            chain.append(current)
+            current = current.args[0]
+            continue
+        factor = scalar_factor(current)
+        if factor is not None:
+            scale *= factor[1]
+            current = factor[0]
+            continue
+        break
+    root = current
+    layout = root_layout(root, role)
+    root_atoms = [list(axis) for axis in layout]
+    for step in reversed(chain):
+        layout = apply_layout_op(step, layout, space)
+    value = tensor_meta(node)
+    return Operand(node, root, root_atoms, layout, scale, None if value is None else value.dtype)
+
+
+def is_parameter(node: torch.fx.Node) -> bool:
+    """A weight or buffer (possibly through a cast): a classifier or a router multiplies by one, attention does not."""
+    return node.op == "get_attr"
+
+
+# -- the scores: from the softmax back to the Q·K contraction ---------------------------------------------------------
+
+def score_paths(node: Any, depth: int = 0) -> Iterator[list]:
+    """Every path [contraction, ..., node] through ops that may sit between scores and their softmax."""
+    if not isinstance(node, torch.fx.Node) or node.op != "call_function" or depth > MAX_DEPTH:
+        return
+    if as_contraction(node) is not None:
+        yield [node]
+        return
+    for candidate in _score_inputs(node):
+        for path in score_paths(candidate, depth + 1):
+            yield path + [node]
+
+
+def _score_inputs(node: torch.fx.Node) -> list:
+    target = node.target
+    if is_layout_op(node):
+        return [node.args[0]]
+    factor = scalar_factor(node)
+    if factor is not None:
+        return [factor[0]]
+    if target in (aten.add.Tensor, aten.add_.Tensor):
+        return [argument for argument in node.args[:2] if isinstance(argument, torch.fx.Node)]
+    if target in (aten.sub.Tensor, aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.tanh.default):
+        return [node.args[0]]
+    if target in (aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf):
+        return [argument for argument in node.args[1:3] if isinstance(argument, torch.fx.Node)]
+    if target == aten.cat.default and len(node.args[0]) == 2:
+        return [node.args[0][0]]
+    return []
+
+
+@dataclass
+class Scores:
+    """What happens to the scores between the Q·K contraction and the softmax."""
+
+    contraction: Contraction
+    layout: list = field(default_factory=list)
+    scale: float = 1.0
+    terms: list = field(default_factory=list)  # (kind, node, coefficient, fill, layout)
+    softcap: Optional[float] = None
+    sinks: Optional[torch.fx.Node] = None
+    sinks_dim: Optional[int] = None
+    notes: list = field(default_factory=list)
+
+
+def _number(argument: Any) -> Optional[float]:
+    if isinstance(argument, bool):
+        return None
+    if isinstance(argument, (int, float)):
+        return float(argument)
+    return constant_scalar(argument)
+
+
+def _term_layout(term: torch.fx.Node, scores_layout: list, scores_shape: tuple) -> list:
+    """The layout of a tensor that broadcasts against the scores: the scores' atoms where it is full, [] where 1."""
+    shape = node_shape(term)
+    if shape is None:
+        raise UnsupportedSite(f"the mask {term.name} has no recorded shape")
+    if len(shape) > len(scores_shape):
+        raise UnsupportedSite(f"the mask {term.name} has more dims than the scores")
+    offset = len(scores_shape) - len(shape)
+    layout = []
+    for dim, size in enumerate(shape):
+        if isinstance(size, int) and size == 1 and not sizes_equal(scores_shape[offset + dim], 1):
+            layout.append([])
+        elif sizes_equal(size, scores_shape[offset + dim]):
+            layout.append(list(scores_layout[offset + dim]))
+        else:
+            raise UnsupportedSite(f"the mask {term.name} of shape {shape} does not broadcast to the scores")
+    return layout
+
+
+def _is_row_max(node: Any, scores: torch.fx.Node) -> bool:
+    """max(scores, dim, keepdim=True)[0] or amax(scores, dim, keepdim=True): a shift softmax ignores."""
+    if not isinstance(node, torch.fx.Node):
+        return False
+    if node.target is operator.getitem and node.args[1] == 0:
+        source = node.args[0]
+        return (isinstance(source, torch.fx.Node) and source.target == aten.max.dim and source.args[0] is scores
+                and len(source.args) > 2 and source.args[2] is True)
+    if node.target == aten.amax.default:
+        return node.args[0] is scores and len(node.args) > 2 and node.args[2] is True
+    return False
+
+
+def follow_scores(path: list, first: Operand, second: Operand, space: AtomSpace) -> Scores:
+    """Walk the path from the contraction to the softmax input, collecting scale, masks, soft-capping and sinks."""
+    contraction = as_contraction(path[0])
+    scores = Scores(contraction)
+    scores.layout = contraction_layout(contraction, (first.layout, second.layout), space)
+    scores.scale = contraction.alpha * first.scale * second.scale
+    if contraction.bias is not None:
+        scores.terms.append(["add", contraction.bias, contraction.beta, None,
+                             _term_layout(contraction.bias, scores.layout, node_shape(path[0]))])
+    before_tanh: Optional[float] = None
+    after_tanh = 1.0
+    for previous, node in zip(path, path[1:]):
+        shape = node_shape(previous)
+        if node.target != aten.tanh.default and before_tanh is not None and scalar_factor(node) is None:
+            scores.softcap, scores.scale, before_tanh = after_tanh, before_tanh * after_tanh, None
+        if is_layout_op(node):
+            scores.layout = apply_layout_op(node, scores.layout, space)
+            continue
+        factor = scalar_factor(node)
+        if factor is not None:
+            if before_tanh is not None:
+                after_tanh *= factor[1]
+                continue
+            if scores.softcap is not None and factor[1] != 1.0:
+                raise UnsupportedSite("the scores are scaled after tanh soft-capping")
+            scores.scale *= factor[1]
+            for term in scores.terms:
+                if term[0] == "add":
+                    term[2] *= factor[1]
+                else:
+                    term[3] *= factor[1]
+            continue
+        if scores.sinks is not None and node.target != aten.sub.Tensor:
+            raise UnsupportedSite(f"{node.target} after the sink logits are concatenated")
+        if node_shape(node) != shape and node.target != aten.cat.default:
+            raise UnsupportedSite(f"{node.name} broadcasts the scores to a larger shape")
+        target = node.target
+        if target in (aten.add.Tensor, aten.add_.Tensor):
+            alpha = node.kwargs.get("alpha", 1)
+            if node.args[0] is previous and node.args[1] is previous:
+                raise UnsupportedSite("the scores are added to themselves")
+            other = node.args[1] if node.args[0] is previous else node.args[0]
+            if node.args[1] is previous and alpha != 1:
+                raise UnsupportedSite("add with alpha on the scores")
+            if isinstance(other, torch.fx.Node):
+                scores.terms.append(["add", other, float(alpha if other is node.args[1] else 1), None,
+                                     _term_layout(other, scores.layout, shape)])
+        elif target == aten.sub.Tensor:
+            other = node.args[1]
+            if _is_row_max(other, previous):
+                continue
+            if isinstance(other, torch.fx.Node):
+                scores.terms.append(["add", other, -float(node.kwargs.get("alpha", 1)), None,
+                                     _term_layout(other, scores.layout, shape)])
+        elif target in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
+            fill = _number(node.args[2])
+            if fill is None or not is_masking_value(fill):
+                raise UnsupportedSite(f"masked_fill with {node.args[2]} (not a masking value) on the scores")
+            scores.terms.append(["fill", node.args[1], 1.0, fill, _term_layout(node.args[1], scores.layout, shape)])
+        elif target in (aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf):
+            condition = node.args[0]
+            kind, other = ("keep", node.args[2]) if node.args[1] is previous else ("fill", node.args[1])
+            fill = _number(other)
+            if fill is None or not is_masking_value(fill):
+                raise UnsupportedSite(f"where with {other} (not a masking value) on the scores")
+            scores.terms.append([kind, condition, 1.0, fill, _term_layout(condition, scores.layout, shape)])
+        elif target == aten.tanh.default:
+            if scores.terms:
+                raise UnsupportedSite("a mask is applied before tanh soft-capping")
+            if scores.softcap is not None:
+                raise UnsupportedSite("tanh applied twice")
+            before_tanh, after_tanh = scores.scale, 1.0
+        elif target == aten.cat.default:
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            scores.sinks, scores.sinks_dim = node.args[0][1], dim % len(shape)
+        else:
+            raise UnsupportedSite(f"{target} between the scores and the softmax")
+    if before_tanh is not None:
+        scores.softcap, scores.scale = after_tanh, before_tanh * after_tanh
+    return scores
+
+
+# -- the probabilities: from the softmax to the contraction with V ---------------------------------------------------
+
+def value_paths(node: torch.fx.Node, depth: int = 0) -> Iterator[list]:
+    """Every path [first op after the softmax, ..., contraction] through casts, layout ops, dropout and slices."""
+    if depth > MAX_DEPTH:
+        return
+    for user in node.users:
+        if user.op != "call_function":
+            continue
+        contraction = as_contraction(user)
+        if contraction is not None and node in contraction.operands:
+            yield [user]
+            continue
+        if (is_layout_op(user) or _is_dropout(user) or user.target == aten.slice.Tensor) and user.args[0] is node:
+            for path in value_paths(user, depth + 1):
+                yield [user] + path
+        elif user.target == aten.native_dropout.default:
+            for getitem in user.users:
+                if getitem.args[1] == 0:
+                    for path in value_paths(getitem, depth + 1):
+                        yield [user, getitem] + path
+
+
+def _is_dropout(node: torch.fx.Node) -> bool:
+    return node.target == aten.dropout.default
+
+
+def follow_probabilities(path: list, layout: list, scores: Scores, space: AtomSpace) -> tuple[list, float]:
+    """The layout of the probabilities where they enter the contraction with V, and the dropout probability."""
+    dropout_p = 0.0
+    for node in path[:-1]:
+        if node.target == aten.native_dropout.default:
+            train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train")
+            dropout_p = float(node.args[1]) if train is not False else dropout_p
+            continue
+        if node.op == "call_function" and node.target.__name__ == "getitem":
+            continue
+        if _is_dropout(node) and not is_layout_op(node):
+            dropout_p = float(node.args[1])
+            continue
+        if node.target == aten.slice.Tensor and not is_layout_op(node):
+            dim = node.args[1] % len(layout)
+            start = node.args[2] if len(node.args) > 2 else 0
+            if scores.sinks is None or dim != scores.sinks_dim or start not in (0, None):
+                raise UnsupportedSite(f"a slice of the attention probabilities ({node.name})")
+            continue
+        layout = apply_layout_op(node, layout, space)
+    return layout, dropout_p
+
+
+# -- the site -----------------------------------------------------------------------------------------------------------
+
+def match_softmax_attention(node: torch.fx.Node) -> Optional[AttentionSite]:
+    """softmax(f(Q·Kᵀ)) feeding a contraction with V, in any layout (the form "manual", "einsum" or "baddbmm")."""
+    if node.op != "call_function" or node.target not in SOFTMAX_TARGETS:
+        return None
+    unsupported: Optional[tuple] = None
+    for scores_path in score_paths(node.args[0]):
+        for probabilities_path in value_paths(node):
+            try:
+                return build_site(node, scores_path, probabilities_path)
+            except NotAttention:
+                continue
+            except (UnsupportedSite, LayoutError) as error:
+                if unsupported is None:
+                    unsupported = (scores_path, probabilities_path, str(error))
+    if unsupported is not None:
+        return unsupported_site(node, *unsupported)
+    return None
+
+
+def _form(scores: Scores, value_contraction: Contraction) -> str:
+    targets = {scores.contraction.node.target, value_contraction.node.target}
+    if aten.einsum.default in targets:
+        return "einsum"
+    if aten.baddbmm.default in targets:
+        return "baddbmm"
+    return "manual"
+
+
+@dataclass
+class Axes:
+    """The classes of unified atoms, by role, and each root's factors."""
+
+    batch: list
+    query: list
+    key: list
+    dim: list
+    value_dim: list
+
+
+def build_site(softmax: torch.fx.Node, scores_path: list, probabilities_path: list) -> AttentionSite:
+    space = AtomSpace()
+    qk = as_contraction(scores_path[0])
+    if any(not isinstance(operand, torch.fx.Node) for operand in qk.operands):
+        raise NotAttention("a Q·K operand is not a tensor")
+    first = trace_operand(qk.operands[0], space, "A")
+    second = trace_operand(qk.operands[1], space, "B")
+    if is_parameter(first.root) and is_parameter(second.root):
+        raise NotAttention("both operands of the first contraction are weights")
+    scores = follow_scores(scores_path, first, second, space)
+    rank = len(scores.layout)
+    softmax_dim = softmax.args[1] % rank
+    key_classes = space.leaf_classes(scores.layout[softmax_dim])
+    free_first = _free_classes(qk, 0, (first.layout, second.layout), space)
+    free_second = _free_classes(qk, 1, (first.layout, second.layout), space)
+    if set(key_classes) == set(free_second) and key_classes:
+        query, key = first, second
+        query_classes = free_first
+    elif set(key_classes) == set(free_first) and key_classes:
+        query, key = second, first
+        query_classes = free_second
+    else:
+        raise UnsupportedSite("the softmax does not normalize over the keys of the Q·K contraction")
+    if is_parameter(key.root):
+        raise NotAttention("the keys are a weight (a classifier or router, not attention)")
+    if scores.sinks is not None and scores.sinks_dim != softmax_dim:
+        raise UnsupportedSite("the sink logits are concatenated on another axis than the keys")
+    batch_classes = _shared_classes(qk, (first.layout, second.layout), space)
+    dim_classes = _contracted_classes(qk, (first.layout, second.layout), space)
+
+    pv = as_contraction(probabilities_path[-1])
+    feeding = probabilities_path[-2] if len(probabilities_path) > 1 else softmax
+    probabilities_layout, dropout_p = follow_probabilities(probabilities_path, scores.layout, scores, space)
+    probability_index = 0 if pv.operands[0] is feeding else 1
+    other = pv.operands[1 - probability_index]
+    if other is feeding:
+        raise NotAttention("the probabilities are contracted with themselves")
+    value = trace_operand(other, space, "V")
+    if is_parameter(value.root):
+        raise NotAttention("the values are a weight (a weighted sum with parameters, not attention)")
+    if value.scale != 1.0:
+        raise UnsupportedSite("the values are scaled by a constant")
+    layouts = [None, None]
+    layouts[probability_index], layouts[1 - probability_index] = probabilities_layout, value.layout
+    output_layout = contraction_layout(pv, tuple(layouts), space)
+    pv_contracted = _contracted_classes(pv, tuple(layouts), space)
+    pv_free_probabilities = _free_classes(pv, probability_index, tuple(layouts), space)
+    pv_free_values = _free_classes(pv, 1 - probability_index, tuple(layouts), space)
+    pv_shared = _shared_classes(pv, tuple(layouts), space)
+
+    # Re-read every class after the second contraction's unifications.
+    def classes(atoms):
+        return [space.find(atom) for atom in atoms]
+
+    key_classes = _unique(classes(key_classes))
+    if set(classes(pv_contracted)) != set(key_classes):
+        raise UnsupportedSite("the contraction with V does not sum over the keys")
+    query_classes = _unique(classes(query_classes))
+    if set(classes(pv_free_probabilities)) != set(query_classes):
+        raise UnsupportedSite("the contraction with V does not keep the queries")
+    batch_classes = _unique(classes(batch_classes))
+    if set(classes(pv_shared)) != set(batch_classes):
+        raise UnsupportedSite("the contraction with V pairs other axes than the Q·K batch axes")
+    axes = Axes(batch_classes, query_classes, key_classes, _unique(classes(dim_classes)),
+                _unique(classes(pv_free_values)))
+    return _site(softmax, scores, query, key, value, axes, space, output_layout, pv, dropout_p)
+
+
+def _unique(items: list) -> list:
+    seen, result = set(), []
+    for item in items:
+        if id(item) not in seen:
+            seen.add(id(item))
+            result.append(item)
+    return result
+
+
+def _letters(contraction: Contraction, layouts) -> list[dict]:
+    return [dict(zip(spec, layout)) for spec, layout in zip(contraction.specs, layouts)]
+
+
+def _free_classes(contraction: Contraction, index: int, layouts, space: AtomSpace) -> list:
+    mine, theirs = _letters(contraction, layouts)[index], _letters(contraction, layouts)[1 - index]
+    found = []
+    for letter, atoms in mine.items():
+        if letter not in theirs and letter in contraction.output:
+            found.extend(space.leaf_classes(atoms))
+    return found
+
+
+def _shared_classes(contraction: Contraction, layouts, space: AtomSpace) -> list:
+    first, second = _letters(contraction, layouts)
+    found = []
+    for letter in contraction.output:
+        if letter in first and letter in second:
+            found.extend(space.leaf_classes(first[letter]) or space.leaf_classes(second[letter]))
+    return found
+
+
+def _contracted_classes(contraction: Contraction, layouts, space: AtomSpace) -> list:
+    first, second = _letters(contraction, layouts)
+    found = []
+    for letter in first:
+        if letter in second and letter not in contraction.output:
+            found.extend(space.leaf_classes(first[letter]))
+    return found
+
+
+def _member(space: AtomSpace, cls: Atom, root_leaves: list) -> Optional[Atom]:
+    ids = {id(atom) for atom in root_leaves}
+    members = [atom for atom in space.class_of(cls) if id(atom) in ids]
+    if len(members) > 1:
+        raise UnsupportedSite("one axis of a root appears twice in the attention")
+    return members[0] if members else None
+
+
+def _root_leaves(operand: Operand) -> list:
+    return leaves([atom for axis in operand.root_atoms for atom in axis])
+
+
+def _site(softmax, scores: Scores, query: Operand, key: Operand, value: Operand, axes: Axes, space: AtomSpace,
+          output_layout: list, pv: Contraction, dropout_p: float) -> AttentionSite:
+    find = space.find
+    query_leaves, key_leaves, value_leaves = _root_leaves(query), _root_leaves(key), _root_leaves(value)
+    for name, root_leaves, allowed in (
+        ("q", query_leaves, axes.batch + axes.query + axes.dim),
+        ("k", key_leaves, axes.batch + axes.key + axes.dim),
+        ("v", value_leaves, axes.batch + axes.key + axes.value_dim),
+    ):
+        allowed_ids = {id(cls) for cls in allowed}
+        for leaf in root_leaves:
+            if id(find(leaf)) not in allowed_ids:
+                raise UnsupportedSite(f"a factor of {name} ({leaf.size}) is neither batch, heads, position nor dim")
+    for cls in axes.query + axes.dim:
+        if _member(space, cls, query_leaves) is None:
+            raise UnsupportedSite("the queries broadcast over a position or dim axis")
+    for cls in axes.key + axes.dim:
+        if _member(space, cls, key_leaves) is None:
+            raise UnsupportedSite("the keys broadcast over a position or dim axis")
+    for cls in axes.key + axes.value_dim:
+        if _member(space, cls, value_leaves) is None:
+            raise UnsupportedSite("the values broadcast over a position or dim axis")
+    real_kv = []
+    for cls in axes.batch:
+        if _member(space, cls, query_leaves) is None:
+            raise UnsupportedSite("the queries broadcast over a batch or head axis that k and v have")
+        has_key = _member(space, cls, key_leaves) is not None
+        has_value = _member(space, cls, value_leaves) is not None
+        if has_key != has_value:
+            raise UnsupportedSite("k and v do not share their batch and head axes")
+        real_kv.append(has_key)
+
+    # Index symbols for the mask analysis: one per class.
+    symbols = {}
+    sizes = {}
+    names = iter([f"b{n}" for n in range(len(axes.batch))])
+    for cls in axes.batch:
+        symbols[id(cls)] = index_symbol(next(names))
+    for number, cls in enumerate(axes.query):
+        symbols[id(cls)] = index_symbol("i" if len(axes.query) == 1 else f"i{number}")
+    for number, cls in enumerate(axes.key):
+        symbols[id(cls)] = index_symbol("j" if len(axes.key) == 1 else f"j{number}")
+    for cls in axes.batch + axes.query + axes.key:
+        sizes[symbols[id(cls)]] = cls.size
+    index_space = IndexSpace(tuple(symbols[id(cls)] for cls in axes.batch),
+                             tuple(symbols[id(cls)] for cls in axes.query),
+                             tuple(symbols[id(cls)] for cls in axes.key), sizes)
+    terms = []
+    for kind, node, coefficient, fill, layout in scores.terms:
+        dims = tuple(tuple(symbols[id(find(leaf))] for leaf in leaves(axis)) for axis in layout)
+        terms.append(MaskTerm(kind, node, dims, coefficient, fill if fill is not None else -math.inf))
+    analysis = analyze_mask(softmax.graph.owning_module, terms, index_space)
+
+    # Groups: batch (symbolic sizes, or the padding's batch axis), heads (int sizes; kv-carrying first).
+    batch_group, head_group = _groups(axes.batch, real_kv, query_leaves, analysis, symbols)
+    mask = analysis.spec
+    if analysis.key_padding is not None and [symbols[id(cls)] for cls in batch_group] != \
+            [analysis.key_padding.batch_symbol]:
+        mask = MaskSpec(kind="arbitrary", tensor=mask.tensor,
+                        proof=mask.proof + "; but the padding's batch axis is not the only batch axis, so the mask "
+                                           "tensor is kept exactly")
+        analysis = MaskAnalysis(mask, None, tuple(terms))
+    heads_size = product(cls.size for cls in head_group)
+    kv_heads_size = product(cls.size for cls in head_group if _is_real(space, cls, key_leaves))
+    notes = list(scores.notes)
+    unsupported = None
+    if not isinstance(heads_size, int) or not isinstance(kv_heads_size, int):
+        unsupported = "the number of heads is symbolic"
+        heads_size, kv_heads_size = 1, 1
+    batch_size = product(cls.size for cls in batch_group)
+    q_len = product(cls.size for cls in axes.query)
+    kv_len = product(cls.size for cls in axes.key)
+    head_dim = product(cls.size for cls in axes.dim)
+    value_dim = product(cls.size for cls in axes.value_dim)
+    if not isinstance(head_dim, int) or not isinstance(value_dim, int):
+        unsupported = unsupported or "the head dim is symbolic"
+        head_dim = value_dim = 1
+
+    compute_dtype = query.dtype
+    adapter = _adapter(softmax.graph, query, key, value, axes, space, batch_group, head_group, output_layout, pv,
+                       analysis, index_space, symbols, compute_dtype)
+    if isinstance(adapter, str):
+        unsupported = unsupported or adapter
+        adapter = None
+    hints = {}
+    for node in (query.root, key.root, value.root):
+        hints.update(size_hints(node))
+    if scores.softcap is not None:
+        notes.append(f"tanh soft-capping at {scores.softcap:g}")
+    if scores.sinks is not None:
+        notes.append(f"attention-sink logits {scores.sinks.name} are concatenated to the scores")
+    notes.extend(analysis.notes)
+    return AttentionSite(
+        name=module_path(pv.node) or module_path(softmax),
+        source=source_line(softmax),
+        form=_form(scores, pv),
+        node=pv.node.name,
+        query=query.root.name,
+        key=key.root.name,
+        value=value.root.name,
+        batch=batch_size,
+        heads=heads_size,
+        kv_heads=kv_heads_size,
+        q_len=q_len,
+        kv_len=kv_len,
+        head_dim=head_dim,
+        value_dim=value_dim,
+        scale=float(scores.scale),
+        mask=mask,
+        layout=_layout_text(query, axes, space, batch_group, head_group),
+        dropout_p=dropout_p,
+        softcap=scores.softcap,
+        sinks=scores.sinks.name if scores.sinks is not None else None,
+        dtype=str(compute_dtype).replace("torch.", "") if compute_dtype is not None else dtype_name(query.node),
+        hints=tuple(sorted(hints.items())),
+        notes=tuple(notes),
+        unsupported=unsupported,
+        adapter=adapter,
+    )
+
+
+def _is_real(space: AtomSpace, cls: Atom, root_leaves: list) -> bool:
+    return _member(space, cls, root_leaves) is not None
+
+
+def _groups(batch_classes: list, real_kv: list, query_leaves: list, analysis: MaskAnalysis, symbols: dict):
+    """Which independent classes form the op's batch dim and which its heads dim (kv-carrying heads outer)."""
+    padding_symbol = analysis.key_padding.batch_symbol if analysis.key_padding is not None else None
+    batch_group, head_group = [], []
+    for cls, real in zip(batch_classes, real_kv):
+        symbolic = not isinstance(cls.size, int)
+        if real and (symbolic or symbols[id(cls)] == padding_symbol):
+            batch_group.append(cls)
+        else:
+            head_group.append(cls)
+    if not batch_group and padding_symbol is None:
+        for cls, real in zip(batch_classes, real_kv):
+            if real and len(head_group) > 1:
+                batch_group.append(cls)
+                head_group.remove(cls)
+                break
+    real = {id(cls) for cls, has in zip(batch_classes, real_kv) if has}
+    head_group = [cls for cls in head_group if id(cls) in real] + [cls for cls in head_group if id(cls) not in real]
+    return batch_group, head_group
+
+
+def _layout_text(query: Operand, axes: Axes, space: AtomSpace, batch_group, head_group) -> str:
+    shape = node_shape(query.root)
+    return f"q root {query.root.name} {tuple(shape) if shape else ''} -> (batch, heads, sequence, head_dim)"
+
+
+# -- adapters ----------------------------------------------------------------------------------------------------------
+
+def _dtype_text(dtype: Optional[torch.dtype]) -> Optional[str]:
+    return None if dtype is None else str(dtype).replace("torch.", "")
+
+
+def _operand_steps(operand: Operand, groups: list, space: AtomSpace, dtype: Optional[torch.dtype]) -> TensorAdapter:
+    """Root -> (prod groups[0], prod groups[1], ...): reshape to the root's factors, permute, reshape, cast."""
+    root_leaves = _root_leaves(operand)
+    order = []
+    for group in groups:
+        for cls in group:
+            member = _member(space, cls, root_leaves)
+            if member is not None:
+                order.append(root_leaves.index(member))
+    if sorted(order) != list(range(len(root_leaves))):
+        raise UnsupportedSite(f"the factors of {operand.root.name} do not map onto (batch, heads, sequence, dim)")
+    shape = [product(leaf.size for leaf in [root_leaves[position] for position in order
+                                             if any(space.find(root_leaves[position]) is cls for cls in group)])
+             for group in groups]
+    root_dtype = tensor_meta(operand.root).dtype if tensor_meta(operand.root) is not None else None
+    cast = _dtype_text(dtype) if dtype is not None and dtype != root_dtype else None
+    return TensorAdapter(operand.root.name, build_steps([leaf.size for leaf in root_leaves], order, shape, cast))
+
+
+def _adapter(graph, query, key, value, axes, space, batch_group, head_group, output_layout, pv, analysis,
+             index_space, symbols, compute_dtype):
+    try:
+        kv_heads = [cls for cls in head_group if _is_real(space, cls, _root_leaves(key))]
+        query_adapter = _operand_steps(query, [batch_group, head_group, axes.query, axes.dim], space, compute_dtype)
+        key_adapter = _operand_steps(key, [batch_group, kv_heads, axes.key, axes.dim], space, compute_dtype)
+        value_adapter = _operand_steps(value, [batch_group, kv_heads, axes.key, axes.value_dim], space,
+                                       compute_dtype)
+        output_adapter = _output_steps(pv, output_layout, space, [batch_group, head_group, axes.query,
+                                                                  axes.value_dim], compute_dtype)
+        term_adapters = tuple(
+            MaskTermAdapter(term.kind, _term_steps(term, index_space, symbols, batch_group, head_group, axes),
+                            term.coefficient)
+            for term in analysis.kept_terms
+        )
+        padding = None
+        if analysis.key_padding is not None:
+            finding = analysis.key_padding
+            batch_size = product(cls.size for cls in batch_group)
+            kv_len = product(cls.size for cls in axes.key)
+            padding = KeyPaddingAdapter(finding.node.name, finding.relation, finding.value, finding.negate,
+                                        (batch_size, kv_len))
+    except UnsupportedSite as error:
+        return str(error)
+    adapter = SiteAdapter(query_adapter, key_adapter, value_adapter, output_adapter, term_adapters, padding)
+    return _with_symbols(adapter, graph)
+
+
+def _output_steps(pv: Contraction, output_layout: list, space: AtomSpace, groups: list,
+                  compute_dtype: Optional[torch.dtype]) -> TensorAdapter:
+    """Op output (batch, heads, queries, value_dim) -> the site node's layout and dtype."""
+    output_leaves = leaves([atom for axis in output_layout for atom in axis])
+    output_classes = [space.find(leaf) for leaf in output_leaves]
+    flat = [cls for group in groups for cls in group]
+    if len(flat) != len(output_classes) or {id(c) for c in flat} != {id(c) for c in output_classes}:
+        raise UnsupportedSite("the attention output does not consist of batch, heads, queries and value dim")
+    permutation = [next(position for position, cls in enumerate(flat) if cls is wanted) for wanted in output_classes]
+    shape = node_shape(pv.node)
+    dtype = tensor_meta(pv.node).dtype
+    cast = _dtype_text(dtype) if dtype != compute_dtype else None
+    return TensorAdapter("", build_steps([cls.size for cls in flat], permutation, list(shape), cast))
+
+
+def _term_steps(term: MaskTerm, index_space: IndexSpace, symbols: dict, batch_group, head_group, axes) -> TensorAdapter:
+    """A kept mask term -> (batch | 1, heads | 1, queries, keys), expanding partly broadcast groups."""
+    by_symbol = {symbol: cls for cls in batch_group + head_group + axes.query + axes.key
+                 for symbol in [symbols[id(cls)]]}
+    term_symbols = [symbol for dim in term.dims for symbol in dim]
+    groups = [[symbols[id(cls)] for cls in group] for group in (batch_group, head_group, axes.query, axes.key)]
+    order = [symbol for group in groups for symbol in group if symbol in term_symbols]
+    permutation = [term_symbols.index(symbol) for symbol in order]
+    view, expand, shape = [], [], []
+    needs_expand = False
+    for group in groups:
+        present = [symbol in term_symbols for symbol in group]
+        full = all(present) or not any(present)
+        for symbol, here in zip(group, present):
+            size = by_symbol[symbol].size
+            view.append(size if here else 1)
+            expand.append(size if (here or not full) else 1)
+            needs_expand = needs_expand or (not here and not full)
+        shape.append(product(size for size in
+                             [by_symbol[symbol].size for symbol, here in zip(group, present) if here or not full]))
+    leaf_sizes = [index_space.sizes[symbol] for symbol in term_symbols]
+    steps = build_steps(leaf_sizes, permutation, shape, None, expand if needs_expand else None,
+                        view if needs_expand else None)
+    return TensorAdapter(term.node.name, steps)
+
+
+def _with_symbols(adapter: SiteAdapter, graph: torch.fx.Graph) -> SiteAdapter:
+    """Record where each size symbol the recipes use can be read from (a placeholder's dim)."""
+    import dataclasses
+
+    needed = set()
+    for part in (adapter.query, adapter.key, adapter.value, adapter.output):
+        needed |= _step_symbols(part.steps if part else ())
+    for term in adapter.mask_terms:
+        needed |= _step_symbols(term.tensor.steps)
+    if adapter.key_padding is not None:
+        for size in adapter.key_padding.shape:
+            needed |= sympy.sympify(size).free_symbols
+    sources = {}
+    for node in graph.nodes:
+        if node.op != "placeholder":
+            continue
+        value = tensor_meta(node)
+        if value is None:
+            continue
+        for dim, size in enumerate(value.shape):
+            expr = size_expr(size)
+            if isinstance(expr, sympy.Symbol) and expr in needed and expr not in sources:
+                sources[expr] = (str(expr), node.name, dim)
+    missing = needed - set(sources)
+    if missing:
+        raise UnsupportedSite(f"the sizes {sorted(map(str, missing))} cannot be read from an input")
+    return dataclasses.replace(adapter, symbols=tuple(sorted(sources.values())))
+
+
+def _step_symbols(steps: tuple) -> set:
+    found = set()
+    for kind, argument in steps:
+        if kind in ("reshape", "expand"):
+            for size in argument:
+                if isinstance(size, sympy.Basic):
+                    found |= size.free_symbols
+    return found
+
+
+def unsupported_site(softmax: torch.fx.Node, scores_path: list, probabilities_path: list, reason: str):
+    """A site for attention that was recognized but cannot be rewritten: recorded, left exact."""
+    qk = scores_path[0]
+    pv = probabilities_path[-1]
+    operands = [argument for argument in as_contraction(qk).operands]
+    values = [argument for argument in as_contraction(pv).operands if argument is not probabilities_path[-2]] \
+        if len(probabilities_path) > 1 else [a for a in as_contraction(pv).operands if a is not softmax]
+    shape = node_shape(qk) or (1, 1)
+    value_shape = node_shape(pv) or (1,)
+    return AttentionSite(
+        name=module_path(pv) or module_path(softmax),
+        source=source_line(softmax),
+        form="manual",
+        node=pv.name,
+        query=operands[0].name,
+        key=operands[1].name,
+        value=values[0].name if values else pv.name,
+        batch=shape[0] if len(shape) > 2 else 1,
+        heads=1,
+        kv_heads=1,
+        q_len=shape[-2],
+        kv_len=shape[-1],
+        head_dim=1,
+        value_dim=value_shape[-1] if isinstance(value_shape[-1], int) else 1,
+        scale=None,
+        mask=MaskSpec(kind="arbitrary", proof="not analyzed: the site is unsupported"),
+        dtype=dtype_name(qk),
+        unsupported=reason,
+        notes=(f"recognized as attention but not handled: {reason}",),
+    )
