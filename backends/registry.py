@@ -185,7 +185,7 @@ def _sliding_window_offer(site: AttentionSite, context: PlanContext) -> Offer:
         window = mask.window
         return Offer(implementation, "exact", (("window", window), ("sinks", 0), ("imposed", False)))
     if mask.kind not in ("none", "causal", "padding") or keeps_mask_tensor(site):
-        return Offer(implementation, "approximate", not_applicable=f"a window over a {mask.describe()} mask is not "
+        return Offer(implementation, "approximate", not_applicable=f"a window over the site's {mask.describe()} mask is not "
                                                                   "offered (only none, causal or padding masks)")
     if context.window is None:
         return Offer(implementation, "approximate",

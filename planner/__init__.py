@@ -6,6 +6,7 @@ and device memory, and rewrite it into the variant that runs it best.
     print(fast.report.summary())
 """
 from planner.api import find_attention, optimize
+from planner.calibration import calibrate
 from planner.devices import DeviceSpec, device_spec, known_devices
 from planner.errors import (
     BackendError,

@@ -118,7 +118,8 @@ def visible_pairs(q_len: Number, kv_len: Number, causal: bool, window: Optional[
 
     causal: query i sees keys 0..i: L(L+1)/2. Causal window W: min(i+1, W) keys: L·W − W(W−1)/2 once L ≥ W.
     Non-causal window (|i − j| < W): 2W − 1 keys away from the edges: L(2W−1) − W(W−1) once L ≥ W.
-    Sinks add the first `sinks` keys to every row that would not see them: about (L − W)·sinks.
+    Sinks add the first S keys to every row that would not see them: with m = L − W, key j < S is added to the
+    max(0, m − j) rows past its window: m(m+1)/2 in all while m < S, then S·m − S(S−1)/2.
     """
     q_len, kv_len = sympy.sympify(q_len), sympy.sympify(kv_len)
     if window is not None:
@@ -129,7 +130,9 @@ def visible_pairs(q_len: Number, kv_len: Number, causal: bool, window: Optional[
             inside = q_len * (2 * window - 1) - window * (window - 1)
             pairs = sympy.Piecewise((q_len * kv_len, q_len <= window), (inside, True))
         if sinks:
-            pairs = pairs + sinks * sympy.Max(0, q_len - window)
+            past = q_len - window
+            pairs = pairs + sympy.Piecewise((0, past <= 0), (past * (past + 1) / 2, past < sinks),
+                                            (sinks * past - sympy.Rational(sinks * (sinks - 1), 2), True))
         return pairs
     if causal:
         return q_len * (kv_len + 1) / 2

@@ -46,7 +46,8 @@ def costs(shape: CostShape) -> Costs:
 def blockwise_tile_bytes(shape: CostShape) -> sympy.Expr:
     """One blockwise step's fp32 working set. Plain-PyTorch tiles: the score temporaries, the query tile and its
     partial output, the key/value tile (repeated to every query head under grouped-query attention). Fused CPU tiles:
-    the partial outputs being merged, and k, v converted to fp32 where the inputs are not fp32 already."""
+    the partial outputs being merged, k, v converted to fp32 where the inputs are not fp32 already, and one key
+    tile repeated to the query heads under grouped-query attention."""
     query_block = sympy.Min(shape.q_len, BLOCKWISE_QUERY_BLOCK)
     key_block = sympy.Min(shape.kv_len, BLOCKWISE_KEY_BLOCK)
     heads = shape.batch * shape.heads
@@ -54,7 +55,10 @@ def blockwise_tile_bytes(shape: CostShape) -> sympy.Expr:
         outputs = FUSED_OUTPUT_TILES * heads * query_block * shape.value_dim * 4
         converted = 0 if shape.dtype_bytes == 4 else (
             shape.batch * shape.kv_heads * shape.kv_len * (shape.head_dim + shape.value_dim) * 4)
-        return outputs + converted
+        # Causal diagonal tiles repeat grouped k/v heads to the query heads (full tiles fold queries instead).
+        grouped = shape.kv_heads != shape.heads and shape.causal
+        repeated = heads * key_block * (shape.head_dim + shape.value_dim) * 4 if grouped else 0
+        return outputs + converted + repeated
     scores = BLOCKWISE_SCORE_TILES * heads * query_block * key_block * 4
     query_side = heads * query_block * (shape.head_dim + shape.value_dim + 2) * 4
     key_side = heads * key_block * (shape.head_dim + shape.value_dim) * 4
