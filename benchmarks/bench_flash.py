@@ -66,19 +66,13 @@ def try_bench(name, impl, length, causal, window, fn, backward=False, note=""):
     torch.cuda.empty_cache()
 
 
-LOOPS = {True: "1 loop", False: "3 loops"}
-
-
-def ours_forward(length, causal, window, name, single_loops=(True, False)):
+def ours_forward(length, causal, window, name):
     q, k, v = inputs(length)
-    for single in single_loops:  # both loop structures, same inputs, same run
-        flash_triton.SINGLE_LOOP["forward"] = single
-        with torch.no_grad():
-            fn = lambda: tiled_attention(q, k, v, causal=causal, window=window, impl="triton")  # noqa: E731
-            fn()
-            try_bench(name, f"triton (ours, {LOOPS[single]})", length, causal, window, fn,
-                      note=f"cfg={flash_triton._TUNED.get(next(reversed(flash_triton._TUNED)))}")
-    flash_triton.SINGLE_LOOP["forward"] = True
+    with torch.no_grad():
+        fn = lambda: tiled_attention(q, k, v, causal=causal, window=window, impl="triton")  # noqa: E731
+        fn()
+        try_bench(name, "triton (ours)", length, causal, window, fn,
+                  note=f"cfg={flash_triton._TUNED.get(next(reversed(flash_triton._TUNED)))}")
 
 
 def sdpa_forward(length, backend, label, name):
@@ -137,18 +131,15 @@ def main() -> int:
     if want("backward"):
         length = 16384
         name = "bwd causal 16k"
-        for single in (True, False):
-            flash_triton.SINGLE_LOOP.update(dkdv=single, dq=single)
-            backward_case(length, True, None, name, f"triton (ours, {LOOPS[single]})",
-                          lambda q, k, v: tiled_attention(q, k, v, causal=True, impl="triton"))
-        flash_triton.SINGLE_LOOP.update(dkdv=True, dq=True)
+        backward_case(length, True, None, name, "triton (ours)",
+                      lambda q, k, v: tiled_attention(q, k, v, causal=True, impl="triton"))
         for backend, label in ((SDPBackend.CUDNN_ATTENTION, "SDPA cuDNN"), (SDPBackend.FLASH_ATTENTION, "SDPA flash")):
             def theirs(q, k, v, backend=backend):
                 with sdpa_kernel(backend):
                     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
             with sdpa_kernel(backend):
                 backward_case(length, True, None, name, label, theirs)
-        backward_case(32768, True, 4096, "bwd window 4096 32k", "triton (ours, 1 loop)",
+        backward_case(32768, True, 4096, "bwd window 4096 32k", "triton (ours)",
                       lambda q, k, v: tiled_attention(q, k, v, causal=True, window=4096, impl="triton"))
     print(f"\nbench time {time.time() - start:.0f}s")
     for name, key, timings in flash_triton.TUNING_LOG:

@@ -71,19 +71,8 @@ CASES = [
 ]
 
 
-@pytest.fixture(params=[True, False], ids=["one-loop", "three-loops"])
-def loop_structure(request, monkeypatch):
-    """Both loop structures of every kernel (one pipelined loop with a mask branch, or edge/interior/edge loops)."""
-    from backends.flash import triton as flash_triton
-
-    monkeypatch.setitem(flash_triton.SINGLE_LOOP, "forward", request.param)
-    monkeypatch.setitem(flash_triton.SINGLE_LOOP, "dkdv", request.param)
-    monkeypatch.setitem(flash_triton.SINGLE_LOOP, "dq", request.param)
-    return request.param
-
-
 @pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
-def test_forward_and_backward_match_float64_reference(case, loop_structure):
+def test_forward_and_backward_match_float64_reference(case):
     batch, heads, kv_heads, q_len, kv_len, head_dim, causal, window, sinks, padding, config = case
     q, k, v = _inputs(batch, heads, kv_heads, q_len, kv_len, head_dim)
     key_padding_mask = (torch.rand(batch, kv_len, device=DEVICE) > 0.3) if padding else None
@@ -129,7 +118,7 @@ def test_rows_without_visible_keys_give_zero_and_zero_gradients():
 
 @pytest.mark.filterwarnings("ignore:All-NaN slice")
 @pytest.mark.parametrize("causal", [True, False])
-def test_blocks_outside_the_band_are_skipped_not_masked(causal, loop_structure):
+def test_blocks_outside_the_band_are_skipped_not_masked(causal):
     """Poison keys/values that no query of a block can see with NaN: a computed-and-masked tile would give
     0 * NaN = NaN; a skipped tile leaves the rows finite and equal to the reference on clean inputs."""
     q, k, v = _inputs(1, 1, 1, 96, 96, 16)
