@@ -33,8 +33,8 @@ def merge_partial_attention(out_a, lse_a, out_b, lse_b):
     """Softmax attention over the union of two disjoint key sets, from each set's normalized output and lse."""
     lse_a, lse_b = lse_a.clamp_min(LSE_FLOOR), lse_b.clamp_min(LSE_FLOOR)
     lse = torch.logaddexp(lse_a, lse_b)
-    out = out_a * torch.exp(lse_a - lse)[..., None] + out_b * torch.exp(lse_b - lse)[..., None]
-    return out, lse
+    # out_a * w_a + out_b * w_b with w_a + w_b = 1, in one pass over the outputs.
+    return torch.lerp(out_a, out_b, torch.exp(lse_b - lse)[..., None]), lse
 
 
 def merge_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -51,7 +51,8 @@ def _tiled_attention(q, k, v, *, causal=False, key_padding_mask=None):
 def _gather_rows(tensor: torch.Tensor, order: torch.Tensor, padded_len: int) -> torch.Tensor:
     """tensor (batch, heads, n, d) rows in `order` (batch, heads, n), zero-padded to padded_len rows."""
     gathered = tensor.gather(2, order[..., None].expand(*order.shape, tensor.shape[-1]))
-    return F.pad(gathered, (0, 0, 0, padded_len - order.shape[-1]))
+    missing = padded_len - order.shape[-1]
+    return F.pad(gathered, (0, 0, 0, missing)) if missing else gathered
 
 
 def non_causal_hyper(q, k, v, key_valid: Optional[torch.Tensor], *, block_size: int, sample_size: int,
@@ -105,8 +106,9 @@ def causal_hyper(q, k, v, *, block_size: int, sample_size: int, num_projections:
     batch, heads, seq_len, head_dim = q.shape
     levels, leaf = causal_levels(seq_len, min_seq_len)
     padded = leaf * 2 ** levels
-    pad = (0, 0, 0, padded - seq_len)
-    q, k, v = F.pad(q, pad), F.pad(k, pad), F.pad(v, pad)
+    if padded > seq_len:
+        pad = (0, 0, 0, padded - seq_len)
+        q, k, v = F.pad(q, pad), F.pad(k, pad), F.pad(v, pad)
     # Padded keys sit at the end: in the causal leaves only padded queries see them.
     leaf_view = (batch, heads * 2 ** levels, leaf, head_dim)
     out, lse = _tiled_attention(q.view(leaf_view), k.view(leaf_view), v.view(leaf_view), causal=True)

@@ -20,10 +20,15 @@ import torch
 
 
 def projection_directions(seed: int, head_dim: int, num_projections: int, device, dtype) -> torch.Tensor:
-    """(head_dim, num_projections) standard normal directions, a pure function of the seed."""
+    """(head_dim, num_projections) standard normal directions, a pure function of the seed.
+
+    Rounded to bfloat16-representable values, so that every dtype hashes with the very same directions (only the
+    products' rounding differs, which moves a sign only for a projection within rounding of zero).
+    """
     generator = random.Random(seed)
     values = [generator.gauss(0.0, 1.0) for _ in range(head_dim * num_projections)]
-    return torch.tensor(values, dtype=torch.float32, device=device).view(head_dim, num_projections).to(dtype)
+    directions = torch.tensor(values, dtype=torch.float32).to(torch.bfloat16).to(torch.float32)
+    return directions.view(head_dim, num_projections).to(device=device, dtype=dtype)
 
 
 def gray_rank_table(num_projections: int, device) -> torch.Tensor:

@@ -100,7 +100,7 @@ def _state_forward_kernel(
                  state.to(states_ptr.dtype.element_ty), mask=state_mask)
         last = chunk * CHUNK + CHUNK - 1
         update = tl.zeros([BK, BV], dtype=ACC)
-        for start in range(0, CHUNK, ROWS):
+        for start in tl.static_range(0, CHUNK, ROWS):  # unrolled: the chunk loop is the one pipelined
             rows = chunk * CHUNK + start + tl.arange(0, ROWS)
             keys_block = _load_rows(k_base, rows, keys, seq_len, K, K)
             values_block = _load_values(v_base, scale_base, rows, values, seq_len, V, VALUE_SCALE, ACC)
@@ -238,7 +238,7 @@ def _state_backward_kernel(
                  grad_state.to(grad_states_ptr.dtype.element_ty), mask=state_mask)
         last = chunk * CHUNK + CHUNK - 1
         update = tl.zeros([BK, BV], dtype=ACC)
-        for start in range(0, CHUNK, ROWS):
+        for start in tl.static_range(0, CHUNK, ROWS):  # unrolled: the chunk loop is the one pipelined
             rows = chunk * CHUNK + start + tl.arange(0, ROWS)
             queries = _load_rows(q_base, rows, keys, seq_len, K, K)
             grad_out = _load_rows(do_base, rows, values, seq_len, V, V)
@@ -462,7 +462,7 @@ def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
 def _dot_settings(dtype: torch.dtype):
     # float32 inputs use exact (not tf32) products: the float32 path is the precise one; bf16/fp16 is the fast one.
     accumulator = tl.float64 if dtype == torch.float64 else tl.float32
-    precision = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+    precision = "ieee" if dtype == torch.float32 else None
     return precision, accumulator
 
 
@@ -488,6 +488,27 @@ def cumulative_decay(log_decay: Optional[torch.Tensor], chunk_size: int, num_chu
     return chunked.view(padded.shape).contiguous()
 
 
+# Launch parameters per kernel (the benchmark overrides them to sweep). Values chosen on an H200 at 128k, bf16.
+LAUNCH = {
+    "state": dict(BK=64, BV=64, num_warps=4, num_stages=3),
+    "output": dict(BV=64, num_warps=4, num_stages=2),
+    "state_backward": dict(BK=64, BV=64, num_warps=4, num_stages=3),
+    "value_backward": dict(BV=64, num_warps=4, num_stages=2),
+    "query_key_backward": dict(num_warps=8, num_stages=2),
+}
+
+
+def _launch(name: str, key_dim: int = 0, value_dim: int = 0):
+    """(block sizes clipped to the head dims, compiler options) for one kernel."""
+    settings = dict(LAUNCH[name])
+    options = dict(num_warps=settings.pop("num_warps"), num_stages=settings.pop("num_stages"))
+    if "BK" in settings:
+        settings["BK"] = min(settings["BK"], triton.next_power_of_2(key_dim))
+    if "BV" in settings:
+        settings["BV"] = min(settings["BV"], triton.next_power_of_2(value_dim))
+    return settings, options
+
+
 def _or_dummy(tensor: Optional[torch.Tensor], dummy: torch.Tensor) -> torch.Tensor:
     """Kernels take a pointer for every optional input; a constexpr flag says whether it is read."""
     return tensor if tensor is not None else dummy
@@ -497,11 +518,8 @@ def _block_sizes(key_dim: int, value_dim: int, chunk_size: int, mode: int):
     full_key = triton.next_power_of_2(key_dim)
     full_value = triton.next_power_of_2(value_dim)
     block = CHANNEL_BLOCK if mode == DECAY_CHANNEL else min(64, chunk_size)
-    return dict(
-        state_key=min(full_key, 64), state_value=min(full_value, 64), rows=min(chunk_size, STATE_ROWS),
-        block=block, full_key=full_key, output_value=min(full_value, 64), full_value=full_value,
-        channel_slice=min(full_key, 32),
-    )
+    return dict(rows=min(chunk_size, STATE_ROWS), block=block, full_key=full_key, full_value=full_value,
+                channel_slice=min(full_key, 32))
 
 
 def _check_chunk_size(chunk_size: int) -> None:
@@ -520,13 +538,14 @@ def _state_pass(k, v, value_scale, cumulative, initial_state, chunk_size, mode, 
     states = torch.empty(batch, heads, num_chunks, key_dim, value_dim, dtype=state_dtype, device=k.device)
     final = torch.empty(batch, heads, key_dim, value_dim, dtype=accumulator, device=k.device)
     precision, acc = _dot_settings(k.dtype)
-    grid = (triton.cdiv(key_dim, sizes["state_key"]), triton.cdiv(value_dim, sizes["state_value"]), batch * heads)
+    blocks, options = _launch("state", key_dim, value_dim)
+    grid = (triton.cdiv(key_dim, blocks["BK"]), triton.cdiv(value_dim, blocks["BV"]), batch * heads)
     _state_forward_kernel[grid](
         k, v, _or_dummy(value_scale, final), cumulative, _or_dummy(initial_state, final), states, final,
         seq_len, num_chunks, heads, group,
-        K=key_dim, V=value_dim, BK=sizes["state_key"], BV=sizes["state_value"], CHUNK=chunk_size,
-        ROWS=sizes["rows"], DECAY=mode, HAS_INITIAL=initial_state is not None, VALUE_SCALE=value_scale is not None,
-        PREC=precision, ACC=acc,
+        K=key_dim, V=value_dim, CHUNK=chunk_size, ROWS=sizes["rows"], DECAY=mode,
+        HAS_INITIAL=initial_state is not None, VALUE_SCALE=value_scale is not None, PREC=precision, ACC=acc,
+        **blocks, **options,
     )
     return states, final
 
@@ -555,13 +574,13 @@ def chunk_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: 
     states, final = _state_pass(k, v, value_scale, cumulative, initial_state, chunk_size, mode, sizes, heads, group)
     out = torch.empty_like(v)
     precision, acc = _dot_settings(q.dtype)
-    grid = (triton.cdiv(value_dim, sizes["output_value"]), num_chunks * (chunk_size // sizes["block"]),
-            batch * heads)
+    blocks, options = _launch("output", value_dim=value_dim)
+    grid = (triton.cdiv(value_dim, blocks["BV"]), num_chunks * (chunk_size // sizes["block"]), batch * heads)
     _output_forward_kernel[grid](
         q, k, v, _or_dummy(value_scale, final), cumulative, states, out, seq_len, num_chunks, heads, group,
-        K=key_dim, V=value_dim, BK=sizes["full_key"], BV=sizes["output_value"], KC=sizes["channel_slice"],
-        CHUNK=chunk_size, BLOCK=sizes["block"], DECAY=mode, VALUE_SCALE=value_scale is not None,
-        PREC=precision, ACC=acc,
+        K=key_dim, V=value_dim, BK=sizes["full_key"], KC=sizes["channel_slice"], CHUNK=chunk_size,
+        BLOCK=sizes["block"], DECAY=mode, VALUE_SCALE=value_scale is not None, PREC=precision, ACC=acc,
+        **blocks, **options,
     )
     return out, final
 
@@ -594,21 +613,23 @@ def chunk_backward(grad_out: torch.Tensor, grad_final: Optional[torch.Tensor], q
     grad_initial = torch.empty(batch, heads, key_dim, value_dim, dtype=accumulator, device=q.device)
     if grad_final is not None:
         grad_final = grad_final.to(accumulator).contiguous()
-    grid = (triton.cdiv(key_dim, sizes["state_key"]), triton.cdiv(value_dim, sizes["state_value"]), batch * heads)
+    blocks, options = _launch("state_backward", key_dim, value_dim)
+    grid = (triton.cdiv(key_dim, blocks["BK"]), triton.cdiv(value_dim, blocks["BV"]), batch * heads)
     _state_backward_kernel[grid](
         q, grad_out, cumulative, _or_dummy(grad_final, grad_initial), grad_states, grad_initial,
         seq_len, num_chunks, heads, group,
-        K=key_dim, V=value_dim, BK=sizes["state_key"], BV=sizes["state_value"], CHUNK=chunk_size,
-        ROWS=sizes["rows"], DECAY=mode, HAS_GRAD_FINAL=grad_final is not None, PREC=precision, ACC=acc,
+        K=key_dim, V=value_dim, CHUNK=chunk_size, ROWS=sizes["rows"], DECAY=mode,
+        HAS_GRAD_FINAL=grad_final is not None, PREC=precision, ACC=acc, **blocks, **options,
     )
 
     blocks = num_chunks * (chunk_size // sizes["block"])
     grad_v = torch.empty_like(v)
-    grid = (triton.cdiv(value_dim, sizes["output_value"]), blocks, batch * heads)
+    value_blocks, options = _launch("value_backward", value_dim=value_dim)
+    grid = (triton.cdiv(value_dim, value_blocks["BV"]), blocks, batch * heads)
     _value_backward_kernel[grid](
         q, k, grad_out, cumulative, grad_states, grad_v, seq_len, num_chunks, heads, group,
-        K=key_dim, V=value_dim, BK=sizes["full_key"], BV=sizes["output_value"], KC=sizes["channel_slice"],
-        CHUNK=chunk_size, BLOCK=sizes["block"], DECAY=mode, PREC=precision, ACC=acc,
+        K=key_dim, V=value_dim, BK=sizes["full_key"], KC=sizes["channel_slice"], CHUNK=chunk_size,
+        BLOCK=sizes["block"], DECAY=mode, PREC=precision, ACC=acc, **value_blocks, **options,
     )
 
     # dq, dk per value head; float32 when a group's heads are summed afterwards.
@@ -625,7 +646,7 @@ def chunk_backward(grad_out: torch.Tensor, grad_final: Optional[torch.Tensor], q
         q, k, v, _or_dummy(value_scale, grad_initial), grad_out, cumulative, states, grad_states, grad_q, grad_k,
         grad_decay, seq_len, num_chunks, heads, group,
         K=key_dim, V=value_dim, BK=key_block, BV=sizes["full_value"], CHUNK=chunk_size, BLOCK=sizes["block"],
-        DECAY=mode, VALUE_SCALE=value_scale is not None, PREC=precision, ACC=acc,
+        DECAY=mode, VALUE_SCALE=value_scale is not None, PREC=precision, ACC=acc, **_launch("query_key_backward")[1],
     )
     if group > 1:
         grad_q = grad_q.view(batch, qk_heads, group, seq_len, key_dim).sum(2).to(q.dtype)
