@@ -144,8 +144,8 @@ def cost_shape(site: AttentionSite, max_len: int, variant: str = ORIGINAL, offer
     mask = site.mask
     offer = offer or Offer("", "exact")
     window = offer.parameter("window")
-    if window is None and mask.kind == "sliding_window":
-        window = mask.window
+    if window is None and mask.kind == "sliding_window" and variant != ORIGINAL:
+        window = mask.window  # the original has no window of its own: SDPA reads it from the mask tensor
     if variant == ORIGINAL:
         mask_tensor = mask.tensor is not None
     elif variant in ("flash", "sliding_window"):
@@ -216,6 +216,10 @@ def _estimate(variant, offer: Offer, site: AttentionSite, context: PlanContext, 
         reason = (f"{offer.exactness}: not under policy {context.policy!r} ({format_seconds(time_s)}, "
                   f"{format_bytes(memory_bytes)} extra at {max_len:,} tokens)")
         feasible = False
+    elif context.world_size > 1 and variant.name != "ring":
+        reason = (f"world_size={context.world_size} shards the sequence, so every site runs ring attention (on one "
+                  f"device: {format_seconds(time_s)}, {format_bytes(memory_bytes)} extra)")
+        feasible = False
     elif fits:
         reason = f"{format_seconds(time_s)}, {format_bytes(memory_bytes)} extra memory at {max_len:,} tokens"
         feasible = True
@@ -274,10 +278,12 @@ def _solve_exactly(faster: sympy.Expr, slower: sympy.Expr, low: int, high: int) 
         return []
     if polynomial.degree() < 1 or polynomial.degree() > 4:
         return []
-    roots = sympy.solve(polynomial.as_expr(), SEQUENCE_LENGTH)
+    # Solve in a symbol without L's assumptions (positive integer), which would discard the real roots between.
+    unconstrained = sympy.Symbol("x")
+    roots = sympy.Poly(polynomial.as_expr().subs(SEQUENCE_LENGTH, unconstrained), unconstrained).nroots()
     values = []
     for root in roots:
-        value = complex(sympy.N(root))
+        value = complex(root)
         if abs(value.imag) < 1e-9 * max(1.0, abs(value.real)) and low - 1 <= value.real <= high + 1:
             values.append(value.real)
     return values
@@ -290,7 +296,7 @@ def crossover_length(faster: Candidate, slower: Candidate, low: int, high: int) 
     faster_at, slower_at = as_function(faster.time_expr), as_function(slower.time_expr)
 
     def beats(length: int) -> bool:
-        return faster_at(length) < slower_at(length)
+        return faster_at(length) < slower_at(length) * (1 - TIE_TOLERANCE)
 
     for root in sorted(_solve_exactly(faster.time_expr, slower.time_expr, low, high)):
         length = max(low + 1, math.floor(root))
@@ -306,7 +312,7 @@ def crossover_length(faster: Candidate, slower: Candidate, low: int, high: int) 
     return high
 
 
-TIE_TOLERANCE = 1e-3  # estimates within 0.1% are a tie, which goes to the earlier variant (the original first)
+TIE_TOLERANCE = 1e-9  # estimates this close are a tie (the same arithmetic), which goes to the earlier variant
 
 
 def _fastest_index(times: list[float]) -> int:
@@ -369,7 +375,8 @@ def decide_site(site: AttentionSite, device: DeviceSpec, policy: str, max_len: i
     candidates = [_estimate(variant, variant.offer(site, context), site, context, budget)
                   for variant in variants_for(policy)]
     allowed = [candidate for candidate in candidates
-               if candidate.time_expr is not None and candidate.exactness in EXACTNESS_ALLOWED[policy]]
+               if candidate.time_expr is not None and candidate.exactness in EXACTNESS_ALLOWED[policy]
+               and (context.world_size == 1 or candidate.variant == "ring")]
     envelope, crossovers = cheapest_envelope(allowed, CROSSOVER_RANGE * max_len)
     feasible = [candidate for candidate in candidates if candidate.feasible]
     if not feasible:
@@ -614,7 +621,9 @@ def fit_memory(model: ModelMemory, decisions: Iterable[SiteDecision], device: De
                context: PlanContext) -> MemoryFit:
     """Whether weights + activations + kept masks + attention fit the device; where not, the ring that would."""
     decisions = list(decisions)
-    chosen = [decision.choice for decision in decisions if decision.choice is not None]
+    # A site left as it is keeps the original's memory.
+    chosen = [decision.choice if decision.choice is not None else _original(decision) for decision in decisions]
+    chosen = [choice for choice in chosen if choice is not None]
     transient = max((choice.memory_bytes or 0.0 for choice in chosen), default=0.0)
     saved = sum(getattr(choice, "saved_bytes", 0.0) or 0.0 for choice in chosen) if context.train else 0.0
     attention = transient + saved
@@ -628,7 +637,8 @@ def fit_memory(model: ModelMemory, decisions: Iterable[SiteDecision], device: De
     weights, activations = model.weights, model.activations
     total = (weights or 0.0) + (activations or 0.0) + masks + attention
     usable = device.usable_bytes
-    fits = total <= usable
+    stuck = [decision.site.name for decision in decisions if decision.choice is None]
+    fits = total <= usable and not stuck
     parts = []
     if weights is not None:
         parts.append(f"weights {format_bytes(weights)}")
@@ -645,7 +655,11 @@ def fit_memory(model: ModelMemory, decisions: Iterable[SiteDecision], device: De
                    f"{context.max_len:,} tokens{unknown}")
         return MemoryFit(usable, weights, activations, masks, attention, total, True, None, verdict, model.method)
     ring = None
-    if weights is not None and weights >= usable:
+    if stuck and total <= usable:
+        verdict = (f"does not fit {where}: no candidate fits at {len(stuck)} site(s) ({stuck[0]}"
+                   f"{', ...' if len(stuck) > 1 else ''}) beside {sum_text}; {device.name} has "
+                   f"{format_bytes(usable)} usable")
+    elif weights is not None and weights >= usable:
         verdict = (f"no plan fits: the weights alone need {format_bytes(weights)}; {device.name} has "
                    f"{format_bytes(usable)} usable. Ring attention shards the sequence, not the weights: shard the "
                    "weights (tensor or pipeline parallelism), quantize them, or use a device with more memory")
@@ -664,6 +678,10 @@ def fit_memory(model: ModelMemory, decisions: Iterable[SiteDecision], device: De
                        f"(make_plan(..., world_size={ring}))")
     return MemoryFit(usable, weights, activations, masks, attention, total, False, ring, verdict + unknown,
                      model.method)
+
+
+def _original(decision: SiteDecision) -> Optional[Candidate]:
+    return next((candidate for candidate in decision.candidates if candidate.variant == ORIGINAL), None)
 
 
 def _ring_devices_needed(model: ModelMemory, decisions: list[SiteDecision], device: DeviceSpec,
