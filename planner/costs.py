@@ -14,6 +14,7 @@ Conventions every cost function follows:
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
@@ -104,8 +105,12 @@ def evaluate(expression: Number, sequence_length: int) -> float:
 
 
 def as_function(expression: Number) -> Callable[[float], float]:
-    """A fast numeric function of the sequence length (for bisection and plots)."""
-    expression = sympy.sympify(expression)
+    """A fast numeric function of the sequence length (for bisection and plots); cached per expression."""
+    return _compiled(sympy.sympify(expression))
+
+
+@functools.lru_cache(maxsize=1024)
+def _compiled(expression: sympy.Expr) -> Callable[[float], float]:
     if SEQUENCE_LENGTH not in expression.free_symbols:
         constant = float(expression)
         return lambda _length: constant

@@ -344,6 +344,7 @@ def _plot(decision: SiteDecision, plan: Plan, plot_format: str) -> str:
     """Log-log plot of every costed candidate's time and memory over sequence length, as inline SVG or PNG."""
     try:
         from matplotlib.figure import Figure
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
     except ImportError as error:
         raise PlannerError(f"save_html needs matplotlib for its plots: {PLOT_EXTRA}") from error
     from planner.plan import memory_at, time_at
@@ -368,14 +369,23 @@ def _plot(decision: SiteDecision, plan: Plan, plot_format: str) -> str:
         axes.axvline(max_len, color="gray", linestyle=":", linewidth=1.5, label=f"max_len = {max_len:,}")
         axes.set_xscale("log", base=2)
         axes.set_yscale("log")
+        # Plain-text labels (lengths as 4k, 128k; times and bytes with units) and unlabeled minor ticks: the default
+        # mathtext labels cost seconds of text layout.
+        axes.xaxis.set_major_locator(LogLocator(base=2, numticks=8))
+        axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _: format_length(int(round(value)))
+                                                     if value >= 1 else ""))
+        axes.xaxis.set_minor_formatter(NullFormatter())
+        axes.yaxis.set_minor_formatter(NullFormatter())
         axes.set_xlabel("sequence length (tokens)")
         axes.grid(True, which="major", alpha=0.3)
-    time_axes.set_ylabel("estimated time per call (s)")
-    memory_axes.set_ylabel("extra memory per call (bytes)")
+    time_axes.yaxis.set_major_formatter(FuncFormatter(lambda value, _: _format_seconds(value)))
+    memory_axes.yaxis.set_major_formatter(FuncFormatter(lambda value, _: _format_bytes(value)))
+    time_axes.set_ylabel("estimated time per call")
+    memory_axes.set_ylabel("extra memory per call")
     time_axes.set_title("time")
     memory_axes.set_title("memory")
     memory_axes.legend(fontsize=7, loc="lower right")
-    figure.tight_layout()
+    figure.subplots_adjust(left=0.095, right=0.985, bottom=0.13, top=0.92, wspace=0.3)  # tight_layout: seconds
     buffer = io.BytesIO()
     if plot_format == "png":
         figure.savefig(buffer, format="png", dpi=110)
