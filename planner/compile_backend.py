@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence, Union
@@ -38,14 +39,14 @@ import torch
 from planner.devices import DeviceSpec, device_spec
 from planner.lengths import format_length, parse_length
 from planner.pipeline import plan_and_rewrite
-from planner.records import POLICIES, Plan, SiteDecision
+from planner.records import POLICIES, Plan
 from planner.report import Report
 
 logger = logging.getLogger("planner")
 
 BACKEND_NAME = "attention_planner"
 DEFAULT_MAX_LEN = 32 * 1024  # what a dynamic sequence length is planned for when max_len is not given
-PLANNER_OPTIONS = ("max_len", "device", "policy")  # options= keys for the planner; the others go to Inductor
+PLANNER_OPTIONS = ("max_len", "device", "policy", "variant")  # options= keys for the planner; the others go to Inductor
 OP_NAMESPACE = "attention_planner"
 
 
@@ -55,8 +56,8 @@ class GraphRecord:
 
     compile_id: Dynamo's "frame/recompile" id ("0/0", "1/0", "0/1"); report: the plan for this graph (with the
     sites left as they were if the graph fell back); fallback: why the graph went to plain Inductor unchanged, or None;
-    forward_ops / backward_ops: calls of attention_planner ops in the graphs Inductor compiled (empty when Inductor
-    took them from its cache; backward_ops stays empty for an inference graph).
+    forward_ops / backward_ops: calls of attention_planner ops in the graphs Inductor compiled (backward_ops stays
+    empty for an inference graph); from_cache: Inductor took the compiled graphs from its cache, so neither is filled.
     """
 
     compile_id: str
@@ -64,6 +65,7 @@ class GraphRecord:
     fallback: Optional[str] = None
     forward_ops: Counter = field(default_factory=Counter)
     backward_ops: Counter = field(default_factory=Counter)
+    from_cache: bool = False
 
     @property
     def frame(self) -> str:
@@ -79,6 +81,8 @@ class AttentionPlannerBackend:
         device: the target to plan for ("h200", "cpu", "cuda", a torch.device or a DeviceSpec); None plans for the
             device the graph's inputs are on.
         policy: "exact" (default), "approximate" or "any".
+        variant: force this variant wherever it applies (e.g. "flash"), as optimize(variant=...); None lets the
+            planner choose.
         inductor_options: Inductor config patches, as torch.compile's options= (e.g. {"max_autotune": True}).
         eager_backward: compile a training graph's backward at once rather than at the first backward call, so that
             a failure there falls back too and the backward graph's ops are in the record.
@@ -90,6 +94,7 @@ class AttentionPlannerBackend:
         device: Union[str, torch.device, DeviceSpec, None] = None,
         policy: str = "exact",
         *,
+        variant: Optional[str] = None,
         inductor_options: Optional[dict] = None,
         eager_backward: bool = True,
     ):
@@ -100,6 +105,7 @@ class AttentionPlannerBackend:
         self.max_len = parse_length(max_len) if max_len is not None else None
         self.device = device_spec(device) if device is not None else None
         self.policy = policy
+        self.variant = variant
         self.inductor_options = dict(inductor_options or {})
         self.eager_backward = eager_backward
         self.graphs: list[GraphRecord] = []
@@ -133,9 +139,13 @@ class AttentionPlannerBackend:
         max_len = self.max_len or DEFAULT_MAX_LEN
         try:
             rewritten = trace_to_aten(graph_module, example_inputs)
-            report = plan_and_rewrite(rewritten, device, self.policy, max_len, model_name=f"graph {compile_id}")
+            specialized_before = _specializations(rewritten)
+            report = plan_and_rewrite(rewritten, device, self.policy, max_len, model_name=f"graph {compile_id}",
+                                      train=_is_training(example_inputs), variant=self.variant)
+            _note_specializations(report, rewritten, specialized_before)
             _fill_missing_meta(rewritten)
         except Exception as error:  # noqa: BLE001 - any failure of our passes must leave the model to Inductor
+            _raise_if_dynamo_control_flow(error)
             reason = f"the planner's passes failed on this graph ({type(error).__name__}: {_first_line(error)})"
             return self._fall_back(graph_module, example_inputs, compile_id, reason, device, max_len, None)
         report = _describe_graph(report, self.max_len)
@@ -148,6 +158,7 @@ class AttentionPlannerBackend:
         try:
             compiled = self._inductor(rewritten, example_inputs, record)
         except Exception as error:  # noqa: BLE001
+            _raise_if_dynamo_control_flow(error)
             reason = f"Inductor failed on the rewritten graph ({type(error).__name__}: {_first_line(error)})"
             return self._fall_back(graph_module, example_inputs, compile_id, reason, device, max_len, report)
         self.graphs.append(record)
@@ -161,9 +172,12 @@ class AttentionPlannerBackend:
         patches = {}
         if self.eager_backward and hasattr(functorch_config, "force_non_lazy_backward_lowering"):
             patches["force_non_lazy_backward_lowering"] = True
+        hits_before = _cache_hits()
         with functorch_config.patch(patches):
-            return compile_fx(graph_module, list(example_inputs), inner_compile=_recording_inner_compile(record),
-                              config_patches=self.inductor_options or None)
+            compiled = compile_fx(graph_module, list(example_inputs), inner_compile=_recording_inner_compile(record),
+                                  config_patches=self.inductor_options or None)
+        record.from_cache = _cache_hits() > hits_before and not record.forward_ops
+        return compiled
 
     def _fall_back(self, graph_module, example_inputs, compile_id: str, reason: str, device, max_len,
                    report: Optional[Report]) -> Callable:
@@ -201,8 +215,8 @@ def last_report() -> Optional[Report]:
 
 def attention_planner_backend(graph_module: torch.fx.GraphModule, example_inputs: Sequence[Any], *,
                               mode: Optional[str] = None, options: Optional[dict] = None) -> Callable:
-    """The backend registered as "attention_planner". torch.compile's options= may hold "max_len", "device" and
-    "policy" for the planner; other keys, and mode=, configure Inductor as they do for backend="inductor"."""
+    """The backend registered as "attention_planner". torch.compile's options= may hold "max_len", "device",
+    "policy" and "variant" for the planner; other keys, and mode=, configure Inductor as for backend="inductor"."""
     options = dict(options or {})
     planner_options = {key: options.pop(key) for key in PLANNER_OPTIONS if key in options}
     if mode and mode != "default":
@@ -264,7 +278,30 @@ def trace_to_aten(graph_module: torch.fx.GraphModule, example_inputs: Sequence[A
         traced = make_fx(run_graph, pre_dispatch=True)(*fake_inputs)
     _carry_dynamo_metadata(graph_module, traced)
     _constants_not_buffers(traced)
+    _module_paths_from_model_root(traced)
     return traced
+
+
+_DYNAMO_ROOT = re.compile(r"^[LG]\['[^']*'\](\[\d+\]|\['[^']*'\])*\.?")
+_MODULES_ENTRY = re.compile(r"\._modules\['([^']+)'\]")
+
+
+def module_path_from_root(path: str) -> str:
+    """Dynamo names a module by how the compiled function reached it: "L['self'].layers[0].attn", or
+    "L['args'][0].model.layers[0].attn" through a decorated forward. The passes name sites from the model's root, as
+    torch.export does: "layers[0].attn", "model.layers[0].attn"."""
+    path = _MODULES_ENTRY.sub(r".\1", path)
+    return _DYNAMO_ROOT.sub("", path).lstrip(".")
+
+
+def _module_paths_from_model_root(traced: torch.fx.GraphModule) -> None:
+    for node in traced.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            # A new dict: the entries may be shared with Dynamo's graph.
+            node.meta["nn_module_stack"] = {
+                key: (module_path_from_root(path), *rest) for key, (path, *rest) in stack.items()
+            }
 
 
 def _constants_not_buffers(traced: torch.fx.GraphModule) -> None:
@@ -325,6 +362,29 @@ def _carry_dynamo_metadata(source: torch.fx.GraphModule, traced: torch.fx.GraphM
             new._dynamo_source = old._dynamo_source
 
 
+def _shape_env_of(graph_module: torch.fx.GraphModule):
+    from torch._guards import detect_fake_mode
+
+    values = [node.meta.get("val") for node in graph_module.graph.nodes if node.op == "placeholder"]
+    fake_mode = detect_fake_mode([value for value in values if isinstance(value, torch.Tensor)])
+    return getattr(fake_mode, "shape_env", None)
+
+
+def _specializations(graph_module: torch.fx.GraphModule) -> dict:
+    shape_env = _shape_env_of(graph_module)
+    return dict(shape_env.replacements) if shape_env is not None else {}
+
+
+def _note_specializations(report: Report, graph_module: torch.fx.GraphModule, before: dict) -> None:
+    """A pass that computes with symbolic sizes as numbers makes Dynamo's shape environment specialize them: the
+    compiled graph then guards on those values and recompiles for others. Say so where it happened."""
+    new = {symbol: value for symbol, value in _specializations(graph_module).items() if symbol not in before}
+    if new:
+        fixed = ", ".join(f"{symbol} = {value}" for symbol, value in sorted(new.items(), key=str))
+        report.notes.append(f"the planner's passes specialized {fixed} in Dynamo's shape environment: this graph "
+                            "now guards on it (a pass evaluated a symbolic size as a number)")
+
+
 def _fill_missing_meta(graph_module: torch.fx.GraphModule) -> None:
     """Give nodes the rewrite emitted a meta["val"] (the fake result of their call), as the rest of the graph has."""
     from torch._guards import detect_fake_mode
@@ -358,6 +418,12 @@ def _recording_inner_compile(record: GraphRecord):
     return inner_compile
 
 
+def _cache_hits() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["aot_autograd"]["autograd_cache_hit"] + counters["inductor"]["fxgraph_cache_hit"]
+
+
 def planner_ops(graph_module: torch.fx.GraphModule) -> Counter:
     """How often each attention_planner op ("attention_planner::flash_attention_backward", ...) is called."""
     found: Counter = Counter()
@@ -374,10 +440,8 @@ def planner_ops(graph_module: torch.fx.GraphModule) -> Counter:
 
 def left_as_is(report: Report, reason: str) -> Report:
     """The report of a graph compiled unchanged: every site kept as the model wrote it, with `reason`."""
-    decisions = tuple(
-        SiteDecision(decision.site, decision.candidates, None, f"left as it is: {reason}", decision.crossovers)
-        for decision in report.plan.decisions
-    )
+    decisions = tuple(dataclasses.replace(decision, choice=None, reason=f"left as it is: {reason}")
+                      for decision in report.plan.decisions)
     plan = dataclasses.replace(report.plan, decisions=decisions)
     return Report(plan=plan, model=report.model, notes=list(report.notes) + [f"graph compiled unchanged: {reason}"])
 
@@ -388,8 +452,12 @@ def merge_reports(reports: list[Report], model: str) -> Report:
     decisions = tuple(decision for report in reports for decision in report.plan.decisions)
     plan_notes = _unique(note for report in reports for note in report.plan.notes)
     notes = _unique(note for report in reports for note in report.notes)
-    plan = dataclasses.replace(first, decisions=decisions, notes=tuple(plan_notes),
-                               max_len=max(report.plan.max_len for report in reports))
+    changes = dict(decisions=decisions, notes=tuple(plan_notes), max_len=max(report.plan.max_len for report in reports))
+    if len(reports) > 1 and getattr(first, "memory", None) is not None:
+        # Each graph's memory fit counts its own part of the model; they do not add up to the model's.
+        changes["memory"] = None
+        notes.append("the whole-model memory fit is per graph when Dynamo splits the model: see each record's report")
+    plan = dataclasses.replace(first, **changes)
     return Report(plan=plan, model=model, notes=notes)
 
 
@@ -433,11 +501,27 @@ def _current_compile_id() -> str:
     return f"{compile_id.frame_id}/{compile_id.frame_compile_id}"
 
 
+def _is_training(example_inputs: Sequence[Any]) -> bool:
+    """Dynamo traced with gradients on and some input (a parameter, usually) needs them: aot_autograd will make a
+    backward graph."""
+    return torch.is_grad_enabled() and any(
+        isinstance(value, torch.Tensor) and value.requires_grad for value in example_inputs)
+
+
 def _device_of(example_inputs: Sequence[Any]) -> Union[str, DeviceSpec]:
     for value in example_inputs:
         if isinstance(value, torch.Tensor) and value.device.type == "cuda":
             return f"cuda:{value.device.index or 0}"
     return "cpu"
+
+
+def _raise_if_dynamo_control_flow(error: Exception) -> None:
+    """Some exceptions are Dynamo's control flow, not failures: RestartAnalysis (e.g. aot_autograd's
+    TensorifyScalarRestartAnalysis, which makes Dynamo trace again with a float specialized) must reach Dynamo, which
+    then calls the backend again with the new graph."""
+    restart = getattr(getattr(torch._dynamo, "exc", None), "RestartAnalysis", None)
+    if restart is not None and isinstance(error, restart):
+        raise error
 
 
 def _first_line(error: BaseException) -> str:

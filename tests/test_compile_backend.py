@@ -1,0 +1,345 @@
+"""The torch.compile backend on the CPU with Inductor: same values and gradients as eager, our backward in the backward
+graph, graph breaks, dynamic lengths, the FX graph cache across processes, reports, logging, fallback.
+
+An Inductor compile takes tens of seconds here, so each compiled model serves several checks.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import sympy
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import planner
+import planner.compile_backend as compile_backend
+from planner.costs import SEQUENCE_LENGTH
+from planner.demo_model import DemoConfig, DemoLlama
+
+REPO = Path(__file__).resolve().parents[1]
+TOLERANCE = dict(atol=1e-4, rtol=1e-4)
+FORWARD_OP = "attention_planner::flash_attention"
+BACKWARD_OP = "attention_planner::flash_attention_backward"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture
+def no_inductor_cache():
+    """Inductor compiles for real (no cache hit), so the graphs it compiles are seen by the backend's record."""
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        yield
+
+
+@pytest.fixture
+def backward_calls(monkeypatch):
+    """Counts calls of our backward kernel at run time (the CPU path of attention_planner::flash_attention_backward)."""
+    import backends.flash.op as flash_op
+
+    calls = Counter()
+    original = flash_op.blockwise_attention_backward
+
+    def counting(*args, **kwargs):
+        calls["blockwise_attention_backward"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(flash_op, "blockwise_attention_backward", counting)
+    return calls
+
+
+def tiny_demo() -> DemoLlama:
+    config = DemoConfig(vocab_size=61, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=48)
+    return DemoLlama(config)
+
+
+def language_model_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten())
+
+
+def assert_same_gradients(model: nn.Module, reference: nn.Module) -> None:
+    for (name, parameter), reference_parameter in zip(model.named_parameters(), reference.parameters()):
+        assert parameter.grad is not None, name
+        torch.testing.assert_close(parameter.grad, reference_parameter.grad, **TOLERANCE, msg=lambda m: f"{name}: {m}")
+
+
+class CausalSelfAttention(nn.Module):
+    """One attention block: (batch, length, hidden) -> (batch, length, hidden), SDPA on 4-D heads."""
+
+    def __init__(self, hidden: int = 24, heads: int = 3):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.out = nn.Linear(hidden, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, hidden = x.shape
+        q, k, v = self.qkv(x).view(batch, length, 3, self.heads, hidden // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(y.transpose(1, 2).reshape(batch, length, hidden))
+
+
+class FlatHeadsAttention(CausalSelfAttention):
+    """SDPA on 3-D (batch * heads, length, head_dim) inputs: a site the tiled kernels do not take."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, hidden = x.shape
+        q, k, v = self.qkv(x).view(batch, length, 3, self.heads, hidden // self.heads).permute(2, 0, 3, 1, 4)
+        flat = [t.reshape(batch * self.heads, length, -1) for t in (q, k, v)]
+        y = F.scaled_dot_product_attention(*flat, is_causal=True).view(batch, self.heads, length, -1)
+        return self.out(y.transpose(1, 2).reshape(batch, length, hidden))
+
+
+class BrokenTwoBlocks(nn.Module):
+    """Two attention blocks with a graph break between them."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = CausalSelfAttention()
+        self.second = FlatHeadsAttention()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.first(x)
+        torch._dynamo.graph_break()
+        return x + self.second(x)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Without compiling
+
+
+def test_registered_as_a_torch_compile_backend():
+    from torch._dynamo.backends.registry import list_backends, lookup_backend
+
+    assert "attention_planner" in list_backends(exclude_tags=())
+    assert lookup_backend("attention_planner") is compile_backend.attention_planner_backend
+    compile_backend.register()  # a second registration is a no-op, not a duplicate-name error
+    assert planner.backend is compile_backend.backend and planner.last_report is compile_backend.last_report
+
+
+def test_backend_arguments_are_checked():
+    with pytest.raises(planner.InvalidArgumentError, match="policy"):
+        planner.backend(max_len="32k", policy="fastest")
+    with pytest.raises(planner.InvalidArgumentError, match="max_len"):
+        planner.backend(max_len="lots")
+    with pytest.raises(planner.UnknownDeviceError):
+        planner.backend(max_len="32k", device="abacus")
+
+
+@pytest.mark.parametrize("dynamo_path, model_path", [
+    ("L['self'].layers[0].self_attn", "layers[0].self_attn"),
+    ("L['args'][0].model.layers[1].self_attn", "model.layers[1].self_attn"),
+    ("L['self']._modules['layers']._modules['2']", "layers.2"),
+    ("G['model'].blocks[3]", "blocks[3]"),
+    ("layers.0.attn", "layers.0.attn"),
+])
+def test_module_paths_are_named_from_the_model_root(dynamo_path, model_path):
+    assert compile_backend.module_path_from_root(dynamo_path) == model_path
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Compiled (Inductor on the CPU; the plan targets an H200, the rewritten op runs its CPU implementation)
+
+
+@pytest.mark.slow
+def test_demo_model_inference_and_training_match_eager_with_our_backward(no_inductor_cache, backward_calls, caplog):
+    torch.manual_seed(1)
+    model = tiny_demo()
+    reference = copy.deepcopy(model)
+    backend = planner.backend(max_len="32k", device="h200")
+    compiled = torch.compile(model, backend=backend, dynamic=True)  # planned for max_len, not the example's length
+    input_ids = torch.randint(0, 61, (2, 13))
+    caplog.set_level(logging.INFO, logger="planner")
+
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(input_ids), reference(input_ids), **TOLERANCE)
+
+    loss = language_model_loss(compiled(input_ids), input_ids)
+    loss.backward()
+    reference_loss = language_model_loss(reference(input_ids), input_ids)
+    reference_loss.backward()
+    torch.testing.assert_close(loss, reference_loss, **TOLERANCE)
+    assert_same_gradients(model, reference)
+    assert backward_calls["blockwise_attention_backward"] == 2  # one per layer: our kernel computed the gradients
+
+    inference, training = backend.graphs
+    assert inference.compile_id.split("/")[0] == training.compile_id.split("/")[0]  # a recompile of one frame
+    assert inference.forward_ops == Counter({FORWARD_OP: 2}) and not inference.backward_ops
+    assert training.forward_ops == Counter({FORWARD_OP: 2})
+    assert training.backward_ops == Counter({BACKWARD_OP: 2})  # derived from our op's registered autograd
+    assert inference.fallback is None and training.fallback is None
+
+    report = planner.last_report()
+    assert report.rewritten == ["layers.0.self_attn", "layers.1.self_attn"]
+    assert len(report.decisions) == 2  # the latest compile of the frame, not both
+    assert all(decision.site.source.endswith(".py:" + decision.site.source.rsplit(":", 1)[1])
+               for decision in report.decisions)
+    assert "demo_model.py" in report.decisions[0].site.source
+    assert "2 of 2 attention sites rewritten" in report.summary()
+    json.loads(report.to_json())
+
+    lines = [record.getMessage() for record in caplog.records if record.name == "planner"]
+    assert len(lines) == 4, lines  # one per rewritten site, for each of the two compiles
+    assert sum("layers.0.self_attn -> flash" in line for line in lines) == 2
+
+
+@pytest.mark.slow
+def test_transformers_llama_training_step_matches_eager(backward_calls):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(2)
+    config = transformers.LlamaConfig(
+        vocab_size=67, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, attn_implementation="sdpa",
+    )
+    model = transformers.LlamaForCausalLM(config)
+    reference = copy.deepcopy(model)
+    # Under torch.compile transformers builds its causal mask as a tensor; the test forces flash, which keeps the mask
+    # tensor where its structure is not proved, so that the backend's path is tested whatever the planner prefers.
+    backend = planner.backend(max_len="32k", device="h200", variant="flash")
+    input_ids = torch.randint(0, 67, (2, 11))
+
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    output = compiled(input_ids=input_ids, labels=input_ids, use_cache=False)
+    expected = reference(input_ids=input_ids, labels=input_ids, use_cache=False)
+    torch.testing.assert_close(output.logits, expected.logits, **TOLERANCE)
+    torch.testing.assert_close(output.loss, expected.loss, **TOLERANCE)
+    output.loss.backward()
+    expected.loss.backward()
+    assert_same_gradients(model, reference)
+
+    report = backend.report
+    assert report.rewritten == ["model.layers.0.self_attn", "model.layers.1.self_attn"], report.summary()
+    assert backward_calls["blockwise_attention_backward"] == 2
+
+
+@pytest.mark.slow
+def test_graph_break_each_subgraph_planned_and_reports_merged(no_inductor_cache):
+    torch.manual_seed(3)
+    model = BrokenTwoBlocks().eval()
+    backend = planner.backend(max_len="32k", device="h200")
+    compiled = torch.compile(model, backend=backend)
+    x = torch.randn(2, 9, 24)
+    torch._dynamo.mark_dynamic(x, 1)  # the first graph's sequence length is a symbol, planned for max_len
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), **TOLERANCE)
+
+    first, second = backend.graphs
+    assert first.frame != second.frame
+    assert first.forward_ops == Counter({FORWARD_OP: 1})
+    assert not second.forward_ops  # the 3-D site stays scaled_dot_product_attention
+
+    report = backend.report
+    assert [decision.site.name for decision in report.decisions] == ["first", "second"]
+    assert report.rewritten == ["first"]
+    kept = report.decisions[1]
+    assert kept.choice is None or kept.choice.variant == "dense"
+    flash = next(candidate for candidate in kept.candidates if candidate.variant == "flash")
+    assert not flash.feasible and "3 dims" in flash.reason, flash.reason  # why it stays as it was
+    assert "q has 3 dims" in report.summary()
+    assert "1 of 2 attention sites rewritten" in report.summary()
+
+
+@pytest.mark.slow
+def test_three_sequence_lengths_compile_at_most_twice_and_plan_for_max_len(no_inductor_cache):
+    torch.manual_seed(4)
+    model = CausalSelfAttention().eval()
+    backend = planner.backend(max_len="64k", device="h200")
+    compiled = torch.compile(model, backend=backend)
+    with torch.no_grad():
+        for length in (13, 17, 23):
+            x = torch.randn(2, length, 24)
+            torch.testing.assert_close(compiled(x), model(x), **TOLERANCE)
+
+    assert len(backend.graphs) <= 2
+    dynamic = backend.graphs[-1].report.decisions[0]
+    assert isinstance(dynamic.site.q_len, sympy.Symbol), dynamic.site.q_len  # the symbol reached the planner
+    assert dynamic.rewritten
+    flash = next(candidate for candidate in dynamic.candidates if candidate.variant == "flash")
+    assert SEQUENCE_LENGTH in flash.time_expr.free_symbols  # costed as a function of the length, at max_len
+    assert backend.report.plan.max_len == 64 * 1024
+    assert backend.graphs[-1].forward_ops == Counter({FORWARD_OP: 1})
+
+
+@pytest.mark.slow
+def test_a_failing_pass_leaves_the_graph_to_plain_inductor(monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("matcher exploded")
+
+    monkeypatch.setattr(compile_backend, "plan_and_rewrite", broken)
+    torch.manual_seed(5)
+    model = CausalSelfAttention().eval()
+    backend = planner.backend(max_len="32k", device="h200")
+    x = torch.randn(2, 7, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, backend=backend)(x), model(x), **TOLERANCE)
+
+    (record,) = backend.graphs
+    assert "RuntimeError: matcher exploded" in record.fallback
+    assert not record.forward_ops
+    assert any("matcher exploded" in note for note in backend.report.notes)
+    warnings = [r for r in caplog.records if r.name == "planner" and r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "plain Inductor" in warnings[0].getMessage()
+
+
+CACHE_SCRIPT = textwrap.dedent("""
+    import json, torch, torch.nn.functional as F
+    from torch import nn
+    import planner
+    from torch._dynamo.utils import counters
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(16, 48)
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).view(x.shape[0], x.shape[1], 3, 2, 8).permute(2, 0, 3, 1, 4)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True).sum(1)
+
+    torch.manual_seed(0)
+    model = Attention().eval()
+    compiled = torch.compile(model, backend="attention_planner", options={"max_len": "32k", "device": "h200"},
+                             dynamic=True)
+    x = torch.randn(2, 11, 16)
+    with torch.no_grad():
+        error = (compiled(x) - model(x)).abs().max().item()
+    print(json.dumps({"inductor": dict(counters["inductor"]), "aot_autograd": dict(counters["aot_autograd"]),
+                      "rewritten": planner.last_report().rewritten, "error": error}))
+""")
+
+
+@pytest.mark.slow
+def test_fx_graph_cache_is_reused_by_a_second_process(tmp_path):
+    script = tmp_path / "compile_once.py"
+    script.write_text(CACHE_SCRIPT)
+    environment = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor_cache"),
+                       PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    runs = []
+    for _ in range(2):
+        result = subprocess.run([sys.executable, str(script)], env=environment, capture_output=True, text=True,
+                                timeout=300, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "attention-planner" not in result.stderr  # quiet by default: no log lines without logging configured
+        runs.append(json.loads(result.stdout.strip().splitlines()[-1]))
+
+    first, second = runs
+    for run in runs:
+        assert run["rewritten"] == ["<top>"] and run["error"] < 1e-5
+    assert first["inductor"].get("fxgraph_cache_miss", 0) >= 1
+    assert second["inductor"].get("fxgraph_cache_hit", 0) >= 1, second
+    assert second["inductor"].get("fxgraph_cache_miss", 0) == 0, second
