@@ -1,12 +1,12 @@
 """Point-to-point transfers of the ring, on torch.distributed (`batch_isend_irecv`, so NCCL, Gloo or UCC).
 
-Every transfer is one send and one receive posted together in one batch, so no rank can deadlock waiting for a
+Every transfer is its sends and receives posted together in one batch, so no rank can deadlock waiting for a
 partner that is itself waiting; the caller posts the next transfer before computing on the current buffer and waits
 afterwards (double buffering). Ranks here are ranks within the group; they are mapped to global ranks for P2POp.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -54,17 +54,20 @@ class Ring:
         self.rank = dist.get_rank(group)
         self.size = dist.get_world_size(group)
 
-    def exchange(self, send: torch.Tensor, send_to: int, receive: torch.Tensor, receive_from: int) -> PendingTransfer:
-        """Post: send `send` to group rank `send_to`, receive into `receive` from group rank `receive_from`."""
+    def exchange(self, sends: Sequence[torch.Tensor], send_to: int, receives: Sequence[torch.Tensor],
+                 receive_from: int) -> PendingTransfer:
+        """Post: send `sends` to group rank `send_to`, receive `receives` (same shapes, same order) from group rank
+        `receive_from`. Tensors must be contiguous."""
         if send_to == self.rank and receive_from == self.rank:
-            receive.copy_(send)
+            for send, receive in zip(sends, receives):
+                receive.copy_(send)
             return PendingTransfer([])
-        operations = [
-            dist.P2POp(dist.isend, send, dist.get_global_rank(self.group, send_to), self.group),
-            dist.P2POp(dist.irecv, receive, dist.get_global_rank(self.group, receive_from), self.group),
-        ]
-        return PendingTransfer(dist.batch_isend_irecv(operations), (send, receive))
+        destination = dist.get_global_rank(self.group, send_to)
+        source = dist.get_global_rank(self.group, receive_from)
+        operations = [dist.P2POp(dist.isend, send, destination, self.group) for send in sends]
+        operations += [dist.P2POp(dist.irecv, receive, source, self.group) for receive in receives]
+        return PendingTransfer(dist.batch_isend_irecv(operations), (*sends, *receives))
 
-    def shift(self, send: torch.Tensor, receive: torch.Tensor) -> PendingTransfer:
+    def shift(self, sends: Sequence[torch.Tensor], receives: Sequence[torch.Tensor]) -> PendingTransfer:
         """Post one hop along the ring: send to the next rank, receive from the previous one."""
-        return self.exchange(send, (self.rank + 1) % self.size, receive, (self.rank - 1) % self.size)
+        return self.exchange(sends, (self.rank + 1) % self.size, receives, (self.rank - 1) % self.size)

@@ -1,9 +1,9 @@
 """Ring attention: `attention_planner::ring_attention` (+ its backward op) and the public `ring_attention`.
 
 Each rank of a process group holds a shard of the sequence (backends/ring/layout.py) of Q, K and V. K and V (the kv
-heads only, packed in one buffer) travel around the ring; at every step a rank computes its queries against the
-visiting shard (backends/ring/schedule.py says which blocks) while the next shard is already in flight, and merges
-the block into its running output by log-sum-exp.
+heads only; a rank's own shard is sent as it is, not copied) travel around the ring; at every step a rank computes
+its queries against the visiting shard (backends/ring/schedule.py says which blocks) while the next shard is already
+in flight, and merges the block into its running output by log-sum-exp.
 
 Communication per rank and per step (n = local sequence length, B batch, Hkv kv heads, D head dim):
   forward   one K/V shard, 2·B·Hkv·n·D elements of the input dtype, for `ring_step_count − 1` steps;
@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from backends.flash.op import validate_attention_inputs
-from backends.ring.comm import Ring, group_name_of, resolve_group
+from backends.ring.comm import PendingTransfer, Ring, group_name_of, resolve_group
 from backends.ring.layout import check_layout, chunks_per_rank
 from backends.ring.local import block_backward, block_forward, check_impl
 from backends.ring.schedule import record_block, ring_schedule, ring_step_count
@@ -36,11 +36,6 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _window_or_none(window: int) -> Optional[int]:
     return None if window == NO_WINDOW else window
-
-
-def _pack(first: torch.Tensor, second: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """One flat buffer holding both tensors, so that each hop is a single send and a single receive."""
-    return torch.cat([first.reshape(-1), second.reshape(-1)]).to(dtype or first.dtype)
 
 
 def _unpack(buffer: torch.Tensor, first_shape, second_shape) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,17 +100,32 @@ def _ring_forward(q, k, v, group_name, causal, window, layout, scale, impl):
     return out, lse
 
 
+class _VisitingShards:
+    """The K/V shard a rank holds at each step: its own (no copy) at step 0, then receive buffers, of which at most
+    two pairs exist (the one computed on, the one being received), one pair when the ring makes a single hop."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.current = (k.contiguous(), v.contiguous())
+        self._buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def post_next(self, ring: Ring) -> tuple[PendingTransfer, tuple[torch.Tensor, torch.Tensor]]:
+        free = [pair for pair in self._buffers if pair[0] is not self.current[0]]
+        if not free:
+            free = [(torch.empty_like(self.current[0]), torch.empty_like(self.current[1]))]
+            self._buffers += free
+        return ring.shift(self.current, free[0]), free[0]
+
+
 def _ring_forward_pass(q, k, v, ring, schedule, steps, causal, window, scale, impl):
     accumulation = _accumulation_dtype(q.dtype)
     batch, heads, local_len, _ = q.shape
     out = torch.zeros(batch, heads, local_len, v.shape[-1], dtype=accumulation, device=q.device)
     lse = torch.full((batch, heads, local_len), float("-inf"), dtype=accumulation, device=q.device)
-    current = _pack(k, v)
-    spare = torch.empty_like(current) if steps > 1 else None
+    shards = _VisitingShards(k, v)
     for step in range(steps):
         # Post the next hop first: its transfer overlaps this step's compute (double buffering).
-        pending = ring.shift(current, spare) if step + 1 < steps else None
-        visiting_k, visiting_v = _unpack(current, k.shape, v.shape)
+        pending, arriving = shards.post_next(ring) if step + 1 < steps else (None, None)
+        visiting_k, visiting_v = shards.current
         for block in schedule[step].blocks:
             record_block("forward", step, block)
             block_out, block_lse = block_forward(q, visiting_k, visiting_v, block, causal=causal, window=window,
@@ -125,64 +135,80 @@ def _ring_forward_pass(q, k, v, ring, schedule, steps, causal, window, scale, im
             del block_out, block_lse
         if pending is not None:
             pending.wait()
-            current, spare = spare, current
+            shards.current = arriving
     return out, lse
 
 
 def _ring_backward(grad_out, q, k, v, out, lse, group_name, causal, window, layout, scale, impl):
     ring, schedule, steps = _ring_plan(group_name, q.shape[2], causal, window, layout)
     grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    unfinished = None  # the previous pass: its last dK/dV hop overlaps this pass's compute
-    for q_heads, kv_heads in _passes_of(q, k):
+    passes = list(_passes_of(q, k))
+    # The last dK/dV hop of a pass may overlap the next pass's compute, at the price of one more fp32 accumulator
+    # alive; when passes are down to one kv head, memory is what is short, and each pass finishes on its own.
+    overlap_passes = passes[0][1].stop - passes[0][1].start > 1
+    unfinished = None
+    for q_heads, kv_heads in passes:
         grad_q[:, q_heads], finish = _ring_backward_pass(
             grad_out[:, q_heads], q[:, q_heads], k[:, kv_heads], v[:, kv_heads], out[:, q_heads], lse[:, q_heads],
             ring, schedule, steps, causal, window, scale, impl)
         if unfinished is not None:
             grad_k[:, unfinished[0]], grad_v[:, unfinished[0]] = unfinished[1]()
         unfinished = (kv_heads, finish)
-    grad_k[:, unfinished[0]], grad_v[:, unfinished[0]] = unfinished[1]()
+        if not overlap_passes:
+            grad_k[:, kv_heads], grad_v[:, kv_heads] = finish()
+            unfinished = None
+    if unfinished is not None:
+        grad_k[:, unfinished[0]], grad_v[:, unfinished[0]] = unfinished[1]()
     return grad_q, grad_k, grad_v
 
 
 def _ring_backward_pass(grad_out, q, k, v, out, lse, ring, schedule, steps, causal, window, scale, impl):
+    """dQ of this pass, and a function that returns this rank's dK, dV once their last hop has arrived.
+
+    dK/dV of the visiting shard travel as one fp32 accumulator: a rank receives the accumulator of the shard it will
+    hold next while it computes, adds its own (bf16) block gradients once it has arrived, and sends it on. Two fp32
+    buffers take turns: the one being sent and the one being received."""
     accumulation = _accumulation_dtype(q.dtype)
     grad_q = torch.zeros(q.shape, dtype=accumulation, device=q.device)
-    current = _pack(k, v)
-    spare = torch.empty_like(current) if steps > 1 else None
-    grad_pending, grad_incoming = None, None
+    shards = _VisitingShards(k, v)
+    accumulator, spare, grad_pending = None, None, None
     for step in range(steps):
-        kv_pending = ring.shift(current, spare) if step + 1 < steps else None
-        visiting_k, visiting_v = _unpack(current, k.shape, v.shape)
-        # dK/dV of the visiting shard, in fp32: this rank's contribution, then what earlier ranks accumulated.
-        grad_kv = torch.zeros(current.numel(), dtype=accumulation, device=q.device)
-        grad_k, grad_v = _unpack(grad_kv, k.shape, v.shape)
+        kv_pending, arriving = shards.post_next(ring) if step + 1 < steps else (None, None)
+        visiting_k, visiting_v = shards.current
+        block_grads = []
         for block in schedule[step].blocks:
             record_block("backward", step, block)
             block_grad_q, block_grad_k, block_grad_v = block_backward(
                 grad_out, q, visiting_k, visiting_v, out, lse, block, causal=causal, window=window, scale=scale,
                 impl=impl)
             grad_q[:, :, block.q_start:block.q_end] += block_grad_q
-            grad_k[:, :, block.k_start:block.k_end] += block_grad_k
-            grad_v[:, :, block.k_start:block.k_end] += block_grad_v
-            del block_grad_q, block_grad_k, block_grad_v
+            block_grads.append((block, block_grad_k, block_grad_v))
+            del block_grad_q
         if grad_pending is not None:
-            grad_pending.wait()
-            grad_kv += grad_incoming
-        grad_incoming = torch.empty_like(grad_kv)
+            grad_pending.wait()  # the accumulator of this step's shard has arrived; the one sent before is free
+        else:
+            accumulator = torch.zeros(k.numel() + v.numel(), dtype=accumulation, device=q.device)
+        accumulated_k, accumulated_v = _unpack(accumulator, k.shape, v.shape)
+        for block, block_grad_k, block_grad_v in block_grads:
+            accumulated_k[:, :, block.k_start:block.k_end] += block_grad_k
+            accumulated_v[:, :, block.k_start:block.k_end] += block_grad_v
+        del block_grads, accumulated_k, accumulated_v
+        incoming = spare if spare is not None else torch.empty_like(accumulator)
         if step + 1 < steps:
-            grad_pending = ring.shift(grad_kv, grad_incoming)
+            grad_pending = ring.shift([accumulator], [incoming])
         else:  # the last hop hands each shard's finished dK/dV to its owner
             owner, sender = (ring.rank - step) % ring.size, (ring.rank + step) % ring.size
-            grad_pending = ring.exchange(grad_kv, owner, grad_incoming, sender)
-        del grad_kv, grad_k, grad_v
+            grad_pending = ring.exchange([accumulator], owner, [incoming], sender)
+        spare, accumulator = accumulator, incoming
         if kv_pending is not None:
             kv_pending.wait()
-            current, spare = spare, current
+            shards.current = arriving
+    del spare
 
     def finish():
         """dK/dV of this rank's own shard, once the last hop has arrived."""
         grad_pending.wait()
-        return _unpack(grad_incoming, k.shape, v.shape)
+        return _unpack(accumulator, k.shape, v.shape)
 
     return grad_q, finish
 
