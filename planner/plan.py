@@ -527,6 +527,8 @@ def model_memory(graph_module: Optional[torch.fx.GraphModule], sites: list[Atten
     for site in sites:
         sequence_symbols |= {str(symbol) for symbol in site.sequence_symbols}
     if not sequence_symbols:
+        sequence_symbols = _input_sequence_symbols(graph_module)
+    if not sequence_symbols:
         return ModelMemory(weights, None, {}, "no symbolic sequence length: activations not counted")
 
     nodes = list(graph_module.graph.nodes)
@@ -578,6 +580,16 @@ def model_memory(graph_module: Optional[torch.fx.GraphModule], sites: list[Atten
     if layer_repeat != 1.0 and train:
         method += f", scaled by {layer_repeat:g} for the layers not captured"
     return ModelMemory(weights, activations, masks, method)
+
+
+def _input_sequence_symbols(graph_module: torch.fx.GraphModule) -> set:
+    """Without attention sites: the symbols of the first input's dims after the batch (token ids (B, L))."""
+    for node in graph_module.graph.nodes:
+        value = node.meta.get("val")
+        if node.op == "placeholder" and isinstance(value, torch.Tensor) and value.dim() >= 2:
+            return {str(symbol) for dimension in value.shape[1:] if isinstance(dimension, torch.SymInt)
+                    for symbol in dimension.node.expr.free_symbols}
+    return set()
 
 
 def _weights_bytes(graph_module: torch.nn.Module) -> float:

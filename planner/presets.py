@@ -114,6 +114,15 @@ def build_config(chosen: Preset, layers: Optional[int] = None, attention: str = 
     return config
 
 
+def _supported_attention(chosen: Preset, attention: str) -> str:
+    """transformers refuses SDPA for some architectures (Gemma-2: logit soft-capping); those run eager."""
+    module = _transformers_module(f"transformers.models.{chosen.module}.modeling_{chosen.module}")
+    model_class = getattr(module, chosen.model_class)
+    if attention == "sdpa" and not getattr(model_class, "_supports_sdpa", True):
+        return "eager"
+    return attention
+
+
 def representative_layers(layer_types) -> tuple[list[int], list[str]]:
     """For a per-layer list of layer types: the first layer of each distinct type, and those types."""
     indices, types = [], []
@@ -161,6 +170,7 @@ def plan_preset(name: str, max_len: int, device: Any = "h200", policy: str = "ex
     chosen = preset(name)
     spec = device_spec(device)
     progress(f"building {chosen.name} ({chosen.repository}) on the meta device")
+    attention = _supported_attention(chosen, attention)
     full_config = build_config(chosen, None, attention)
     layer_types = list(getattr(full_config, "layer_types", None) or ["decoder"] * chosen.layers)
     representatives, types = representative_layers(layer_types)
@@ -180,10 +190,11 @@ def plan_preset(name: str, max_len: int, device: Any = "h200", policy: str = "ex
     report = Report(plan=plan, model=chosen.name)
     report.notes.append(
         f"{chosen.name}: config of {chosen.repository}; built on the meta device (no weights allocated); captured "
-        f"{len(representatives)} representative layer(s) ({', '.join(types)}) of {chosen.layers} and applied "
+        f"{len(representatives)} representative layer(s) ({', '.join(types)}) of {chosen.layers}, which hold "
+        f"{len(sites)} attention site(s), and applied "
         f"each one's sites and decisions to every layer of its type; weights ({_gigabytes(weights)}) counted for "
         f"all {chosen.layers} layers from the representatives' parameters; logits computed for the last position "
-        "only (logits_to_keep=1)")
+        f"only (logits_to_keep=1); attention as transformers' {attention!r} implementation")
     limit = chosen.config.get("max_position_embeddings")
     if limit and max_len > limit:
         report.notes.append(f"max_len {max_len:,} exceeds {chosen.name}'s max_position_embeddings ({limit:,}): the "
