@@ -32,7 +32,8 @@ from planner.errors import InvalidArgumentError
 
 SCHEMA_VERSION = 1
 
-# What was measured on an H200 (torch 2.11, bf16, B=1, H=32, D=128; KINDS.md and the project's benchmark runs):
+# What was measured on an H200 (torch 2.11, bf16, B=1, H=32, D=128; KINDS.md, the project lead's runs and
+# benchmarks/RESULTS.md):
 # (work, cost module, implementation, causal, window, length, seconds). Rates given as TFLOP/s were converted to
 # seconds at 32k with the same cost module, so every entry goes through one formula.
 H200_MEASURED_DATE = "2026-11"
@@ -40,8 +41,13 @@ H200_MATMUL_FLOPS = 788e12  # 8192³ bf16 product, random data
 H200_COPY_BANDWIDTH = 4.3e12  # device-to-device copy, bytes read + written
 H200_KERNELS: tuple = (
     ("sdpa-cudnn", "backends.dense.cost", "sdpa-cudnn", True, None, 32768, 14.6e-3),
+    ("sdpa-cudnn", "backends.dense.cost", "sdpa-cudnn", True, None, 32768, 15.05e-3),  # RESULTS.md, issue 5
     ("sdpa-cudnn", "backends.dense.cost", "sdpa-cudnn", True, None, 131072, 256e-3),
-    ("sdpa-flash", "backends.dense.cost", "sdpa-flash", True, None, 32768, ("tflops", 340)),
+    ("sdpa-flash", "backends.dense.cost", "sdpa-flash", True, None, 32768, 25.54e-3),  # RESULTS.md, issue 5
+    # Ours (benchmarks/RESULTS.md, issue 5, revision 23e124d): exact causal, and the causal window of 4096.
+    ("flash", "backends.flash.cost", "triton", True, None, 32768, 17.41e-3),
+    ("sliding_window", "backends.sliding_window.cost", "triton", True, 4096, 32768, 4.56e-3),
+    ("sliding_window", "backends.sliding_window.cost", "triton", True, 4096, 131072, 20.26e-3),
     # fla's chunk_linear_attn at 128k (the goal of our linear kernel is to match it): a lead for "linear".
     ("linear", "backends.linear.cost", "triton", True, None, 131072, 8.4e-3),
 )

@@ -119,3 +119,26 @@ def test_demo_is_dispatched(monkeypatch):
     monkeypatch.setattr(planner.demo, "main", lambda argv: seen.append(list(argv)) or 7)
     assert main(["demo", "--short", "1k"]) == 7
     assert seen == [["--short", "1k"]]
+
+
+def test_representative_sites_are_replicated_to_every_layer_of_their_type():
+    import sympy
+
+    from planner.presets import _replicate_sites, representative_layers
+    from planner.records import AttentionSite
+
+    length = sympy.Symbol("s0", positive=True, integer=True)
+
+    def site(name):
+        return AttentionSite(name=name, source="m.py:1", form="sdpa", node="n", query="q", key="k", value="v",
+                             batch=1, heads=2, kv_heads=2, q_len=length, kv_len=length, head_dim=8, value_dim=8,
+                             scale=None)
+
+    layer_types = ["local", "global", "local", "global", "local"]
+    indices, types = representative_layers(layer_types)
+    assert (indices, types) == ([0, 1], ["local", "global"])
+    captured = [site("model.layers.0.self_attn"), site("model.layers.1.self_attn"), site("model.layers.1.cross")]
+    replicated = _replicate_sites(captured, layer_types, types)
+    assert [s.name for s in replicated] == [
+        "model.layers.0.self_attn", "model.layers.1.self_attn", "model.layers.1.cross", "model.layers.2.self_attn",
+        "model.layers.3.self_attn", "model.layers.3.cross", "model.layers.4.self_attn"]

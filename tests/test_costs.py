@@ -193,11 +193,15 @@ def test_calibrated_efficiency_reproduces_the_measured_time():
     assert math.isclose(evaluate(time_expression(costs, calibrated, "bfloat16"), 32768), 0.02, rel_tol=1e-6)
 
 
-@pytest.mark.parametrize("length, measured", [(32768, 14.6e-3), (131072, 256e-3)])
-def test_builtin_h200_measurements_reproduce_cudnn_times(length, measured):
+@pytest.mark.parametrize("module, implementation, window, length, measured", [
+    (dense_cost, "sdpa-cudnn", None, 32768, 14.6e-3), (dense_cost, "sdpa-cudnn", None, 131072, 256e-3),
+    (dense_cost, "sdpa-flash", None, 32768, 25.54e-3), (flash_cost, "triton", None, 32768, 17.41e-3),
+    (window_cost, "triton", 4096, 32768, 4.56e-3), (window_cost, "triton", 4096, 131072, 20.26e-3)])
+def test_builtin_h200_measurements_reproduce_measured_times(module, implementation, window, length, measured):
+    """Times measured on the H200 (B=1, H=32, D=128, bf16, causal): the planner's estimate within 15%."""
     spec = device_spec("h200")
     assert "measured on an H200" in spec.source
-    costs = dense_cost.costs(reference_shape(length, "sdpa-cudnn"))
+    costs = module.costs(reference_shape(length, implementation, window=window))
     estimate = evaluate(time_expression(costs, spec, "bfloat16"), length)
     assert 0.85 < estimate / measured < 1.15
     assert math.isclose(spec.efficiency_of("matmul"), 788 / 989, rel_tol=1e-3)
@@ -218,8 +222,7 @@ def test_calibrate_cpu_saves_and_is_applied(tmp_path, monkeypatch):
     assert "calibrated" in applied.source
     assert applied.efficiency_of("sdpa-cpu-flash") == pytest.approx(document["efficiency"]["sdpa-cpu-flash"])
     assert spec.efficiency == applied.efficiency
-    assert builtin_calibration(BUILTIN_DEVICES["h200"], "h200").efficiency_of("sdpa-flash") == pytest.approx(
-        340 / 989, rel=1e-3)
+    assert builtin_calibration(BUILTIN_DEVICES["h200"], "h200").efficiency_of("linear") < 0.2
 
 
 def test_costs_are_sympy_in_the_sequence_length_only():
