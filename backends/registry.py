@@ -185,8 +185,8 @@ def _sliding_window_offer(site: AttentionSite, context: PlanContext) -> Offer:
         window = mask.window
         return Offer(implementation, "exact", (("window", window), ("sinks", 0), ("imposed", False)))
     if mask.kind not in ("none", "causal", "padding") or keeps_mask_tensor(site):
-        return Offer(implementation, "approximate", not_applicable=f"a window over the site's {mask.describe()} mask is not "
-                                                                  "offered (only none, causal or padding masks)")
+        reason = f"a window over the site's {mask.describe()} mask is not offered (only none, causal or padding masks)"
+        return Offer(implementation, "approximate", not_applicable=reason)
     if context.window is None:
         return Offer(implementation, "approximate",
                      not_applicable="the mask has no window; pass window=W (policy approximate) to impose one")

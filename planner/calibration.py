@@ -290,7 +290,8 @@ def calibrate(
                            for _ in range(3))
                 seconds = _bench(probe.call(q, k, v), torch_device)
             except Exception as error:  # a kernel that is missing or fails here is skipped, with the reason
-                skipped.append({"work": probe.work, "length": length, "error": f"{type(error).__name__}: {error}"[:300]})
+                message = f"{type(error).__name__}: {error}"[:300]
+                skipped.append({"work": probe.work, "length": length, "error": message})
                 break
             shape = reference_shape(length, probe.implementation, window=probe.window, heads=heads,
                                     head_dim=head_dim, dtype=dtype_name, mask_tensor=probe.mask_tensor)

@@ -114,7 +114,8 @@ def _compiled(expression: sympy.Expr) -> Callable[[float], float]:
     if SEQUENCE_LENGTH not in expression.free_symbols:
         constant = float(expression)
         return lambda _length: constant
-    function = sympy.lambdify(SEQUENCE_LENGTH, expression, modules=[{"ceiling": math.ceil, "floor": math.floor}, "math"])
+    modules = [{"ceiling": math.ceil, "floor": math.floor}, "math"]
+    function = sympy.lambdify(SEQUENCE_LENGTH, expression, modules=modules)
     return lambda length: float(function(length))
 
 

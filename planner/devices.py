@@ -87,7 +87,8 @@ class DeviceSpec:
         return self.memory_bytes - self.reserved_bytes
 
     def with_memory(self, memory_bytes: float, name: str) -> "DeviceSpec":
-        return dataclasses.replace(self, memory_bytes=memory_bytes, name=name, source=self.source + " + measured memory")
+        return dataclasses.replace(self, memory_bytes=memory_bytes, name=name,
+                                   source=self.source + " + measured memory")
 
 
 def _gpu(key, name, family, bf16_tflops, fp32_tflops, tf32_tflops, memory_mib, bandwidth_tbs,

@@ -64,7 +64,10 @@ def _size(value: Any) -> Any:
 
 def _shape_text(site: AttentionSite) -> str:
     heads = f"{site.heads}" if site.heads == site.kv_heads else f"{site.heads}/{site.kv_heads}kv"
-    lengths = f"L=S={_size(site.q_len)}" if site.q_len == site.kv_len else f"L={_size(site.q_len)} S={_size(site.kv_len)}"
+    if site.q_len == site.kv_len:
+        lengths = f"L=S={_size(site.q_len)}"
+    else:
+        lengths = f"L={_size(site.q_len)} S={_size(site.kv_len)}"
     return f"B={_size(site.batch)} H={heads} {lengths} D={site.head_dim}"
 
 
@@ -301,8 +304,8 @@ class Report:
         groups = self.groups()
         if groups:
             rows = self._rows(groups)
-            parts.append("<table id=\"sites\"><thead><tr>" + "".join(f"<th>{html.escape(cell)}</th>" for cell in rows[0])
-                         + "</tr></thead><tbody>")
+            header = "".join(f"<th>{html.escape(cell)}</th>" for cell in rows[0])
+            parts.append(f"<table id=\"sites\"><thead><tr>{header}</tr></thead><tbody>")
             for row in rows[1:]:
                 parts.append("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>")
             parts.append("</tbody></table>")

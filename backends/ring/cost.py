@@ -13,9 +13,9 @@ from planner.costs import CostShape, Costs, visible_pairs
 
 def costs(shape: CostShape) -> Costs:
     """Per device: FLOPs 2·(D + Dv)·(visible pairs)/P; bytes: the local q, out, lse and every K/V shard once (it is
-    read as it arrives); sent per step: one K/V shard of the kv heads, B·Hkv·(L/P)·(D + Dv) elements, for P − 1 steps
-    (fewer with a window). Memory: two K/V receive buffers (double buffering), the fp32 output accumulator and lse,
-    and one block's partial output."""
+    read as it arrives); sent per step: one K/V shard of the kv heads, B·Hkv·(L/P)·(D + Dv) elements, for P − 1
+    steps (fewer with a window). Memory: two K/V receive buffers (double buffering), the fp32 output accumulator and
+    lse, and one block's partial output."""
     world = shape.world_size
     local = shape.q_len / world
     dtype_bytes = shape.dtype_bytes
