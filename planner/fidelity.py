@@ -1,0 +1,783 @@
+"""Fidelity: measure what an approximate rewrite does to a model, bound it, and never let one through unmeasured.
+
+A rewrite is exact (the function is kept up to floating point), approximate (same weights, the function
+approximated: a window imposed on full attention, with or without sink tokens; HyperAttention) or retrain (another
+architecture: linear attention, SSD; see planner/linearize.py). This module decides which approximate choices of a
+plan may stay, from measurements on calibration batches that the user gives:
+
+per site (the site switched alone, so its inputs are the original's):
+    max abs error, relative Frobenius error ||o - o'||_F / ||o||_F, mean cosine similarity of the output vectors;
+    for windows, the attention mass kept m_w = sum over the window (and sinks) of the softmax probabilities, and the
+    bound ||o_i - o_w,i|| <= 2 (1 - m_w,i) max_j ||v_j|| per query, checked on the data;
+end to end (the model's output against the original's):
+    logits: mean and 99th percentile of KL(original || candidate) per position, top-1 agreement;
+    embeddings (encoders): mean and smallest cosine similarity per output vector.
+
+`calibrate_plan` measures every approximate choice alone, switches sites greedily (least sensitive first), verifies
+every combination end to end (errors compound), and gives a site whose candidate breaks the tolerance, yields NaN or
+Inf, or cannot be exercised at the calibration length, exact attention instead; the FidelityReport has the numbers.
+The tolerance is explicit: there is no default that lets an approximation through unmeasured.
+
+Measurements rewrite a copy of the captured graph (copy.deepcopy, then the registry's emit with the candidate), and
+record tensors with identity "tap" modules inserted after the nodes of interest.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+
+import torch
+import torch.utils._pytree as pytree
+
+from planner.errors import InvalidArgumentError
+from planner.records import AttentionSite, Candidate, Plan, SiteDecision
+
+# name -> (direction, meaning). "max": the measured value must not exceed the limit; "min": must not fall below.
+TOLERANCE_KEYS: dict[str, tuple[str, str]] = {
+    "kl_mean": ("max", "mean KL(original || candidate) of the output distributions, nats per position"),
+    "kl_p99": ("max", "99th percentile of the per-position KL(original || candidate), nats"),
+    "top1": ("min", "fraction of positions whose most likely output is unchanged"),
+    "cosine_mean": ("min", "mean cosine similarity of the output vectors (encoders: embeddings)"),
+    "cosine_min": ("min", "smallest cosine similarity of an output vector"),
+    "site_rel_error": ("max", "relative Frobenius error of a site's attention output, the site switched alone"),
+    "site_cosine": ("min", "mean cosine similarity of a site's attention output vectors, the site switched alone"),
+}
+DISTRIBUTION_KEYS = ("kl_mean", "kl_p99", "top1")
+EMBEDDING_KEYS = ("cosine_mean", "cosine_min")
+SITE_KEYS = ("site_rel_error", "site_cosine")
+MEASURED_CLASSES = ("approximate",)  # what calibrate_plan measures; "retrain" sites are planner.linearize's
+BOUND_SLACK = 1e-4  # relative slack for rounding when checking the window bound
+
+
+Batch = Union[torch.Tensor, tuple, list, dict]
+OutputFunction = Callable[[Any], torch.Tensor]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Arguments
+
+
+def check_tolerance(tolerance: Optional[Mapping[str, float]]) -> dict[str, float]:
+    """The tolerance as a dict of floats; raise InvalidArgumentError naming what is wrong and what is accepted."""
+    accepted = "; ".join(f"{name} ({direction} {meaning})" for name, (direction, meaning) in TOLERANCE_KEYS.items())
+    if not isinstance(tolerance, Mapping) or not tolerance:
+        raise InvalidArgumentError(
+            f"tolerance must be a non-empty dict such as {{'kl_mean': 0.01, 'top1': 0.99}} (logits) or "
+            f"{{'cosine_mean': 0.99}} (embeddings); got {tolerance!r}. Accepted keys: {accepted}")
+    checked = {}
+    for name, value in tolerance.items():
+        if name not in TOLERANCE_KEYS:
+            raise InvalidArgumentError(f"tolerance key {name!r} is not known; accepted keys: {accepted}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise InvalidArgumentError(f"tolerance[{name!r}] must be a finite number; got {value!r}")
+        if name in ("top1", "cosine_mean", "cosine_min", "site_cosine") and not -1.0 <= value <= 1.0:
+            raise InvalidArgumentError(f"tolerance[{name!r}] is a similarity in [-1, 1] (top1 in [0, 1]); got {value}")
+        if TOLERANCE_KEYS[name][0] == "max" and value < 0:
+            raise InvalidArgumentError(f"tolerance[{name!r}] is an upper bound on an error, >= 0; got {value}")
+        checked[name] = float(value)
+    if not any(name in checked for name in DISTRIBUTION_KEYS + EMBEDDING_KEYS):
+        raise InvalidArgumentError(
+            "the tolerance must bound the model's output end to end (errors compound across sites): give at least "
+            f"one of {', '.join(DISTRIBUTION_KEYS + EMBEDDING_KEYS)}; got only {', '.join(checked)}")
+    return checked
+
+
+def require_calibration(policy: str, tolerance: Optional[Mapping[str, float]], calibration: Any) -> None:
+    """What optimize() calls first: a policy that admits approximations needs an explicit tolerance and calibration
+    batches, so that no approximation goes through unmeasured. Raises InvalidArgumentError otherwise."""
+    if policy == "exact":
+        return
+    missing = [name for name, value in (("tolerance", tolerance), ("calibration", calibration)) if value is None]
+    if missing:
+        raise InvalidArgumentError(
+            f"policy={policy!r} admits approximate rewrites, which are measured before they are used: pass "
+            f"{' and '.join(missing)} (e.g. tolerance={{'kl_mean': 0.01, 'top1': 0.99}}, calibration=[input_ids, "
+            "...] at the deployment length), or use policy='exact'")
+    check_tolerance(tolerance)
+
+
+def as_batches(calibration: Any) -> list[tuple[tuple, dict]]:
+    """Calibration batches as (args, kwargs): each batch is a tensor (one input), a tuple/list (positional inputs)
+    or a dict (keyword inputs)."""
+    if isinstance(calibration, (torch.Tensor, dict)):
+        calibration = [calibration]
+    try:
+        batches = list(calibration)
+    except TypeError:
+        raise InvalidArgumentError(f"calibration must be an iterable of batches (tensors, tuples or dicts); got "
+                                   f"{type(calibration).__name__}") from None
+    if not batches:
+        raise InvalidArgumentError("calibration holds no batch; give at least one (tensor, tuple or dict)")
+    converted = []
+    for index, batch in enumerate(batches):
+        if isinstance(batch, torch.Tensor):
+            converted.append(((batch,), {}))
+        elif isinstance(batch, (tuple, list)):
+            converted.append((tuple(batch), {}))
+        elif isinstance(batch, dict):
+            converted.append(((), dict(batch)))
+        else:
+            raise InvalidArgumentError(f"calibration batch {index} is a {type(batch).__name__}; accepted: a tensor, "
+                                       "a tuple/list of positional inputs, or a dict of keyword inputs")
+    return converted
+
+
+def first_tensor(output: Any) -> torch.Tensor:
+    """The default end-to-end output: the first tensor in the model's output (logits, last_hidden_state)."""
+    for leaf in pytree.tree_leaves(output):
+        if isinstance(leaf, torch.Tensor):
+            return leaf
+    raise InvalidArgumentError(f"the model's output ({type(output).__name__}) holds no tensor; pass output=callable")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Records
+
+
+@dataclass(frozen=True)
+class SiteError:
+    """How far one site's attention output moves when that site alone is switched (its inputs stay the original's).
+
+    mass_kept_mean / mass_kept_min: the softmax mass inside the window and sinks (windows only); bound_max: the
+    largest bound 2 (1 - m_w) max||v|| over queries; bound_holds: whether every query's error is within its bound."""
+
+    max_abs_error: float
+    rel_frobenius_error: float
+    cosine: float
+    finite: bool
+    mass_kept_mean: Optional[float] = None
+    mass_kept_min: Optional[float] = None
+    error_norm_max: Optional[float] = None
+    bound_max: Optional[float] = None
+    bound_holds: Optional[bool] = None
+
+
+@dataclass(frozen=True)
+class EndToEnd:
+    """The model's output against the original's over all calibration positions (None: not requested)."""
+
+    positions: int
+    finite: bool
+    kl_mean: Optional[float] = None
+    kl_p99: Optional[float] = None
+    kl_max: Optional[float] = None
+    top1: Optional[float] = None
+    cosine_mean: Optional[float] = None
+    cosine_min: Optional[float] = None
+
+    def value(self, name: str) -> Optional[float]:
+        return getattr(self, name, None)
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One candidate measured at one site, switched alone: the site error, the end-to-end effect, the verdict."""
+
+    site: str
+    candidate: Candidate
+    site_error: Optional[SiteError]
+    end_to_end: Optional[EndToEnd]
+    passed: bool
+    reason: str
+
+    @property
+    def label(self) -> str:
+        return candidate_label(self.candidate)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One greedy step: `site` added to the sites accepted so far, the combination verified end to end."""
+
+    site: str
+    candidate: Candidate
+    accepted_before: tuple[str, ...]
+    end_to_end: EndToEnd
+    passed: bool
+    reason: str
+
+
+@dataclass
+class FidelityReport:
+    """What calibrate_plan measured and decided (numbers in `trials`, `steps`, `final`)."""
+
+    tolerance: dict
+    batches: int
+    positions: int
+    calibration_lengths: dict  # site name -> longest key length seen in the calibration batches
+    plan_max_len: Optional[int] = None
+    trials: list = field(default_factory=list)
+    steps: list = field(default_factory=list)
+    final: Optional[EndToEnd] = None
+    accepted: dict = field(default_factory=dict)  # site -> candidate label
+    refused: dict = field(default_factory=dict)  # site -> reason
+    notes: list = field(default_factory=list)
+
+    def summary(self) -> str:
+        """A table for people: each trial, each greedy step, the final verification."""
+        lines = [f"fidelity: tolerance {format_tolerance(self.tolerance)}; {self.batches} calibration batch(es), "
+                 f"{self.positions} output positions"]
+        if self.trials:
+            lines.append("  each candidate alone:")
+            for trial in self.trials:
+                lines.append(f"    {trial.site}: {trial.label}: {'pass' if trial.passed else 'FAIL'}: {trial.reason}")
+        if self.steps:
+            lines.append("  greedy, least sensitive first (each combination verified end to end):")
+            for step in self.steps:
+                before = f" + {len(step.accepted_before)} accepted" if step.accepted_before else ""
+                lines.append(f"    {step.site}{before}: {'accepted' if step.passed else 'REFUSED'}: {step.reason}")
+        if self.final is not None:
+            lines.append(f"  final plan end to end: {describe_end_to_end(self.final)}")
+        for site, text in self.accepted.items():
+            lines.append(f"  approximate: {site}: {text}")
+        for site, reason in self.refused.items():
+            lines.append(f"  kept exact: {site}: {reason}")
+        lines.extend(f"  note: {note}" for note in self.notes)
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        """JSON-ready: candidates by their labels, measurements as dicts."""
+        def trial(item: Trial) -> dict:
+            return {"site": item.site, "candidate": item.label, "passed": item.passed, "reason": item.reason,
+                    "site_error": _as_dict(item.site_error), "end_to_end": _as_dict(item.end_to_end)}
+
+        def step(item: Step) -> dict:
+            return {"site": item.site, "candidate": candidate_label(item.candidate),
+                    "accepted_before": list(item.accepted_before), "passed": item.passed, "reason": item.reason,
+                    "end_to_end": _as_dict(item.end_to_end)}
+
+        return {"tolerance": dict(self.tolerance), "batches": self.batches, "positions": self.positions,
+                "calibration_lengths": dict(self.calibration_lengths), "plan_max_len": self.plan_max_len,
+                "trials": [trial(item) for item in self.trials], "steps": [step(item) for item in self.steps],
+                "final": _as_dict(self.final), "accepted": dict(self.accepted), "refused": dict(self.refused),
+                "notes": list(self.notes)}
+
+
+def _as_dict(record: Any) -> Optional[dict]:
+    return None if record is None else dataclasses.asdict(record)
+
+
+def candidate_label(candidate: Optional[Candidate]) -> str:
+    """'sliding_window(W=64, sinks=4)', 'hyper(block_size=8, ...)', 'flash', 'dense'."""
+    if candidate is None:
+        return "dense"
+    shown = {"sliding_window": ("window", "sinks"),
+             "hyper": ("block_size", "sample_size", "num_projections", "min_seq_len")}.get(candidate.variant, ())
+    parameters = [f"{'W' if name == 'window' else name}={candidate.parameter(name)}" for name in shown
+                  if candidate.parameter(name) is not None]
+    return f"{candidate.variant}({', '.join(parameters)})" if parameters else candidate.variant
+
+
+def format_tolerance(tolerance: Mapping[str, float]) -> str:
+    return ", ".join(f"{name} {'<=' if TOLERANCE_KEYS[name][0] == 'max' else '>='} {value:g}"
+                     for name, value in tolerance.items())
+
+
+def describe_end_to_end(result: EndToEnd) -> str:
+    parts = [] if result.finite else ["NON-FINITE output"]
+    for name, template in (("kl_mean", "KL mean {:.3g}"), ("kl_p99", "KL p99 {:.3g}"), ("top1", "top-1 {:.4f}"),
+                           ("cosine_mean", "cosine mean {:.5f}"), ("cosine_min", "cosine min {:.5f}")):
+        value = result.value(name)
+        if value is not None:
+            parts.append(template.format(value))
+    return ", ".join(parts) + f" ({result.positions} positions)"
+
+
+def describe_site_error(error: SiteError) -> str:
+    text = (f"site rel. error {error.rel_frobenius_error:.3g}, cosine {error.cosine:.5f}, max abs "
+            f"{error.max_abs_error:.3g}")
+    if error.mass_kept_mean is not None:
+        text += (f", mass kept mean {error.mass_kept_mean:.4f} / min {error.mass_kept_min:.4f}, error "
+                 f"{error.error_norm_max:.3g} <= bound {error.bound_max:.3g}: "
+                 f"{'holds' if error.bound_holds else 'VIOLATED'}")
+    return text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Measuring
+
+
+def make_candidate(variant: str, exactness: str = "approximate", implementation: str = "auto",
+                   **parameters: Any) -> Candidate:
+    """A Candidate built by hand, to measure a variant with chosen parameters (e.g. make_candidate(
+    "sliding_window", window=64, sinks=4), make_candidate("hyper", block_size=16, min_seq_len=32))."""
+    if variant == "sliding_window":
+        parameters.setdefault("sinks", 0)
+        parameters.setdefault("imposed", True)
+    if variant == "hyper":
+        from backends.registry import HYPER_DEFAULTS
+
+        parameters = {**dict(HYPER_DEFAULTS), **parameters}
+    return Candidate(variant=variant, implementation=implementation, exactness=exactness, time_s=None,
+                     memory_bytes=None, feasible=True, reason="built by hand for a measurement",
+                     parameters=tuple(parameters.items()))
+
+
+class _Tap(torch.nn.Module):
+    """Identity that records its input (detached) under `key` in `store`."""
+
+    def __init__(self, store: dict, key: tuple):
+        super().__init__()
+        self.store, self.key = store, key
+
+    def forward(self, tensor):
+        if isinstance(tensor, torch.Tensor):
+            self.store.setdefault(self.key, []).append(tensor.detach())
+        return tensor
+
+
+def _insert_tap(graph_module: torch.fx.GraphModule, node: torch.fx.Node, store: dict, key: tuple) -> None:
+    name = f"_fidelity_tap_{len([n for n, _ in graph_module.named_children() if n.startswith('_fidelity_tap_')])}"
+    graph_module.add_submodule(name, _Tap(store, key))
+    with graph_module.graph.inserting_after(node):
+        tap = graph_module.graph.call_module(name, (node,))
+    tap.meta.update({key: value for key, value in node.meta.items() if key == "val"})
+    node.replace_all_uses_with(tap, delete_user_cb=lambda user: user is not tap)
+
+
+def rewrite_copy(graph_module: torch.fx.GraphModule, switches: Mapping[str, Candidate],
+                 sites: Sequence[AttentionSite], tap_outputs: Iterable[str] = ()) -> tuple[torch.fx.GraphModule, dict]:
+    """A deep copy of `graph_module` with each site named in `switches` rewritten to its candidate by
+    passes.rewrite.rewrite (the candidate's parameters, e.g. an imposed window, reach the variant's emit), and with
+    the output of each site in `tap_outputs` recorded. Returns the copy and the store its taps fill:
+    {(site name, "output"): [tensor per call]}."""
+    from passes.rewrite import rewrite
+
+    module = copy.deepcopy(graph_module)
+    store: dict = {}
+    nodes = {node.name: node for node in module.graph.nodes}
+    by_name = {site.name: site for site in sites}
+    for name in tap_outputs:
+        # The tap takes the site node's place for its users; the rewrite then feeds it the replacement's output.
+        _insert_tap(module, nodes[by_name[name].node], store, (name, "output"))
+    decisions = []
+    for site in sites:
+        candidate = switches.get(site.name)
+        if candidate is not None and candidate.variant != "dense":
+            decisions.append(SiteDecision(site, (candidate,), candidate, "fidelity measurement"))
+    if decisions:
+        rewrite(module, Plan(device=None, policy="any", max_len=0, decisions=tuple(decisions)))
+    else:
+        module.recompile()
+    return module, store
+
+
+def _tap_prepared_inputs(module: torch.fx.GraphModule, site: AttentionSite, store: dict) -> None:
+    """Record q, k, v (batch, heads, sequence, head_dim), the key padding mask and the kept mask tensor of a site,
+    as a rewrite would hand them to a variant (the detector's adapters emitted before the site node)."""
+    from passes.rewrite import prepare_inputs
+
+    nodes = {node.name: node for node in module.graph.nodes}
+    with module.graph.inserting_before(nodes[site.node]):
+        prepared, extra = prepare_inputs(module.graph, site, nodes)
+    nodes.update({name: node for name, node in extra.items() if isinstance(node, torch.fx.Node)})
+    for role, name in (("query", prepared.query), ("key", prepared.key), ("value", prepared.value),
+                       ("key_padding", prepared.mask.key_padding), ("mask", prepared.mask.tensor)):
+        if name is not None and name in nodes:
+            _insert_tap(module, nodes[name], store, (site.name, role))
+
+
+def _vector_cosines(reference: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of each vector along the last dim (float64); pairs of zero vectors count as 1."""
+    reference, candidate = reference.double(), candidate.double()
+    dot = (reference * candidate).sum(-1)
+    norms = reference.norm(dim=-1) * candidate.norm(dim=-1)
+    both_zero = (reference.norm(dim=-1) == 0) & (candidate.norm(dim=-1) == 0)
+    cosine = dot / norms.clamp_min(torch.finfo(torch.float64).tiny)
+    return torch.where(both_zero, torch.ones_like(cosine), cosine).flatten()
+
+
+def site_error(reference: Sequence[torch.Tensor], candidate: Sequence[torch.Tensor]) -> SiteError:
+    """Errors of a site's output over the calibration batches (lists of (batch, heads, L, D) tensors)."""
+    finite = all(bool(torch.isfinite(tensor).all()) for tensor in candidate)
+    if not finite:
+        return SiteError(math.inf, math.inf, -1.0, False)
+    difference_sq = sum(float(((c.double() - r.double()) ** 2).sum()) for r, c in zip(reference, candidate))
+    reference_sq = sum(float((r.double() ** 2).sum()) for r in reference)
+    max_abs = max(float((c.double() - r.double()).abs().max()) if r.numel() else 0.0
+                  for r, c in zip(reference, candidate))
+    cosines = torch.cat([_vector_cosines(r, c) for r, c in zip(reference, candidate)])
+    relative = math.sqrt(difference_sq / reference_sq) if reference_sq > 0 else math.sqrt(difference_sq)
+    return SiteError(max_abs, relative, float(cosines.mean()), True)
+
+
+class Calibrator:
+    """Runs a captured graph and its rewritten copies on calibration batches and compares them with the original.
+
+    The original's outputs (end to end, and at every site) are computed once, at construction."""
+
+    def __init__(self, graph_module: torch.fx.GraphModule, sites: Sequence[AttentionSite], calibration: Any,
+                 *, output: Optional[OutputFunction] = None, compare: Sequence[str] = ("logits",),
+                 tap_inputs: bool = True):
+        unknown = set(compare) - {"logits", "embedding"}
+        if unknown or not compare:
+            raise InvalidArgumentError(f"compare={compare!r}: accepted: 'logits' and/or 'embedding'")
+        self.graph_module = graph_module
+        self.sites = [site for site in sites]
+        self.by_name = {site.name: site for site in self.sites}
+        self.batches = as_batches(calibration)
+        self.output = output or first_tensor
+        self.compare = tuple(compare)
+        self.reference_outputs, self.reference_sites, self.reference_inputs = self._run_reference(tap_inputs)
+        self.lengths = {name: max(int(tensor.shape[2]) for tensor in tensors)
+                        for (name, role), tensors in self.reference_inputs.items() if role == "key"}
+        for name, tensors in self.reference_sites.items():
+            self.lengths.setdefault(name, max(int(tensor.shape[2]) for tensor in tensors))
+        self.positions = sum(self._positions(tensor) for tensor in self.reference_outputs)
+
+    def _positions(self, tensor: torch.Tensor) -> int:
+        return tensor.numel() // tensor.shape[-1] if tensor.dim() else 1
+
+    def _run(self, module: torch.fx.GraphModule) -> list[torch.Tensor]:
+        outputs = []
+        with torch.no_grad():
+            for args, kwargs in self.batches:
+                result = self.output(module(*args, **kwargs))
+                if not isinstance(result, torch.Tensor):
+                    raise InvalidArgumentError(f"output(...) must return a tensor; got {type(result).__name__}")
+                outputs.append(result.detach())
+        return outputs
+
+    def _run_reference(self, tap_inputs: bool):
+        module, store = rewrite_copy(self.graph_module, {}, self.sites, tap_outputs=self.by_name)
+        if tap_inputs:
+            for site in self.sites:
+                _tap_prepared_inputs(module, site, store)
+            module.recompile()
+        reference = self._run(module)
+        site_outputs = {name: tensors for (name, role), tensors in store.items() if role == "output"}
+        inputs = {key: tensors for key, tensors in store.items() if key[1] != "output"}
+        return reference, site_outputs, inputs
+
+    def run(self, switches: Mapping[str, Candidate], tap_sites: Iterable[str] = ()) -> tuple[EndToEnd, dict]:
+        """Rewrite a copy with `switches` (site name -> candidate), run it, and compare with the original: the
+        end-to-end result and, for each site in `tap_sites`, its output tensors (one per batch)."""
+        tap_sites = tuple(tap_sites)
+        module, store = rewrite_copy(self.graph_module, switches, self.sites, tap_outputs=tap_sites)
+        candidate_outputs = self._run(module)
+        site_outputs = {name: store.get((name, "output"), []) for name in tap_sites}
+        return self.compare_outputs(candidate_outputs), site_outputs
+
+    def compare_outputs(self, candidate_outputs: Sequence[torch.Tensor]) -> EndToEnd:
+        """End-to-end metrics of candidate outputs against the original's (same batches, same order)."""
+        finite = all(bool(torch.isfinite(tensor).all()) for tensor in candidate_outputs)
+        values: dict[str, float] = {}
+        if not finite:
+            worst = {"kl_mean": math.inf, "kl_p99": math.inf, "kl_max": math.inf, "top1": 0.0}
+            if "logits" in self.compare:
+                values.update(worst)
+            if "embedding" in self.compare:
+                values.update(cosine_mean=-1.0, cosine_min=-1.0)
+            return EndToEnd(self.positions, False, **values)
+        if "logits" in self.compare:
+            divergences, agreements = [], []
+            for reference, candidate in zip(self.reference_outputs, candidate_outputs):
+                log_p = torch.log_softmax(reference.double(), dim=-1)
+                log_q = torch.log_softmax(candidate.double(), dim=-1)
+                kl = (log_p.exp() * (log_p - log_q)).nan_to_num(nan=0.0).sum(-1).clamp_min(0.0)
+                divergences.append(kl.flatten())
+                agreements.append((reference.argmax(-1) == candidate.argmax(-1)).flatten())
+            kl = torch.cat(divergences)
+            values.update(kl_mean=float(kl.mean()), kl_p99=percentile(kl, 0.99), kl_max=float(kl.max()),
+                          top1=float(torch.cat(agreements).double().mean()))
+        if "embedding" in self.compare:
+            cosines = torch.cat([_vector_cosines(reference, candidate)
+                                 for reference, candidate in zip(self.reference_outputs, candidate_outputs)])
+            values.update(cosine_mean=float(cosines.mean()), cosine_min=float(cosines.min()))
+        return EndToEnd(self.positions, True, **values)
+
+    def measure(self, site_name: str, candidate: Candidate) -> tuple[EndToEnd, SiteError]:
+        """Switch one site alone to `candidate`: the end-to-end result and the site's own error (with the window
+        mass and bound for a sliding window)."""
+        end_to_end, tapped = self.run({site_name: candidate}, tap_sites=(site_name,))
+        error = site_error(self.reference_sites[site_name], tapped[site_name])
+        if candidate.variant == "sliding_window" and error.finite and (site_name, "query") in self.reference_inputs:
+            error = dataclasses.replace(error, **self.window_bound(site_name, candidate))
+        return end_to_end, error
+
+    def window_bound(self, site_name: str, candidate: Candidate) -> dict:
+        """The mass a window keeps and the bound ||o - o_w|| <= 2 (1 - m_w) max||v||, checked per query on the
+        calibration batches (o and o_w computed from the site's recorded q, k, v by the tiled op)."""
+        site, inputs = self.by_name[site_name], self.reference_inputs
+        window, sinks = int(candidate.parameter("window")), int(candidate.parameter("sinks", 0) or 0)
+        masses, bound_max, error_max, holds = [], 0.0, 0.0, True
+        for index, query in enumerate(inputs[(site_name, "query")]):
+            def recorded(role):
+                return inputs[(site_name, role)][index] if (site_name, role) in inputs else None
+
+            check = window_bound_check(site, query, recorded("key"), recorded("value"), window, sinks,
+                                       recorded("key_padding"), recorded("mask"))
+            masses.append(check["mass"].flatten())
+            holds = holds and check["holds"]
+            bound_max = max(bound_max, float(check["bound"].max()))
+            error_max = max(error_max, float(check["error"].max()))
+        mass = torch.cat(masses)
+        return dict(mass_kept_mean=float(mass.mean()), mass_kept_min=float(mass.min()), error_norm_max=error_max,
+                    bound_max=bound_max, bound_holds=holds)
+
+
+def window_bound_check(site: AttentionSite, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       window: int, sinks: int, key_padding_mask: Optional[torch.Tensor] = None,
+                       attn_mask: Optional[torch.Tensor] = None) -> dict:
+    """For one batch of a site's q, k, v (batch, heads, sequence, head_dim), per query (batch, heads, queries):
+    "mass": the softmax mass m_w that a window of `window` keys plus the first `sinks` keys keeps, from the tiled
+    op's log-sum-exps (linear memory): m_w = exp(lse_window - lse_full); "bound": 2 (1 - m_w) max_j ||v_j||;
+    "error": ||o - o_w||; "holds": error <= bound (+ rounding slack) for every query."""
+    from backends.flash.op import tiled_attention
+
+    options = dict(causal=site.mask.is_causal, scale=site.effective_scale(), key_padding_mask=key_padding_mask,
+                   attn_mask=attn_mask, return_lse=True)
+    if site.mask.kind == "sliding_window" and site.mask.window is not None:
+        options["window"] = site.mask.window  # the site's own window belongs to the original
+    original, lse_full = tiled_attention(query, key, value, **options)
+    options["window"] = min(window, options.get("window") or window)
+    windowed, lse_window = tiled_attention(query, key, value, sinks=sinks, **options)
+    mass = torch.exp(lse_window.double() - lse_full.double())
+    mass = torch.where(torch.isfinite(lse_full), mass, torch.ones_like(mass))  # a row with no key loses nothing
+    groups = query.shape[1] // value.shape[1]
+    value_norm = value.double().norm(dim=-1).amax(dim=-1).repeat_interleave(groups, dim=1)  # (batch, heads)
+    bound = 2.0 * (1.0 - mass).clamp_min(0.0) * value_norm[..., None]
+    error = (windowed.double() - original.double()).norm(dim=-1)
+    slack = BOUND_SLACK * (1.0 + original.double().norm(dim=-1))
+    return {"mass": mass, "bound": bound, "error": error, "holds": bool((error <= bound + slack).all())}
+
+
+def percentile(values: torch.Tensor, fraction: float) -> float:
+    """The `fraction` quantile (linear interpolation), for any number of values (torch.quantile caps the size)."""
+    ordered = torch.sort(values.double().flatten()).values
+    if ordered.numel() == 1:
+        return float(ordered[0])
+    position = fraction * (ordered.numel() - 1)
+    low = int(math.floor(position))
+    high = min(low + 1, ordered.numel() - 1)
+    return float(ordered[low] + (ordered[high] - ordered[low]) * (position - low))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Verdicts
+
+
+def violations(tolerance: Mapping[str, float], end_to_end: Optional[EndToEnd] = None,
+               error: Optional[SiteError] = None) -> list[str]:
+    """Each tolerance that the measurements break, in words ("kl_p99 0.84 > 0.1")."""
+    broken = []
+    if end_to_end is not None and not end_to_end.finite:
+        broken.append("the output has NaN or Inf")
+    if error is not None and not error.finite:
+        broken.append("the site's attention output has NaN or Inf")
+    for name, limit in tolerance.items():
+        direction = TOLERANCE_KEYS[name][0]
+        if name in SITE_KEYS:
+            if error is None:
+                continue
+            value = error.rel_frobenius_error if name == "site_rel_error" else error.cosine
+        else:
+            if end_to_end is None:
+                continue
+            value = end_to_end.value(name)
+            if value is None:
+                broken.append(f"{name} was not measured (compare the outputs as "
+                              f"{'logits' if name in DISTRIBUTION_KEYS else 'embeddings'})")
+                continue
+        if (direction == "max" and not value <= limit) or (direction == "min" and not value >= limit):
+            broken.append(f"{name} {value:.4g} {'>' if direction == 'max' else '<'} {limit:g}")
+    return broken
+
+
+def sensitivity(tolerance: Mapping[str, float], end_to_end: EndToEnd) -> float:
+    """How much of the end-to-end tolerance one site uses up: the largest ratio of measured damage to allowed damage
+    (KL over its limit; 1 - similarity over 1 - its limit). Sites switch in increasing order of this."""
+    ratios = [0.0]
+    for name, limit in tolerance.items():
+        value = end_to_end.value(name)
+        if name in SITE_KEYS or value is None:
+            continue
+        if TOLERANCE_KEYS[name][0] == "max":
+            ratios.append(value / limit if limit > 0 else (math.inf if value > 0 else 0.0))
+        else:
+            allowed = 1.0 - limit
+            ratios.append((1.0 - value) / allowed if allowed > 0 else (math.inf if value < 1.0 else 0.0))
+    return max(ratios) if end_to_end.finite else math.inf
+
+
+def unmeasured_reason(candidate: Candidate, calibration_length: Optional[int]) -> Optional[str]:
+    """Why the calibration batches cannot exercise `candidate` (it computes exact attention at their length), or
+    None. Such a candidate is refused: passing it would let an approximation through unmeasured."""
+    if calibration_length is None:
+        return None
+    if candidate.variant == "sliding_window":
+        window, sinks = candidate.parameter("window"), int(candidate.parameter("sinks", 0) or 0)
+        if window is not None and window + sinks >= calibration_length:
+            return (f"the window ({window} keys + {sinks} sinks) covers all {calibration_length} keys of the "
+                    "calibration batches, so they cannot measure it; calibrate at the deployment length")
+    if candidate.variant == "hyper":
+        minimum = candidate.parameter("min_seq_len")
+        if minimum is not None and calibration_length <= int(minimum):
+            return (f"HyperAttention is exact up to min_seq_len={minimum} keys and the calibration batches have "
+                    f"{calibration_length}; calibrate at the deployment length")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Calibrating a plan
+
+
+def _exact_fallback(decision: SiteDecision) -> Optional[Candidate]:
+    """The fastest feasible exact candidate of a decision (None: the site is left as the model wrote it)."""
+    exact = [candidate for candidate in decision.candidates
+             if candidate.exactness == "exact" and candidate.feasible and candidate.time_s is not None]
+    return min(exact, key=lambda candidate: candidate.time_s) if exact else None
+
+
+def _approximate_options(decision: SiteDecision) -> list[Candidate]:
+    """The approximate candidates worth measuring at a site whose plan chose an approximation: the choice, then the
+    other feasible approximate candidates faster than the best exact one, fastest first."""
+    choice = decision.choice
+    if choice is None or choice.exactness not in MEASURED_CLASSES:
+        return []
+    fallback = _exact_fallback(decision)
+    others = [candidate for candidate in decision.candidates
+              if candidate is not choice and candidate.exactness in MEASURED_CLASSES and candidate.feasible
+              and candidate.time_s is not None
+              and (fallback is None or fallback.time_s is None or candidate.time_s < fallback.time_s)]
+    return [choice] + sorted(others, key=lambda candidate: candidate.time_s)
+
+
+def _decide(decision: SiteDecision, choice: Optional[Candidate], reason: str) -> SiteDecision:
+    return dataclasses.replace(decision, choice=choice, reason=reason)
+
+
+def calibrate_plan(graph_module: torch.fx.GraphModule, plan: Plan, calibration: Any,
+                   tolerance: Mapping[str, float], *, output: Optional[OutputFunction] = None,
+                   compare: Optional[Sequence[str]] = None) -> tuple[Plan, FidelityReport]:
+    """Measure every approximate choice of `plan` on `calibration`, keep those within `tolerance`, verify the
+    combination end to end; every other approximate site gets its fastest exact candidate.
+
+    Args:
+        graph_module: the captured graph the plan was made for (not modified: measurements rewrite copies).
+        plan: from planner.plan.make_plan (policy "approximate" or "any").
+        calibration: batches of model inputs (tensor, tuple or dict each), at the deployment length or the longest
+            that fits: a window or HyperAttention that is exact at the calibration length is refused as unmeasured.
+        tolerance: e.g. {"kl_mean": 0.01, "kl_p99": 0.1, "top1": 0.99} (logits) or {"cosine_mean": 0.99}
+            (embeddings); see TOLERANCE_KEYS. Required: nothing approximate passes unmeasured.
+        output: maps the model's output to the tensor to compare (default: its first tensor).
+        compare: "logits" and/or "embedding"; default from the tolerance's keys.
+
+    Returns the plan with each approximate choice either kept (its reason gives the measurements) or replaced by
+    the site's fastest exact candidate (its reason says what broke), and the FidelityReport.
+    """
+    tolerance = check_tolerance(tolerance)
+    if compare is None:
+        compare = [kind for kind, keys in (("logits", DISTRIBUTION_KEYS), ("embedding", EMBEDDING_KEYS))
+                   if any(name in tolerance for name in keys)]
+    sites = [decision.site for decision in plan.decisions]
+    calibrator = Calibrator(graph_module, sites, calibration, output=output, compare=compare)
+    report = FidelityReport(tolerance=tolerance, batches=len(calibrator.batches), positions=calibrator.positions,
+                            calibration_lengths=dict(calibrator.lengths), plan_max_len=getattr(plan, "max_len", None))
+    decisions = {decision.site.name: decision for decision in plan.decisions}
+    exact_switches = {}
+    for name, decision in decisions.items():
+        if decision.choice is not None and decision.choice.exactness == "exact":
+            exact_switches[name] = decision.choice
+        elif decision.choice is not None and decision.choice.exactness not in MEASURED_CLASSES:
+            report.notes.append(f"{name}: {candidate_label(decision.choice)} is {decision.choice.exactness}-class: "
+                                "not calibrated here (planner.linearize distils it)")
+
+    proposals, final_decisions = [], dict(decisions)
+    for name, decision in decisions.items():
+        options = _approximate_options(decision)
+        if not options:
+            continue
+        chosen = _first_passing(calibrator, report, name, options, tolerance)
+        if chosen is None:
+            fallback = _exact_fallback(decision)
+            failures = "; ".join(f"{trial.label}: {trial.reason}" for trial in report.trials if trial.site == name)
+            report.refused[name] = f"{candidate_label(fallback)} instead: {failures}"
+            final_decisions[name] = _decide(decision, fallback, f"kept exact ({candidate_label(fallback)}): "
+                                                                f"calibration refused {failures}")
+            if fallback is not None and fallback.variant != "dense":
+                exact_switches[name] = fallback
+        else:
+            proposals.append((chosen, name))
+
+    accepted: dict[str, Candidate] = {}
+    final: Optional[EndToEnd] = None
+    for trial, name in sorted(proposals, key=lambda item: sensitivity(tolerance, item[0].end_to_end)):
+        switches = {**exact_switches, **accepted, name: trial.candidate}
+        end_to_end, _ = calibrator.run(switches)
+        broken = violations(tolerance, end_to_end)
+        passed = not broken
+        reason = describe_end_to_end(end_to_end) + ("" if passed else ": " + "; ".join(broken))
+        report.steps.append(Step(name, trial.candidate, tuple(accepted), end_to_end, passed, reason))
+        decision = decisions[name]
+        if passed:
+            accepted[name] = trial.candidate
+            final = end_to_end
+            report.accepted[name] = f"{trial.label}: alone {trial.reason}"
+            final_decisions[name] = _decide(decision, trial.candidate,
+                                            f"{decision.reason}; calibrated: {trial.reason}")
+        else:
+            fallback = _exact_fallback(decision)
+            report.refused[name] = (f"{candidate_label(fallback)} instead: {trial.label} passed alone but with "
+                                    f"{len(accepted)} other approximate site(s) {reason}")
+            final_decisions[name] = _decide(decision, fallback, f"kept exact ({candidate_label(fallback)}): "
+                                                                f"{trial.label} combined: {reason}")
+            if fallback is not None and fallback.variant != "dense":
+                exact_switches[name] = fallback
+    if final is None:  # no approximation accepted: verify the exact plan as it will run
+        final, _ = calibrator.run(exact_switches)
+        if violations(tolerance, final):
+            report.notes.append("the exact rewrites alone differ from the original beyond the tolerance (floating "
+                                "point): " + "; ".join(violations(tolerance, final)))
+    report.final = final
+    lengths = set(calibrator.lengths.values())
+    if report.plan_max_len is not None and lengths and max(lengths) < report.plan_max_len:
+        report.notes.append(f"calibrated at up to {max(lengths)} tokens; the plan is for {report.plan_max_len}: "
+                            "errors of windows and HyperAttention grow with the length")
+    new_plan = dataclasses.replace(plan, decisions=tuple(final_decisions[decision.site.name]
+                                                         for decision in plan.decisions),
+                                   notes=tuple(plan.notes) + (f"fidelity: {len(accepted)} approximate site(s) "
+                                                              f"accepted, {len(report.refused)} kept exact under "
+                                                              f"{format_tolerance(tolerance)}",))
+    return new_plan, report
+
+
+def _first_passing(calibrator: Calibrator, report: FidelityReport, name: str, options: Sequence[Candidate],
+                   tolerance: Mapping[str, float]) -> Optional[Trial]:
+    """Measure the options at one site alone, in order; record each trial; return the first that passes."""
+    for candidate in options:
+        reason = unmeasured_reason(candidate, calibrator.lengths.get(name))
+        if reason is not None:
+            report.trials.append(Trial(name, candidate, None, None, False, f"unmeasured: {reason}"))
+            continue
+        end_to_end, error = calibrator.measure(name, candidate)
+        broken = violations(tolerance, end_to_end, error)
+        text = f"{describe_end_to_end(end_to_end)}; {describe_site_error(error)}"
+        trial = Trial(name, candidate, error, end_to_end, not broken, text + ("" if not broken else ": " +
+                                                                             "; ".join(broken)))
+        report.trials.append(trial)
+        if not broken:
+            return trial
+    return None
+
+
+def measure_variants(graph_module: torch.fx.GraphModule, sites: Sequence[AttentionSite], calibration: Any,
+                     candidates: Mapping[str, Candidate], *, output: Optional[OutputFunction] = None,
+                     compare: Sequence[str] = ("logits",), site_errors: bool = True) -> dict[str, dict]:
+    """Measure each labelled candidate applied at every site at once (a uniform rewrite of the model), end to end,
+    and, with site_errors, at each site alone. Returns {label: {"end_to_end": EndToEnd, "sites": {name: SiteError}}}.
+    For tables (e.g. an encoder's embedding cosine under windows of several widths)."""
+    calibrator = Calibrator(graph_module, sites, calibration, output=output, compare=compare,
+                            tap_inputs=site_errors)
+    results = {}
+    for label, candidate in candidates.items():
+        end_to_end, _ = calibrator.run({site.name: candidate for site in sites})
+        per_site = {}
+        if site_errors:
+            for site in sites:
+                per_site[site.name] = calibrator.measure(site.name, candidate)[1]
+        results[label] = {"end_to_end": end_to_end, "sites": per_site}
+    return results
