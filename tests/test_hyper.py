@@ -41,6 +41,20 @@ def test_matches_dense_estimator_forward_and_gradients(causal, queries, min_seq_
         torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_inference_path_matches_autograd_path(causal):
+    """Without gradients the merges run fused and in place (merge.py); with them, as PyTorch ops. Same numbers."""
+    q, k, v = make_inputs(queries=33)
+    options = dict(SMALL, min_seq_len=4)  # causal: 4 levels and padded keys in first halves
+    with torch.no_grad():
+        fused = backends.hyper_attention(q, k, v, causal=causal, seed=2, **options)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    composed = backends.hyper_attention(*leaves, causal=causal, seed=2, **options)
+    torch.testing.assert_close(fused, composed.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fused, hyper_attention_naive(q, k, v, causal=causal, seed=2, **options),
+                               rtol=1e-10, atol=1e-10)
+
+
 def test_non_causal_with_fewer_keys_and_grouped_heads():
     q, k, v = make_inputs(heads=4, kv_heads=2, queries=40, keys=29)
     out = backends.hyper_attention(q, k, v, seed=1, **SMALL)

@@ -170,6 +170,20 @@ def test_half_precision_close_to_float64(dtype, decay_kind):
     assert (out - ref).norm() / ref.norm() < 2e-2
 
 
+def test_gradients_without_decay_or_states():
+    """The backward op's absent gradients (decay, initial state) must be distinct tensors (custom ops may not return
+    aliases); found on the GPU benchmark, where no test had both absent."""
+    q, k, v, _ = make_inputs(batch=1, seq_len=40)
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    grad_out = torch.randn_like(v)
+    grads = torch.autograd.grad(backends.linear_attention(*leaves), leaves, grad_out)
+    ref_grads = torch.autograd.grad(linear_attention_naive(*leaves), leaves, grad_out)
+    for grad, ref_grad in zip(grads, ref_grads):
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-9)
+    q, k, v, _ = make_inputs(batch=1, heads=1, seq_len=20, dtype=torch.float32)
+    torch.library.opcheck(linear_attention_op, (q.requires_grad_(), k, v, None, None, 64))
+
+
 def test_opcheck():
     q, k, v, state = make_inputs(batch=1, heads=1, seq_len=20, dtype=torch.float32)
     decay = make_decay("per_channel", 1, 1, 20, 16, dtype=torch.float32)

@@ -15,6 +15,7 @@ backends/hyper/naive.py forms the same estimator densely; the tests hold the two
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -55,10 +56,29 @@ def _gather_rows(tensor: torch.Tensor, order: torch.Tensor, padded_len: int) -> 
     return F.pad(gathered, (0, 0, 0, missing)) if missing else gathered
 
 
+def fused_merge_usable(*tensors: torch.Tensor) -> bool:
+    """The in-place Triton merge (merge.py) serves plain tensors that need no gradient, on CUDA or under the
+    interpreter; tracing (fake tensors, torch.compile) and autograd take the PyTorch merges."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    if torch.compiler.is_compiling() or any(type(t) is not torch.Tensor for t in tensors):
+        return False
+    return tensors[0].is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _inverse_permutation(order: torch.Tensor) -> torch.Tensor:
+    positions = torch.arange(order.shape[-1], device=order.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, positions)
+
+
 def non_causal_hyper(q, k, v, key_valid: Optional[torch.Tensor], *, block_size: int, sample_size: int,
-                     num_projections: int, seed: int):
+                     num_projections: int, seed: int, destination=None):
     """The non-causal estimator. q (batch, heads, nq, d), k/v (batch, heads, nk, d); key_valid None or bool
-    (heads, nk) marking real keys. Returns out (like q in shape) and lse (batch, heads, nq), both in merge_dtype."""
+    (heads, nk) marking real keys. Returns out (like q in shape) and lse (batch, heads, nq), both in merge_dtype.
+
+    destination = (out (batch*heads, rows, d), lse (batch*heads, rows), row_offset, has_prior): merge the result
+    into those rows in place with the fused kernel instead (no gradients), and return None.
+    """
     batch, heads, queries, head_dim = q.shape
     keys = k.shape[2]
     blocks, query_block, key_block = block_counts(queries, keys, block_size)
@@ -90,14 +110,25 @@ def non_causal_hyper(q, k, v, key_valid: Optional[torch.Tensor], *, block_size: 
     out_sample, lse_sample = _tiled_attention(q_blocks, repeat(k_sorted), repeat(v_sorted),
                                               key_padding_mask=sample_mask.reshape(folded, count))
     # Each sampled key stands for keys / count keys of the row: its weight, added in log space.
-    lse_sample = lse_sample + math.log(keys / count)
+    log_weight = math.log(keys / count)
+    if destination is not None:
+        from backends.hyper.merge import merge_into
+
+        dest_out, dest_lse, row_offset, has_prior = destination
+        sorted_len = blocks * query_block
+        merge_into(out_block.view(batch * heads, sorted_len, head_dim), lse_block.view(batch * heads, sorted_len),
+                   out_sample.view(batch * heads, sorted_len, head_dim), lse_sample.view(batch * heads, sorted_len),
+                   log_weight, query_order.reshape(batch * heads, queries).contiguous(), dest_out, dest_lse,
+                   row_offset, has_prior)
+        return None
+    lse_sample = lse_sample + log_weight
 
     compute = merge_dtype(q.dtype)
     out, lse = merge_partial_attention(out_block.to(compute), lse_block.to(compute), out_sample.to(compute),
                                        lse_sample.to(compute))
     out = out.view(batch, heads, blocks * query_block, head_dim)[:, :, :queries]
     lse = lse.view(batch, heads, blocks * query_block)[:, :, :queries]
-    inverse = torch.argsort(query_order, dim=-1)
+    inverse = _inverse_permutation(query_order)
     return out.gather(2, inverse[..., None].expand(batch, heads, queries, head_dim)), lse.gather(2, inverse)
 
 
@@ -114,6 +145,7 @@ def causal_hyper(q, k, v, *, block_size: int, sample_size: int, num_projections:
     out, lse = _tiled_attention(q.view(leaf_view), k.view(leaf_view), v.view(leaf_view), causal=True)
     compute = merge_dtype(q.dtype)
     out, lse = out.to(compute).view(batch, heads, padded, head_dim), lse.to(compute).view(batch, heads, padded)
+    fused = fused_merge_usable(q, k, v)
     for level in reversed(range(levels)):
         segments = 2 ** level
         segment = padded // segments
@@ -122,9 +154,16 @@ def causal_hyper(q, k, v, *, block_size: int, sample_size: int, num_projections:
         first_positions = (torch.arange(segments, device=q.device)[:, None] * segment
                            + torch.arange(half, device=q.device)[None, :])
         key_valid = (first_positions < seq_len).repeat(heads, 1) if padded - seq_len > half else None
+        options = dict(block_size=block_size, sample_size=sample_size, num_projections=num_projections,
+                       seed=seed + level + 1)
+        if fused:  # merge straight into the second halves of the running result, in place
+            destination = (out.view(batch * heads * segments, segment, head_dim),
+                           lse.view(batch * heads * segments, segment), half, True)
+            non_causal_hyper(q.view(view)[:, :, half:], k.view(view)[:, :, :half], v.view(view)[:, :, :half],
+                             key_valid, destination=destination, **options)
+            continue
         out_off, lse_off = non_causal_hyper(
-            q.view(view)[:, :, half:], k.view(view)[:, :, :half], v.view(view)[:, :, :half], key_valid,
-            block_size=block_size, sample_size=sample_size, num_projections=num_projections, seed=seed + level + 1)
+            q.view(view)[:, :, half:], k.view(view)[:, :, :half], v.view(view)[:, :, :half], key_valid, **options)
         out_segments = out.view(view)
         lse_segments = lse.view(batch, heads * segments, segment)
         merged_out, merged_lse = merge_partial_attention(out_segments[:, :, half:], lse_segments[:, :, half:],
@@ -147,6 +186,12 @@ def hyper_attention_forward(q, k, v, *, causal: bool, block_size: int, sample_si
     options = dict(block_size=block_size, sample_size=sample_size, num_projections=num_projections, seed=seed)
     if causal:
         out, lse = causal_hyper(q, k, v, min_seq_len=min_seq_len, **options)
+    elif fused_merge_usable(q, k, v):
+        batch, heads, queries, head_dim = q.shape
+        out = q.new_empty(batch, heads, queries, head_dim)
+        lse = torch.empty(batch, heads, queries, dtype=merge_dtype(q.dtype), device=q.device)
+        non_causal_hyper(q, k, v, None, destination=(out.view(batch * heads, queries, head_dim),
+                                                     lse.view(batch * heads, queries), 0, False), **options)
     else:
         out, lse = non_causal_hyper(q, k, v, None, **options)
     return out.to(q.dtype), lse

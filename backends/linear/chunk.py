@@ -40,7 +40,6 @@ from planner.errors import BackendError
 
 DECAY_NONE, DECAY_SCALAR, DECAY_CHANNEL = 0, 1, 2
 CHANNEL_BLOCK = 16  # sub-block for per-channel decay: the elementwise diagonal part is BLOCK x BLOCK x key_dim
-STATE_ROWS = 64  # rows loaded per step by the sequential state kernels (bounds registers for chunk_size 256)
 
 
 @triton.jit
@@ -103,12 +102,18 @@ def _state_forward_kernel(
         for start in tl.static_range(0, CHUNK, ROWS):  # unrolled: the chunk loop is the one pipelined
             rows = chunk * CHUNK + start + tl.arange(0, ROWS)
             keys_block = _load_rows(k_base, rows, keys, seq_len, K, K)
-            values_block = _load_values(v_base, scale_base, rows, values, seq_len, V, VALUE_SCALE, ACC)
+            values_block = _load_rows(v_base, rows, values, seq_len, V, V)
+            # A per-position factor scales v, the operand that is not transposed (k^T goes to the matrix unit as
+            # loaded): exp(b_last - b_s) <= 1, the decay from the position to the chunk's end, times Mamba-2's dt.
             if DECAY == 1:
-                # exp(b_last - b_s) <= 1: the key's decay from its position to the chunk's end.
-                decay_to_end = tl.exp((tl.load(decay_base + last) - tl.load(decay_base + rows)).to(ACC))
-                keys_block = (keys_block * decay_to_end[:, None]).to(keys_block.dtype)
-            elif DECAY == 2:
+                row_factor = tl.exp((tl.load(decay_base + last) - tl.load(decay_base + rows)).to(ACC))
+                if VALUE_SCALE:
+                    row_factor = row_factor * tl.load(scale_base + rows, mask=rows < seq_len, other=0.0).to(ACC)
+                values_block = (values_block * row_factor[:, None]).to(values_block.dtype)
+            elif VALUE_SCALE:
+                row_factor = tl.load(scale_base + rows, mask=rows < seq_len, other=0.0).to(ACC)
+                values_block = (values_block * row_factor[:, None]).to(values_block.dtype)
+            if DECAY == 2:
                 last_row = tl.load(decay_base + last * K + keys, mask=keys < K, other=0.0)
                 decay_to_end = tl.exp((last_row[None, :] - _load_decay(decay_base, rows, keys, K, DECAY)).to(ACC))
                 keys_block = (keys_block * decay_to_end).to(keys_block.dtype)
@@ -171,8 +176,9 @@ def _output_forward_kernel(
     if DECAY == 0:
         decayed_queries = queries
     elif DECAY == 1:
+        # A per-row factor is applied to the product's rows afterwards, leaving q as loaded.
         b_rows = _load_decay(decay_base, rows, keys, K, DECAY).to(ACC)
-        decayed_queries = (queries * tl.exp(b_rows)[:, None]).to(queries.dtype)
+        decayed_queries = queries
     else:
         b_rows = _load_decay(decay_base, rows, keys, K, DECAY).to(ACC)
         decayed_queries = (queries * tl.exp(b_rows)).to(queries.dtype)
@@ -180,11 +186,13 @@ def _output_forward_kernel(
         reference = tl.load(decay_base + (i_row * BLOCK) * K + keys, mask=keys < K, other=0.0).to(ACC)
         referenced_queries = (queries * tl.exp(b_rows - reference[None, :])).to(queries.dtype)
     out = tl.dot(decayed_queries, state.to(queries.dtype), input_precision=PREC, out_dtype=ACC)
+    if DECAY == 1:
+        out = out * tl.exp(b_rows)[:, None]
 
     # Intra-chunk: column blocks from the chunk's start up to and including the diagonal one.
     for i_col in range(first_block, i_row + 1):
         columns = i_col * BLOCK + tl.arange(0, BLOCK)
-        values_block = _load_values(v_base, scale_base, columns, values, seq_len, V, VALUE_SCALE, ACC)
+        values_block = _load_rows(v_base, columns, values, seq_len, V, V)
         if DECAY == 2:
             if i_col < i_row:
                 keys_block = _load_rows(k_base, columns, keys, seq_len, K, K)
@@ -204,6 +212,8 @@ def _output_forward_kernel(
                 scores = scores * tl.exp(exponent)
             else:
                 scores = tl.where(rows[:, None] >= columns[None, :], scores, 0.0)
+        if VALUE_SCALE:  # (A diag(dt)) V: scale the score columns, leaving v as loaded
+            scores = scores * tl.load(scale_base + columns, mask=columns < seq_len, other=0.0).to(ACC)[None, :]
         out += tl.dot(scores.to(values_block.dtype), values_block, input_precision=PREC, out_dtype=ACC)
     out_mask = (rows[:, None] < seq_len) & (values[None, :] < V)
     tl.store(out_ptr + i_bh * seq_len * V + rows[:, None] * V + values[None, :], out.to(out_ptr.dtype.element_ty),
@@ -242,8 +252,8 @@ def _state_backward_kernel(
             rows = chunk * CHUNK + start + tl.arange(0, ROWS)
             queries = _load_rows(q_base, rows, keys, seq_len, K, K)
             grad_out = _load_rows(do_base, rows, values, seq_len, V, V)
-            if DECAY == 1:
-                queries = (queries * tl.exp(tl.load(decay_base + rows).to(ACC))[:, None]).to(queries.dtype)
+            if DECAY == 1:  # the per-row factor on the operand that is not transposed, as in the forward
+                grad_out = (grad_out * tl.exp(tl.load(decay_base + rows).to(ACC))[:, None]).to(grad_out.dtype)
             elif DECAY == 2:
                 queries = (queries * tl.exp(_load_decay(decay_base, rows, keys, K, DECAY).to(ACC))).to(queries.dtype)
             update += tl.dot(tl.trans(queries), grad_out, input_precision=PREC, out_dtype=ACC)
@@ -489,23 +499,29 @@ def cumulative_decay(log_decay: Optional[torch.Tensor], chunk_size: int, num_chu
 
 
 # Launch parameters per kernel (the benchmark overrides them to sweep). Values chosen on an H200 at 128k, bf16.
+# ROWS: rows per step of the sequential state kernels; BLOCK: rows per program of the output kernel (no or scalar
+# decay; per-channel decay always uses CHANNEL_BLOCK). Both are clipped to the chunk size.
 LAUNCH = {
-    "state": dict(BK=64, BV=64, num_warps=4, num_stages=3),
-    "output": dict(BV=64, num_warps=4, num_stages=2),
-    "state_backward": dict(BK=64, BV=64, num_warps=4, num_stages=3),
+    "state": dict(BK=64, BV=64, ROWS=64, num_warps=4, num_stages=3),
+    "output": dict(BV=128, BLOCK=64, num_warps=4, num_stages=2),
+    "state_backward": dict(BK=64, BV=64, ROWS=64, num_warps=4, num_stages=3),
     "value_backward": dict(BV=64, num_warps=4, num_stages=2),
     "query_key_backward": dict(num_warps=8, num_stages=2),
 }
+LAUNCH_BY_CHUNK: dict = {}  # {chunk_size: {kernel: settings}} overrides, e.g. for SSD's chunk 256
 
 
-def _launch(name: str, key_dim: int = 0, value_dim: int = 0):
-    """(block sizes clipped to the head dims, compiler options) for one kernel."""
-    settings = dict(LAUNCH[name])
+def _launch(name: str, key_dim: int = 0, value_dim: int = 0, chunk_size: int = 64):
+    """(block sizes clipped to the head dims and the chunk, compiler options) for one kernel."""
+    settings = dict(LAUNCH_BY_CHUNK.get(chunk_size, {}).get(name, LAUNCH[name]))
     options = dict(num_warps=settings.pop("num_warps"), num_stages=settings.pop("num_stages"))
     if "BK" in settings:
         settings["BK"] = min(settings["BK"], triton.next_power_of_2(key_dim))
     if "BV" in settings:
         settings["BV"] = min(settings["BV"], triton.next_power_of_2(value_dim))
+    for rows in ("ROWS", "BLOCK"):
+        if rows in settings:
+            settings[rows] = min(settings[rows], chunk_size)
     return settings, options
 
 
@@ -517,9 +533,8 @@ def _or_dummy(tensor: Optional[torch.Tensor], dummy: torch.Tensor) -> torch.Tens
 def _block_sizes(key_dim: int, value_dim: int, chunk_size: int, mode: int):
     full_key = triton.next_power_of_2(key_dim)
     full_value = triton.next_power_of_2(value_dim)
-    block = CHANNEL_BLOCK if mode == DECAY_CHANNEL else min(64, chunk_size)
-    return dict(rows=min(chunk_size, STATE_ROWS), block=block, full_key=full_key, full_value=full_value,
-                channel_slice=min(full_key, 32))
+    block = CHANNEL_BLOCK if mode == DECAY_CHANNEL else min(64, chunk_size)  # backward kernels' row block
+    return dict(block=block, full_key=full_key, full_value=full_value, channel_slice=min(full_key, 32))
 
 
 def _check_chunk_size(chunk_size: int) -> None:
@@ -538,12 +553,12 @@ def _state_pass(k, v, value_scale, cumulative, initial_state, chunk_size, mode, 
     states = torch.empty(batch, heads, num_chunks, key_dim, value_dim, dtype=state_dtype, device=k.device)
     final = torch.empty(batch, heads, key_dim, value_dim, dtype=accumulator, device=k.device)
     precision, acc = _dot_settings(k.dtype)
-    blocks, options = _launch("state", key_dim, value_dim)
+    blocks, options = _launch("state", key_dim, value_dim, chunk_size)
     grid = (triton.cdiv(key_dim, blocks["BK"]), triton.cdiv(value_dim, blocks["BV"]), batch * heads)
     _state_forward_kernel[grid](
         k, v, _or_dummy(value_scale, final), cumulative, _or_dummy(initial_state, final), states, final,
         seq_len, num_chunks, heads, group,
-        K=key_dim, V=value_dim, CHUNK=chunk_size, ROWS=sizes["rows"], DECAY=mode,
+        K=key_dim, V=value_dim, CHUNK=chunk_size, DECAY=mode,
         HAS_INITIAL=initial_state is not None, VALUE_SCALE=value_scale is not None, PREC=precision, ACC=acc,
         **blocks, **options,
     )
@@ -574,13 +589,14 @@ def chunk_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: 
     states, final = _state_pass(k, v, value_scale, cumulative, initial_state, chunk_size, mode, sizes, heads, group)
     out = torch.empty_like(v)
     precision, acc = _dot_settings(q.dtype)
-    blocks, options = _launch("output", value_dim=value_dim)
-    grid = (triton.cdiv(value_dim, blocks["BV"]), num_chunks * (chunk_size // sizes["block"]), batch * heads)
+    blocks, options = _launch("output", value_dim=value_dim, chunk_size=chunk_size)
+    if mode == DECAY_CHANNEL:
+        blocks["BLOCK"] = CHANNEL_BLOCK
+    grid = (triton.cdiv(value_dim, blocks["BV"]), num_chunks * (chunk_size // blocks["BLOCK"]), batch * heads)
     _output_forward_kernel[grid](
         q, k, v, _or_dummy(value_scale, final), cumulative, states, out, seq_len, num_chunks, heads, group,
         K=key_dim, V=value_dim, BK=sizes["full_key"], KC=sizes["channel_slice"], CHUNK=chunk_size,
-        BLOCK=sizes["block"], DECAY=mode, VALUE_SCALE=value_scale is not None, PREC=precision, ACC=acc,
-        **blocks, **options,
+        DECAY=mode, VALUE_SCALE=value_scale is not None, PREC=precision, ACC=acc, **blocks, **options,
     )
     return out, final
 
@@ -613,18 +629,18 @@ def chunk_backward(grad_out: torch.Tensor, grad_final: Optional[torch.Tensor], q
     grad_initial = torch.empty(batch, heads, key_dim, value_dim, dtype=accumulator, device=q.device)
     if grad_final is not None:
         grad_final = grad_final.to(accumulator).contiguous()
-    blocks, options = _launch("state_backward", key_dim, value_dim)
+    blocks, options = _launch("state_backward", key_dim, value_dim, chunk_size)
     grid = (triton.cdiv(key_dim, blocks["BK"]), triton.cdiv(value_dim, blocks["BV"]), batch * heads)
     _state_backward_kernel[grid](
         q, grad_out, cumulative, _or_dummy(grad_final, grad_initial), grad_states, grad_initial,
         seq_len, num_chunks, heads, group,
-        K=key_dim, V=value_dim, CHUNK=chunk_size, ROWS=sizes["rows"], DECAY=mode,
+        K=key_dim, V=value_dim, CHUNK=chunk_size, DECAY=mode,
         HAS_GRAD_FINAL=grad_final is not None, PREC=precision, ACC=acc, **blocks, **options,
     )
 
     blocks = num_chunks * (chunk_size // sizes["block"])
     grad_v = torch.empty_like(v)
-    value_blocks, options = _launch("value_backward", value_dim=value_dim)
+    value_blocks, options = _launch("value_backward", value_dim=value_dim, chunk_size=chunk_size)
     grid = (triton.cdiv(value_dim, value_blocks["BV"]), blocks, batch * heads)
     _value_backward_kernel[grid](
         q, k, grad_out, cumulative, grad_states, grad_v, seq_len, num_chunks, heads, group,

@@ -81,18 +81,17 @@ def linear_attention_backward_op(
     else:
         grads = linear_attention_naive_backward(grad_out, grad_final, q, k, v, log_decay, initial_state)
     grad_q, grad_k, grad_v, grad_decay, grad_initial = grads
-    empty = q.new_empty(0)
+    # A distinct empty tensor for each absent gradient: a custom op's outputs may not alias each other.
     return (grad_q.contiguous(), grad_k.contiguous(), grad_v.contiguous(),
-            empty if grad_decay is None else grad_decay.contiguous(),
-            empty if grad_initial is None else grad_initial.contiguous())
+            q.new_empty(0) if grad_decay is None else grad_decay.contiguous(),
+            q.new_empty(0) if grad_initial is None else grad_initial.contiguous())
 
 
 @linear_attention_backward_op.register_fake
 def _(grad_out, grad_final, q, k, v, log_decay, initial_state, final_state, chunk_size):
-    empty = q.new_empty(0)
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-            empty if log_decay is None else torch.empty_like(log_decay),
-            empty if initial_state is None else torch.empty_like(initial_state))
+            q.new_empty(0) if log_decay is None else torch.empty_like(log_decay),
+            q.new_empty(0) if initial_state is None else torch.empty_like(initial_state))
 
 
 def _setup_context(ctx, inputs, output):
