@@ -243,3 +243,31 @@ def test_weights_larger_than_the_device_mean_no_plan(tiny_capture):
     plan = make_plan(sites, device_spec("h200"), "exact", 4096, graph_module=graph_module, weights_bytes=200e9)
     assert not plan.memory.fits and plan.memory.ring_devices is None
     assert plan.memory.verdict.startswith("no plan fits: the weights alone need 186.3 GiB")
+
+
+@pytest.mark.parametrize("variant, exact", [("sdpa_cudnn", True), ("flash", True), ("sliding_window", False),
+                                            ("hyper", True), ("linear", False), ("ssd", False)])
+def test_every_variant_emits_a_call_that_runs(tiny_capture, variant, exact):
+    """Each variant's emitted call replaces the site in the graph and runs on the CPU; exact ones (and HyperAttention,
+    exact below its min_seq_len) reproduce the original; a window of 16 on 67 tokens changes the output."""
+    import copy
+
+    from backends.registry import emit
+
+    model, graph_module, sites = tiny_capture
+    plan = make_plan(sites, device_spec("h200"), "any", 67, train=True, window=16)
+    decision = dataclasses.replace(plan.decisions[0], choice=candidate(plan.decisions[0], variant))
+    rewritten = copy.deepcopy(graph_module)
+    nodes = {node.name: node for node in rewritten.graph.nodes}
+    node = nodes[decision.site.node]
+    replacement = emit(rewritten.graph, node, decision, nodes)
+    node.replace_all_uses_with(replacement)
+    rewritten.graph.erase_node(node)
+    rewritten.graph.eliminate_dead_code()
+    rewritten.recompile()
+    x = torch.randn(2, 67, 64)
+    with torch.no_grad():
+        expected, got = model(x), rewritten(x)
+    assert got.shape == expected.shape and torch.isfinite(got).all()
+    difference = (got - expected).abs().max().item()
+    assert (difference < 1e-4) == exact, difference
