@@ -113,12 +113,13 @@ def keeps_mask_tensor(site: AttentionSite) -> bool:
 
 
 def structure_only(site: AttentionSite) -> Optional[str]:
-    """Why a site's mask is more than none/causal structure (padding, a tensor, a bias), or None."""
+    """Why a site's mask is more than a proved none/causal structure (padding, a bias, an unproved tensor), or None.
+    A proved causal mask that the model builds as a tensor is structure: the rewrite drops the tensor."""
     mask = site.mask
     if mask.kind not in ("none", "causal"):
         return f"the mask is {mask.describe()}"
-    if mask.key_padding or mask.bias or mask.tensor:
-        return f"the mask is {mask.describe()} (carries a tensor)"
+    if mask.key_padding or mask.bias:
+        return f"the mask is {mask.describe()} (padding or bias: a tensor to keep)"
     return None
 
 
@@ -213,8 +214,8 @@ def _retrain_offer(kind: str, causal_only: bool):
         if not context.train:
             reason = (f"{kind} is another architecture (retrain class): offered under policy 'any' with "
                       "train=True only")
-        elif site.mask.kind not in ("none", "causal") or site.mask.key_padding or site.mask.tensor:
-            reason = f"{kind} replaces none/causal attention; the mask is {site.mask.describe()}"
+        elif structure_only(site):
+            reason = f"{kind} replaces none/causal attention; {structure_only(site)}"
         elif causal_only and site.mask.kind != "causal":
             reason = f"{kind} is a causal recurrence; the site is not causal"
         elif site.unsupported:

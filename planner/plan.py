@@ -117,7 +117,7 @@ def label(candidate: Candidate) -> str:
         details.append(f"W={window}")
     if candidate.parameter("sinks"):
         details.append(f"sinks={candidate.parameter('sinks')}")
-    if candidate.variant == "ring":
+    if candidate.variant == "ring" and (candidate.parameter("world_size") or 1) > 1:
         details.append(f"P={candidate.parameter('world_size')}")
     return f"{candidate.variant} ({', '.join(details)})"
 

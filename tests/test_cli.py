@@ -142,3 +142,10 @@ def test_representative_sites_are_replicated_to_every_layer_of_their_type():
     assert [s.name for s in replicated] == [
         "model.layers.0.self_attn", "model.layers.1.self_attn", "model.layers.1.cross", "model.layers.2.self_attn",
         "model.layers.3.self_attn", "model.layers.3.cross", "model.layers.4.self_attn"]
+
+
+def test_presets_without_transformers_say_what_to_install(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "transformers.models.llama.configuration_llama", None)
+    assert main(["plan", "llama-3-8b", "--max-len", "8k", "--quiet"]) == 1
+    assert "pip install transformers" in capsys.readouterr().err
+

@@ -271,3 +271,14 @@ def test_every_variant_emits_a_call_that_runs(tiny_capture, variant, exact):
     assert got.shape == expected.shape and torch.isfinite(got).all()
     difference = (got - expected).abs().max().item()
     assert (difference < 1e-4) == exact, difference
+
+
+def test_training_counts_every_intermediate_and_the_saved_attention(tiny_capture):
+    _, graph_module, sites = tiny_capture
+    inference = make_plan(sites, device_spec("h200"), "exact", 8192, graph_module=graph_module).memory
+    training = make_plan(sites, device_spec("h200"), "exact", 8192, graph_module=graph_module, train=True,
+                         layer_repeat=4).memory
+    assert training.weights == inference.weights
+    assert training.activations > 4 * inference.activations  # all intermediates, for 4 layers
+    assert training.attention > inference.attention  # plus each site's saved lse
+    assert "every intermediate" in training.method and "scaled by 4" in training.method
