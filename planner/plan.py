@@ -421,7 +421,7 @@ def _site_signature(site: AttentionSite) -> tuple:
 # The whole model
 
 
-def make_plan(sites: list[AttentionSite], device: DeviceSpec, policy: str = "exact", max_len: int = 4096,
+def make_plan(sites: list[AttentionSite], device: DeviceSpec, policy: str, max_len: int,
               world_size: int = 1, *, train: bool = False, window: Optional[int] = None, sinks: int = 0,
               graph_module: Optional[torch.fx.GraphModule] = None, weights_bytes: Optional[float] = None,
               layer_repeat: float = 1.0, progress: Optional[Callable[[str], None]] = None) -> ModelPlan:
