@@ -37,13 +37,15 @@ class MaskTermAdapter:
 @dataclass(frozen=True)
 class KeyPaddingAdapter:
     """The (batch, keys) bool mask, True where a key is visible: relation(source, value), negated if `negate`,
-    after reshaping the source to `shape`."""
+    after taking index 0 of the source's `drop_dims` (size-1 dims, descending) and its first `shape` rows and
+    columns (the model indexes the input with batch and key positions, so a larger input is read the same way)."""
 
     source: str
     relation: str
     value: float
     negate: bool
     shape: tuple
+    drop_dims: tuple = ()
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from passes.detect_layout import (
     as_contraction,
     constant_scalar,
     contraction_layout,
+    exact_quotient,
     is_layout_op,
     layout_sizes,
     leaves,
@@ -48,7 +49,7 @@ from passes.detect_layout import (
 )
 from passes.detect_symbolic import index_symbol
 from passes.graph_info import dtype_name, module_path, size_expr, size_hints, source_line, tensor_meta
-from passes.masks import IndexSpace, MaskAnalysis, MaskTerm, analyze_mask, is_masking_value
+from passes.masks import IndexSpace, MaskAnalysis, MaskTerm, analyze_mask, is_masking_value, padding_drop_dims
 from planner.records import AttentionSite, MaskSpec
 
 aten = torch.ops.aten
@@ -398,8 +399,6 @@ def build_site(softmax: torch.fx.Node, scores_path: list, probabilities_path: li
         raise NotAttention("the keys are a weight (a classifier or router, not attention)")
     if scores.sinks is not None and scores.sinks_dim != softmax_dim:
         raise UnsupportedSite("the sink logits are concatenated on another axis than the keys")
-    batch_classes = _shared_classes(qk, (first.layout, second.layout), space)
-    dim_classes = _contracted_classes(qk, (first.layout, second.layout), space)
 
     pv = as_contraction(probabilities_path[-1])
     feeding = probabilities_path[-2] if len(probabilities_path) > 1 else softmax
@@ -411,6 +410,16 @@ def build_site(softmax: torch.fx.Node, scores_path: list, probabilities_path: li
     value = trace_operand(other, space, "V")
     if is_parameter(value.root):
         raise NotAttention("the values are a weight (a weighted sum with parameters, not attention)")
+    return classify_axes(softmax, scores, query, key, value, key_classes, query_classes, qk, first, second, pv,
+                         probabilities_layout, probability_index, space, dropout_p, _form(scores, pv), False)
+
+
+def classify_axes(anchor, scores: Scores, query: Operand, key: Operand, value: Operand, key_classes, query_classes,
+                  qk: Contraction, first: Operand, second: Operand, pv: Contraction, probabilities_layout,
+                  probability_index: int, space: AtomSpace, dropout_p: float, form: str, is_causal: bool):
+    """Check the second contraction against the first and sort every class into batch, query, key, dim, value dim."""
+    batch_classes = _shared_classes(qk, (first.layout, second.layout), space)
+    dim_classes = _contracted_classes(qk, (first.layout, second.layout), space)
     if value.scale != 1.0:
         raise UnsupportedSite("the values are scaled by a constant")
     layouts = [None, None]
@@ -436,7 +445,57 @@ def build_site(softmax: torch.fx.Node, scores_path: list, probabilities_path: li
         raise UnsupportedSite("the contraction with V pairs other axes than the Q·K batch axes")
     axes = Axes(batch_classes, query_classes, key_classes, _unique(classes(dim_classes)),
                 _unique(classes(pv_free_values)))
-    return _site(softmax, scores, query, key, value, axes, space, output_layout, pv, dropout_p)
+    return _site(anchor, scores, query, key, value, axes, space, output_layout, pv, dropout_p, form, is_causal)
+
+
+def build_sdpa_site(node: torch.fx.Node) -> AttentionSite:
+    """scaled_dot_product_attention seen through its operands' layout ops, like a hand-written site: repeated kv
+    heads fold back to the kv heads, scalings of q or k join the scale, and the attn_mask is proved like any mask."""
+    arguments = list(node.args) + [None] * (8 - len(node.args))
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    values = {name: node.kwargs.get(name, argument) for name, argument in zip(names, arguments)}
+    attn_mask, is_causal = values["attn_mask"], bool(values["is_causal"] or False)
+    if not isinstance(values["is_causal"], (bool, type(None))) or (attn_mask is not None and is_causal):
+        raise UnsupportedSite("is_causal is not a constant, or comes with an attn_mask")
+    scale = values["scale"]
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise UnsupportedSite("the scale is a graph value")
+    space = AtomSpace()
+    query = trace_operand(values["query"], space, "A")
+    key = trace_operand(values["key"], space, "B")
+    value = trace_operand(values["value"], space, "V")
+    query_shape, key_shape = node_shape(values["query"]), node_shape(values["key"])
+    rank = len(query_shape)
+    if rank < 3 or len(key_shape) != rank:
+        raise UnsupportedSite(f"q has {rank} dims")
+    if values["enable_gqa"] and not sizes_equal(query_shape[-3], key_shape[-3]):
+        groups = exact_quotient(query_shape[-3], key_shape[-3])
+        if groups is None:
+            raise UnsupportedSite("enable_gqa with query heads that are not a multiple of the kv heads")
+        for operand in (key, value):
+            operand.layout[-3] = leaves(operand.layout[-3]) + [Atom(groups, "broadcast")]
+    letters = "ABCDEFGH"[:rank - 2]
+    qk = Contraction(node, (values["query"], values["key"]), (letters + "ik", letters + "jk"), letters + "ij")
+    scores = Scores(qk)
+    scores.layout = contraction_layout(qk, (query.layout, key.layout), space)
+    default = 1.0 / math.sqrt(query_shape[-1]) if isinstance(query_shape[-1], int) else None
+    if scale is None and default is None:
+        raise UnsupportedSite("the head dim is symbolic")
+    scores.scale = float(scale if scale is not None else default) * query.scale * key.scale
+    if isinstance(attn_mask, torch.fx.Node):
+        kind = "keep" if tensor_meta(attn_mask) is not None and tensor_meta(attn_mask).dtype == torch.bool else "add"
+        scores.terms.append([kind, attn_mask, 1.0, -math.inf,
+                             _term_layout(attn_mask, scores.layout, tuple(layout_sizes(scores.layout)))])
+    elif attn_mask is not None:
+        raise UnsupportedSite("attn_mask is not a tensor")
+    pv = Contraction(node, (node, values["value"]), (letters + "ij", letters + "jd"), letters + "id")
+    key_classes = space.leaf_classes(scores.layout[-1])
+    query_classes = space.leaf_classes(scores.layout[-2])
+    dropout_p = values["dropout_p"] or 0.0
+    if not isinstance(dropout_p, (int, float)):
+        raise UnsupportedSite("dropout_p is a graph value")
+    return classify_axes(node, scores, query, key, value, key_classes, query_classes, qk, query, key, pv,
+                         scores.layout, 0, space, float(dropout_p), "sdpa", is_causal)
 
 
 def _unique(items: list) -> list:
@@ -492,7 +551,7 @@ def _root_leaves(operand: Operand) -> list:
 
 
 def _site(softmax, scores: Scores, query: Operand, key: Operand, value: Operand, axes: Axes, space: AtomSpace,
-          output_layout: list, pv: Contraction, dropout_p: float) -> AttentionSite:
+          output_layout: list, pv: Contraction, dropout_p: float, form: str, is_causal: bool) -> AttentionSite:
     find = space.find
     query_leaves, key_leaves, value_leaves = _root_leaves(query), _root_leaves(key), _root_leaves(value)
     for name, root_leaves, allowed in (
@@ -542,7 +601,7 @@ def _site(softmax, scores: Scores, query: Operand, key: Operand, value: Operand,
     for kind, node, coefficient, fill, layout in scores.terms:
         dims = tuple(tuple(symbols[id(find(leaf))] for leaf in leaves(axis)) for axis in layout)
         terms.append(MaskTerm(kind, node, dims, coefficient, fill if fill is not None else -math.inf))
-    analysis = analyze_mask(softmax.graph.owning_module, terms, index_space)
+    analysis = analyze_mask(softmax.graph.owning_module, terms, index_space, is_causal=is_causal)
 
     # Groups: batch (symbolic sizes, or the padding's batch axis), heads (int sizes; kv-carrying first).
     batch_group, head_group = _groups(axes.batch, real_kv, query_leaves, analysis, symbols)
@@ -586,7 +645,7 @@ def _site(softmax, scores: Scores, query: Operand, key: Operand, value: Operand,
     return AttentionSite(
         name=module_path(pv.node) or module_path(softmax),
         source=source_line(softmax),
-        form=_form(scores, pv),
+        form=form,
         node=pv.node.name,
         query=query.root.name,
         key=key.root.name,
@@ -688,7 +747,8 @@ def _adapter(graph, query, key, value, axes, space, batch_group, head_group, out
             batch_size = product(cls.size for cls in batch_group)
             kv_len = product(cls.size for cls in axes.key)
             padding = KeyPaddingAdapter(finding.node.name, finding.relation, finding.value, finding.negate,
-                                        (batch_size, kv_len))
+                                        (batch_size, kv_len),
+                                        padding_drop_dims(len(tensor_meta(finding.node).shape), finding))
     except UnsupportedSite as error:
         return str(error)
     adapter = SiteAdapter(query_adapter, key_adapter, value_adapter, output_adapter, term_adapters, padding)

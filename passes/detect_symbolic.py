@@ -81,13 +81,21 @@ def piecewise(branches: Sequence[tuple[sympy.Basic, sympy.Basic]]) -> sympy.Basi
 
 
 def fold(expression: sympy.Basic) -> sympy.Basic:
-    """Pull Piecewise out of arithmetic (a - Piecewise(...) -> Piecewise(a - ...)), then normalize its branches."""
-    if not isinstance(expression, sympy.Basic) or not expression.has(sympy.Piecewise):
+    """Pull a Piecewise out of the sum or product it sits in (a - Piecewise((x, c), ...) -> Piecewise((a - x, c),
+    ...)), then normalize the branches. Only the top level is folded: a Piecewise inside a function's arguments (a
+    bias table's index) stays where it is."""
+    if not isinstance(expression, (sympy.Add, sympy.Mul)):
         return expression
-    folded = sympy.piecewise_fold(expression)
-    if isinstance(folded, sympy.Piecewise):
-        return piecewise([(sympy.expand(value), condition) for value, condition in folded.args])
-    return folded
+    arguments = list(expression.args)
+    position = next((n for n, argument in enumerate(arguments) if isinstance(argument, sympy.Piecewise)), None)
+    if position is None:
+        return expression
+    others = arguments[:position] + arguments[position + 1:]
+    branches = []
+    for value, condition in arguments[position].args:
+        combined = expression.func(*(others + [value]))
+        branches.append((fold(sympy.expand(combined) if isinstance(combined, sympy.Add) else combined), condition))
+    return piecewise(branches)
 
 
 def constant(value: Any) -> sympy.Basic:
@@ -292,7 +300,9 @@ def _convert(evaluator: SymbolicEvaluator, value: sympy.Basic, dtype: Optional[t
     if not dtype.is_floating_point and not dtype.is_complex and value.is_integer is not True:
         if value.is_number and value.is_finite:
             return sympy.Integer(int(value))  # float -> int truncates toward zero
-        raise Unsupported("a float to integer conversion of a non-integer value")
+        if value.is_number:
+            raise Unsupported("an infinite value converted to an integer")
+        return sympy.sign(value) * sympy.floor(sympy.Abs(value))
     return value
 
 
@@ -665,11 +675,35 @@ def _not(evaluator, node, index):
     return sympy.Not(as_bool(evaluator.value(node.args[0], index)))
 
 
-@handles(aten.minimum.default, aten.maximum.default)
+@handles(aten.minimum.default, aten.maximum.default, aten.min.other, aten.max.other)
 def _min_max(evaluator, node, index):
     a = as_number(evaluator.operand(node.args[0], index))
     b = as_number(evaluator.operand(node.args[1], index))
-    return sympy.Min(a, b) if node.target == aten.minimum.default else sympy.Max(a, b)
+    return sympy.Min(a, b) if node.target in (aten.minimum.default, aten.min.other) else sympy.Max(a, b)
+
+
+@handles(aten.log.default)
+def _log(evaluator, node, index):
+    return sympy.log(as_number(evaluator.value(node.args[0], index)))
+
+
+@handles(aten.repeat.default)
+def _repeat(evaluator, node, index):
+    source = node.args[0]
+    source_shape = evaluator.shape(source)
+    offset = len(index) - len(source_shape)
+    source_index = []
+    for dim, size in enumerate(source_shape):
+        position = index[offset + dim]
+        repeats = node.args[1][offset + dim]
+        if size == 1:
+            source_index.append(sympy.Integer(0))
+        elif repeats == 1:
+            source_index.append(position)
+        else:
+            found = split_divmod(position, size, evaluator.bounds)
+            source_index.append(found[1] if found is not None else sympy.Mod(position, size))
+    return evaluator.value(source, tuple(source_index))
 
 
 @handles(aten.clamp.default, aten.clamp_min.default, aten.clamp_max.default)

@@ -231,11 +231,36 @@ def split_additive(expression: sympy.Basic) -> tuple[sympy.Basic, list]:
     visible, bias = sympy.true, []
     for addend in sympy.Add.make_args(expression):
         mask = _masklike(addend)
+        if mask is None and isinstance(addend, sympy.Piecewise):
+            mask, common = _common_bias(addend)
+            if mask is not None:
+                bias.extend(common)
         if mask is None:
             bias.append(addend)
         else:
             visible = sympy.And(visible, mask)
     return visible, bias
+
+
+def _common_bias(expression: sympy.Piecewise) -> tuple[Optional[sympy.Basic], list]:
+    """Piecewise((bias + m1, c1), (bias + m2, c2), ...) with masklike m: (visibility, [bias]); else (None, [])."""
+    common, masks = None, []
+    for value, condition in expression.args:
+        if _masklike(value) is sympy.false:
+            masks.append((value, condition))  # a masked position: what bias it would have had does not matter
+            continue
+        addends = sympy.Add.make_args(value)
+        masking = [addend for addend in addends if _masklike(addend) is not None]
+        rest = sympy.Add(*[addend for addend in addends if _masklike(addend) is None])
+        if common is None:
+            common = rest
+        elif rest != common and sympy.expand(rest - common) != 0:
+            return None, []
+        masks.append((sympy.Add(*masking), condition))
+    if common is None:
+        return None, []
+    visible = _masklike(sympy.Piecewise(*masks))
+    return (visible, [common]) if visible is not None and common != 0 else (None, [])
 
 
 def _masklike(expression: sympy.Basic) -> Optional[sympy.Basic]:
@@ -457,11 +482,12 @@ def _key_padding(atom, space: IndexSpace, evaluator: SymbolicEvaluator) -> Optio
             return None
     if key_dim is None or batch_symbol is None or batch_dim > key_dim:
         return None
-    if not _same_size(size_expr(shape[batch_dim]), space.sizes[batch_symbol]):
-        return None
-    if not _same_size(size_expr(shape[key_dim]), space.sizes[key]):
-        return None
     return KeyPaddingFinding(node, relation, float(rhs), False, batch_symbol, batch_dim, key_dim)
+
+
+def padding_drop_dims(rank: int, padding: KeyPaddingFinding) -> tuple:
+    """The size-1 dims of a padding input other than its batch and key dims, descending."""
+    return tuple(dim for dim in reversed(range(rank)) if dim not in (padding.batch_dim, padding.key_dim))
 
 
 def _same_size(first, second) -> bool:
@@ -509,7 +535,8 @@ def check_numerically(graph_module, terms: Sequence[MaskTerm], space: IndexSpace
         claim = _claimed_visibility(kind, window, padding, space, sizes, inputs, placeholders)
         if is_causal:
             claim = claim & _structure_grid("causal", None, space, sizes)
-        if not torch.equal(visible.expand(claim.shape), claim.expand(visible.shape)):
+        visible, claim = torch.broadcast_tensors(visible, claim)
+        if not torch.equal(visible, claim):
             return f"the subgraph's mask differs from the claim at length {length}"
     return True
 
@@ -532,16 +559,18 @@ def _claimed_visibility(kind, window, padding, space, sizes, inputs, placeholder
     if padding is None:
         return grid
     tensor = inputs[placeholders.index(padding.node)]
-    keep = padding_tensor(tensor, padding)
+    keep = padding_tensor(tensor, padding, (sizes[padding.batch_symbol], sizes[space.key[0]]))
     shape = [1] * len(space.order)
     shape[space.order.index(padding.batch_symbol)] = keep.shape[0]
     shape[space.order.index(space.key[0])] = keep.shape[1]
     return grid & keep.reshape(shape)
 
 
-def padding_tensor(tensor: torch.Tensor, padding: KeyPaddingFinding) -> torch.Tensor:
+def padding_tensor(tensor: torch.Tensor, padding: KeyPaddingFinding, shape: tuple) -> torch.Tensor:
     """The (batch, keys) bool mask from the input, as the rewrite computes it."""
-    tensor = tensor.reshape(tensor.shape[padding.batch_dim], tensor.shape[padding.key_dim])
+    for dim in padding_drop_dims(tensor.dim(), padding):
+        tensor = tensor.select(dim, 0)
+    tensor = tensor[:shape[0], :shape[1]]
     keep = getattr(torch, padding.relation)(tensor, padding.value)
     return ~keep if padding.negate else keep
 

@@ -21,9 +21,10 @@ from passes.graph_info import (
     source_line,
 )
 from passes.detect_adapters import KeyPaddingAdapter, SiteAdapter
-from passes.detect_attention import match_softmax_attention
+from passes.detect_attention import UnsupportedSite, build_sdpa_site, match_softmax_attention
+from passes.detect_layout import LayoutError
 from passes.detect_symbolic import index_symbol
-from passes.masks import IndexSpace, MaskTerm, analyze_mask, sdpa_mask
+from passes.masks import IndexSpace, MaskTerm, analyze_mask, padding_drop_dims, sdpa_mask
 from planner.records import AttentionSite, MaskSpec
 
 # Set to re-raise matcher errors instead of skipping the node (tests do).
@@ -33,9 +34,21 @@ SDPA_TARGETS = (torch.ops.aten.scaled_dot_product_attention.default,)
 
 
 def match_scaled_dot_product_attention(node: torch.fx.Node) -> Optional[AttentionSite]:
-    """A call of F.scaled_dot_product_attention: q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa."""
+    """A call of F.scaled_dot_product_attention: q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa.
+
+    Seen through its operands' layout ops first (repeated kv heads fold back, the attn_mask is proved); when that
+    analysis cannot follow the operands, the call is taken as it is, with q, k, v the call's own arguments."""
     if node.op != "call_function" or node.target not in SDPA_TARGETS:
         return None
+    try:
+        return build_sdpa_site(node)
+    except (UnsupportedSite, LayoutError):
+        pass
+    return match_scaled_dot_product_attention_as_called(node)
+
+
+def match_scaled_dot_product_attention_as_called(node: torch.fx.Node) -> Optional[AttentionSite]:
+    """The SDPA call with its own q, k, v nodes (already (batch, heads, sequence, head_dim))."""
     query, key, value = node.args[0], node.args[1], node.args[2]
     attn_mask = node_argument(node, 3, "attn_mask")
     dropout_p = node_argument(node, 4, "dropout_p", 0.0)
@@ -112,7 +125,8 @@ def _sdpa_mask_and_adapter(node, attn_mask, is_causal, q_shape, k_shape, unsuppo
             return MaskSpec(kind="arbitrary", tensor=attn_mask.name,
                             proof="the padding is not indexed by the batch; the mask tensor is kept exactly"), None
         padding = KeyPaddingAdapter(finding.node.name, finding.relation, finding.value, finding.negate,
-                                    (q_shape[0], k_shape[2]))
+                                    (q_shape[0], k_shape[2]),
+                                    padding_drop_dims(len(shape_of(finding.node)), finding))
     adapter = SiteAdapter(key_padding=padding)
     if padding is not None:
         from passes.detect_attention import UnsupportedSite, _with_symbols

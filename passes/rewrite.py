@@ -157,8 +157,11 @@ def prepare_inputs(graph: torch.fx.Graph, site: AttentionSite, nodes: dict) -> t
 
 def _emit_key_padding(emitter: _Emitter, adapter: SiteAdapter) -> torch.fx.Node:
     padding = adapter.key_padding
-    tensor = emitter.graph.call_function(aten.reshape.default,
-                                         (emitter.nodes[padding.source], [emitter.size(s) for s in padding.shape]))
+    tensor = emitter.nodes[padding.source]
+    for dim in padding.drop_dims:
+        tensor = emitter.graph.call_function(aten.select.int, (tensor, dim, 0))
+    for dim, size in enumerate(padding.shape):
+        tensor = emitter.graph.call_function(aten.slice.Tensor, (tensor, dim, 0, emitter.size(size)))
     value = int(padding.value) if float(padding.value).is_integer() else padding.value
     keep = emitter.graph.call_function(getattr(aten, padding.relation).Scalar, (tensor, value))
     if padding.negate:

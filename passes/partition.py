@@ -1,0 +1,796 @@
+"""Partition: rewrite a captured ATen graph so that it runs on one rank's shard of the sequence (issue 7).
+
+Every input tensor is split along its sequence dimension over the P ranks of a process group, in the layout of
+backends/ring/layout.py ("zigzag": rank r holds chunks r and 2P-1-r of 2P; "contiguous"); the rewritten graph takes
+this rank's shard and returns this rank's shard. Three rewrites make that exact:
+
+  1. attention: every site becomes attention_planner::ring_attention (K/V travel around the ring);
+  2. positions: aten.arange over the sequence length (rotary tables, position ids, masks) counts 0..n-1 on a shard
+     of n tokens; it is shifted to the global positions of this rank's tokens, under the zigzag permutation too;
+  3. reductions over the sequence (sum, mean, amax, amin, a loss): the local reduction, then an all_reduce through
+     torch.distributed's functional collectives, so that the graph stays traceable.
+
+Anything else that mixes positions (cumsum, a convolution over time, softmax over the sequence outside attention,
+slicing, padding or concatenating along the sequence, the sequence length used as a number, ...) is refused with a
+PlanError that names the node and its source line. Unknown ops that touch the sequence are refused too: a partition
+is exact or it does not happen.
+
+Which dimensions are the sequence: after capture every size is a sympy expression, and the sequence symbols are the
+sizes of the graph's inputs along `dim`. A tensor dimension whose size involves one of them is indexed by this rank's
+tokens, in local order (a flattened batch x sequence dimension included). That holds for every tensor the pass lets
+through: inputs are sharded, pointwise and layout ops keep positions aligned, factories are constant along positions,
+and positions made by arange are made global.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import sympy
+import torch
+
+from backends.ring.layout import check_layout
+from passes.graph_info import module_path, size_expr, source_line
+from passes.rewrite import drop_dead_metadata_asserts, prepare_inputs, restore_output
+from planner.errors import PlanError
+from planner.records import AttentionSite
+
+aten = torch.ops.aten
+
+RING_MASK_KINDS = ("none", "causal", "sliding_window")
+INT64_MAX = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class SequenceShard:
+    """Where this graph runs: rank `rank` of `world_size`, holding its shard of every input along `dim` in `layout`;
+    `group_name`: the registered name of the process group (the ring and the collectives run on it)."""
+
+    world_size: int
+    rank: int
+    group_name: str
+    layout: str = "zigzag"
+    dim: int = 1
+
+
+@dataclass
+class PartitionResult:
+    """What the pass did, for the report: the sequence symbols, the sites now on the ring, and each position and
+    reduction rewrite as "what at file:line -> what now"."""
+
+    shard: SequenceShard
+    sequence_symbols: tuple[str, ...]
+    ring_sites: list[str] = field(default_factory=list)
+    positions: list[str] = field(default_factory=list)
+    collectives: list[str] = field(default_factory=list)
+    # Per output of the graph (flattened, in the module's output order): the dim that holds this rank's tokens, or
+    # None for an output every rank holds whole (a loss, a mean over the sequence) or a non-tensor.
+    output_dims: list = field(default_factory=list)
+
+
+def partition(graph_module: torch.fx.GraphModule, sites: list[AttentionSite], shard: SequenceShard, *,
+              train: bool = False) -> PartitionResult:
+    """Rewrite `graph_module` in place to run on `shard`: `sites` (from passes.match.find_sites on this graph) become
+    ring attention, positions become global, reductions over the sequence get an all_reduce. Raises PlanError, naming
+    the node or site and its source line, where the graph cannot be made exact on a shard; the graph is then left in
+    an unspecified state (capture again to retry)."""
+    check_layout(shard.layout)
+    if shard.world_size < 2 or not 0 <= shard.rank < shard.world_size:
+        raise PlanError(f"partition: rank {shard.rank} of world_size {shard.world_size}: needs world_size >= 2")
+    symbols = sequence_symbols(graph_module, shard.dim)
+    for site in sites:
+        check_ring_site(site, symbols)
+    result = PartitionResult(shard, tuple(sorted(str(symbol) for symbol in symbols)))
+    created = rewrite_sites_to_ring(graph_module, sites, shard)
+    result.ring_sites = [site.name for site in sites]
+    _PositionPass(graph_module, symbols, shard, result, created, train).run()
+    result.output_dims = output_sequence_dims(graph_module, symbols)
+    drop_dead_metadata_asserts(graph_module.graph)
+    graph_module.graph.eliminate_dead_code()
+    graph_module.graph.lint()
+    graph_module.recompile()
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The sequence symbols and the sites
+
+
+def sequence_symbols(graph_module: torch.fx.GraphModule, dim: int) -> frozenset:
+    """The size symbols of the graph's tensor inputs along `dim` (inputs with fewer dims are not sharded)."""
+    symbols: set = set()
+    for node in graph_module.graph.nodes:
+        if node.op != "placeholder" or not isinstance(node.meta.get("val"), torch.Tensor):
+            continue
+        value = node.meta["val"]
+        if value.dim() <= dim:
+            continue
+        size = size_expr(value.shape[dim])
+        if not isinstance(size, sympy.Symbol):
+            raise PlanError(
+                f"partition: input {node.name!r} has length {size} along dim {dim}, fixed by the model's code at "
+                "capture (not a free sequence length); a shard would have another length. Capture with inputs "
+                "whose sequence length the model does not specialize, or pass dim= for the sequence dimension")
+        symbols.add(size)
+    if not symbols:
+        raise PlanError(f"partition: no input tensor has a dim {dim}: nothing to shard along the sequence")
+    return frozenset(symbols)
+
+
+def output_sequence_dims(graph_module: torch.fx.GraphModule, symbols: frozenset) -> list:
+    """For each flattened output: the dim holding this rank's tokens, or None (whole on every rank). An output whose
+    tokens share a dim with another size (a flattened batch x sequence) cannot be put back together by a gather of
+    whole slices, and is refused."""
+    output = next(node for node in graph_module.graph.nodes if node.op == "output")
+    leaves = torch.utils._pytree.tree_leaves(output.args[0])
+    dims = []
+    for leaf in leaves:
+        value = leaf.meta.get("val") if isinstance(leaf, torch.fx.Node) else None
+        found = [index for index, size in enumerate(getattr(value, "shape", ())) if _involves(size, symbols)] \
+            if isinstance(value, torch.Tensor) else []
+        if found and not isinstance(size_expr(value.shape[found[0]]), sympy.Symbol):
+            raise PlanError(f"partition: the output {leaf.name!r} ({source_line(leaf)}) has shape {tuple(value.shape)}:"
+                            " its positions share a dimension with another size, so the shards cannot be gathered "
+                            "back; return it with the sequence as a dimension of its own")
+        dims.append(found[0] if found else None)
+    return dims
+
+
+def check_ring_site(site: AttentionSite, symbols: frozenset) -> None:
+    """Refuse a site that ring attention cannot run exactly on sharded inputs (names the site and its source)."""
+    where = f"attention site {site.name} ({site.source})"
+    mask = site.mask
+    reason = None
+    if site.unsupported:
+        reason = site.unsupported
+    elif mask.kind not in RING_MASK_KINDS:
+        reason = (f"its mask is {mask.describe()}; ring attention takes causal, none or sliding_window masks (a "
+                  "padding or arbitrary mask tensor would have to be sharded by query and key)")
+    elif mask.key_padding or mask.bias:
+        reason = f"its mask is {mask.describe()}: the padding / bias tensor cannot be split over the ring"
+    elif site.dropout_p != 0.0:
+        reason = f"dropout_p={site.dropout_p}: ring attention has no dropout"
+    elif site.softcap is not None or site.sinks is not None:
+        reason = "soft-capping and attention sinks are not in ring attention"
+    elif site.heads % site.kv_heads:
+        reason = f"{site.heads} query heads are not a multiple of {site.kv_heads} kv heads"
+    elif not (isinstance(site.q_len, sympy.Symbol) and site.q_len in symbols and site.kv_len == site.q_len):
+        reason = (f"it attends {site.q_len} queries to {site.kv_len} keys; ring attention needs self-attention over "
+                  f"the sharded sequence ({', '.join(sorted(map(str, symbols)))})")
+    if reason:
+        raise PlanError(f"partition: {where} cannot run as ring attention: {reason}")
+
+
+def emit_ring(graph: torch.fx.Graph, node: torch.fx.Node, site: AttentionSite, nodes: dict, candidate: Any = None,
+              *, group_name: str, layout: str) -> torch.fx.Node:
+    """attention_planner::ring_attention(q, k, v, group, causal, window, layout, scale, "auto")[0], before `node`
+    (the registry's emit, with the partition's group and layout)."""
+    import backends.ring.op  # noqa: F401  registers the op
+
+    mask = site.mask
+    window = int(mask.window) if mask.kind == "sliding_window" else -1
+    arguments = (nodes[site.query], nodes[site.key], nodes[site.value], group_name, mask.is_causal, window, layout,
+                 float(site.effective_scale()), "auto")
+    with graph.inserting_before(node):
+        call = graph.call_function(torch.ops.attention_planner.ring_attention.default, arguments)
+        return graph.call_function(operator.getitem, (call, 0))
+
+
+def rewrite_sites_to_ring(graph_module: torch.fx.GraphModule, sites: list[AttentionSite],
+                          shard: SequenceShard) -> set:
+    """Replace each site's node by ring attention (with the site's layout adapters); return the nodes created."""
+    graph = graph_module.graph
+    before = set(graph.nodes)
+    nodes = {node.name: node for node in graph.nodes}
+    for site in sites:
+        node = nodes[site.node]
+        with graph.inserting_before(node):
+            emitted_site, extra = prepare_inputs(graph, site, nodes)
+            replacement = emit_ring(graph, node, emitted_site, {**nodes, **extra}, group_name=shard.group_name,
+                                    layout=shard.layout)
+            output = restore_output(graph, replacement, site, extra)
+        for key in ("val", "stack_trace", "nn_module_stack", "source_fn_stack"):
+            if key in node.meta:
+                output.meta[key] = node.meta[key]
+        node.replace_all_uses_with(output)
+        graph.erase_node(node)
+    drop_dead_metadata_asserts(graph)
+    graph.eliminate_dead_code()
+    return set(graph.nodes) - before
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Which ops may see the sequence
+
+
+# Layout and bookkeeping ops: they move elements without mixing positions (a size check follows on their outputs).
+LAYOUT_OPS = {
+    "view", "_unsafe_view", "reshape", "expand", "expand_as", "unsqueeze", "squeeze", "transpose", "permute", "t",
+    "contiguous", "clone", "alias", "detach", "flatten", "unflatten", "movedim", "view_as", "lift_fresh_copy",
+    "to", "_to_copy", "type_as", "_assert_tensor_metadata", "sym_size", "sym_numel", "sym_stride", "stack",
+    "dropout", "embedding", "outer", "masked_fill", "where", "lerp", "bitwise_and", "bitwise_or", "bitwise_xor",
+    "__and__", "__or__", "__xor__", "__invert__", "logical_and", "logical_or", "logical_xor", "logical_not",
+    "_assert_scalar", "_assert_async", "feature_dropout", "alpha_dropout", "native_dropout", "zeros_like",
+    "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "copy", "real", "imag", "view_as_real",
+    "view_as_complex", "polar", "complex", "scalar_tensor",
+}
+# Factories: constant along positions (arange is the exception, handled apart).
+FACTORY_OPS = {"zeros", "ones", "full", "empty", "new_zeros", "new_ones", "new_full", "new_empty", "empty_strided",
+               "new_empty_strided", "rand", "randn", "randint", "scalar_tensor"}
+# Ops that take the sequence length as a number legitimately (bounds of a slice, the end of an arange).
+LENGTH_AS_NUMBER_OK = {"arange", "slice", "narrow", "_assert_scalar", "sym_constrain_range",
+                       "sym_constrain_range_for_size", "sym_size"}
+# A reduction over the sequence that an all_reduce completes: op name -> (reduce op, divide by world_size).
+REDUCTIONS = {"sum": ("sum", False), "mean": ("sum", True), "amax": ("max", False), "amin": ("min", False)}
+FULL_REDUCTIONS = {"max": "max", "min": "min"}  # max.default / min.default (no dim): the value only
+# Along one `dim` argument: these mix positions when it is the sequence.
+ALONG_DIM = {
+    "softmax": "softmax over the sequence outside an attention site needs every position's score",
+    "_softmax": "softmax over the sequence outside an attention site needs every position's score",
+    "_safe_softmax": "softmax over the sequence outside an attention site needs every position's score",
+    "log_softmax": "log_softmax over the sequence needs every position's score",
+    "_log_softmax": "log_softmax over the sequence needs every position's score",
+    "cumsum": "a prefix sum over a shard needs the sums of the tokens before it, on other ranks",
+    "cumprod": "a prefix product over a shard needs the tokens before it, on other ranks",
+    "cummax": "a running max over a shard needs the tokens before it, on other ranks",
+    "cummin": "a running min over a shard needs the tokens before it, on other ranks",
+    "logcumsumexp": "a prefix log-sum-exp over a shard needs the tokens before it, on other ranks",
+    "diff": "a difference of neighbours crosses shard boundaries",
+    "sort": "sorting along the sequence needs every position",
+    "argsort": "sorting along the sequence needs every position",
+    "topk": "top-k along the sequence needs every position",
+    "kthvalue": "a k-th value along the sequence needs every position",
+    "median": "a median along the sequence needs every position",
+    "nanmedian": "a median along the sequence needs every position",
+    "mode": "a mode along the sequence needs every position",
+    "argmax": "an argmax along the sequence needs every position and their global indices",
+    "argmin": "an argmin along the sequence needs every position and their global indices",
+    "select": "selecting one position: it lives on one rank only",
+    "index_select": "picking positions by index: they live on other ranks",
+    "gather": "gathering positions by index: they live on other ranks",
+    "take_along_dim": "gathering positions by index: they live on other ranks",
+    "scatter": "scattering to positions by index: they live on other ranks",
+    "scatter_add": "scattering to positions by index: they live on other ranks",
+    "scatter_reduce": "scattering to positions by index: they live on other ranks",
+    "index_add": "adding at positions by index: they live on other ranks",
+    "index_copy": "copying to positions by index: they live on other ranks",
+    "index_fill": "filling positions by index: they live on other ranks",
+    "repeat_interleave": "repeating positions changes which rank holds which position",
+    "split": "splitting the sequence: the pieces are spread over the ranks",
+    "split_with_sizes": "splitting the sequence: the pieces are spread over the ranks",
+    "tensor_split": "splitting the sequence: the pieces are spread over the ranks",
+    "chunk": "splitting the sequence: the pieces are spread over the ranks",
+    "unbind": "unbinding the sequence: the positions are spread over the ranks",
+    "unfold": "sliding windows over the sequence cross shard boundaries",
+    "cat": "concatenating along the sequence changes which rank holds which position",
+    "var": "a variance over the sequence is not completed by one all_reduce here",
+    "std": "a standard deviation over the sequence is not completed by one all_reduce here",
+    "var_mean": "a variance over the sequence is not completed by one all_reduce here",
+    "std_mean": "a standard deviation over the sequence is not completed by one all_reduce here",
+    "logsumexp": "a log-sum-exp over the sequence is not completed by one all_reduce here",
+    "prod": "a product over the sequence is not completed by one all_reduce here",
+    "all": "all() over the sequence is not completed by one all_reduce here",
+    "any": "any() over the sequence is not completed by one all_reduce here",
+    "count_nonzero": "a count over the sequence is not completed by one all_reduce here",
+    "nansum": "a nansum over the sequence is not completed by one all_reduce here",
+    "nanmean": "a nanmean over the sequence is not completed by one all_reduce here",
+    "norm": "a norm over the sequence is not completed by one all_reduce here",
+    "linalg_vector_norm": "a norm over the sequence is not completed by one all_reduce here",
+    "max": "max over the sequence with indices needs the global positions of the winners",
+    "min": "min over the sequence with indices needs the global positions of the winners",
+}
+# The argument that names the dims of ALONG_DIM ops (default "dim").
+DIM_ARGUMENT = {"unfold": "dimension"}
+CONTRACTIONS = {"linear", "mm", "bmm", "matmul", "addmm", "baddbmm", "addbmm", "dot", "vdot", "mv", "einsum",
+                "addmv", "_scaled_mm"}
+ELEMENT_LOSSES = {"mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss", "binary_cross_entropy",
+                  "binary_cross_entropy_with_logits", "kl_div", "soft_margin_loss", "poisson_nll_loss",
+                  "hinge_embedding_loss"}
+CLASS_LOSSES = {"cross_entropy_loss", "nll_loss", "nll_loss_nd", "nll_loss2d"}
+NORMS_OVER_LAST = {"layer_norm": "normalized_shape", "native_layer_norm": "normalized_shape",
+                   "rms_norm": "normalized_shape", "_fused_rms_norm": "normalized_shape"}
+CONVOLUTIONS = {"convolution", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
+                "conv_transpose3d", "_convolution"}
+POOLS = {"avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d", "max_pool3d",
+         "max_pool1d_with_indices", "max_pool2d_with_indices", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
+         "adaptive_max_pool1d", "adaptive_max_pool2d", "upsample_nearest1d", "upsample_linear1d",
+         "upsample_nearest2d", "upsample_bilinear2d", "_upsample_nearest_exact1d", "interpolate", "pixel_shuffle"}
+PADS = {"constant_pad_nd", "pad", "reflection_pad1d", "reflection_pad2d", "replication_pad1d", "replication_pad2d",
+        "circular_pad1d", "_pad_circular"}
+OURS = {"ring_attention", "ring_attention_backward", "all_reduce", "wait_tensor"}
+
+
+def _packet_name(target: Any) -> Optional[str]:
+    packet = getattr(target, "overloadpacket", None)
+    return getattr(packet, "__name__", None) if packet is not None else None
+
+
+def _values(value: Any) -> list:
+    if isinstance(value, (list, tuple)):
+        return [item for item in value if isinstance(item, torch.Tensor)]
+    return [value] if isinstance(value, torch.Tensor) else []
+
+
+def _involves(size: Any, symbols: frozenset) -> bool:
+    expression = size_expr(size) if isinstance(size, (int, torch.SymInt)) else None
+    return isinstance(expression, sympy.Expr) and bool(expression.free_symbols & symbols)
+
+
+def _argument(node: torch.fx.Node, name: str, default: Any = None) -> Any:
+    """An argument of an aten call by its schema name (positional or keyword), or its schema default."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return node.kwargs.get(name, default)
+    for index, argument in enumerate(schema.arguments):
+        if argument.name != name:
+            continue
+        if index < len(node.args):
+            return node.args[index]
+        if name in node.kwargs:
+            return node.kwargs[name]
+        return argument.default_value if argument.has_default_value() else default
+    return default
+
+
+def _normalize(dims: Any, ndim: int) -> list[int]:
+    """Dims as non-negative ints; None or [] mean every dim."""
+    if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
+        return list(range(ndim))
+    if isinstance(dims, int):
+        dims = [dims]
+    return [dim % ndim if ndim else 0 for dim in dims]
+
+
+class _PositionPass:
+    """Walks the graph once, in order; every node that touches the sequence is let through, rewritten or refused."""
+
+    def __init__(self, graph_module: torch.fx.GraphModule, symbols: frozenset, shard: SequenceShard,
+                 result: PartitionResult, skip: set, train: bool):
+        self.graph_module = graph_module
+        self.graph = graph_module.graph
+        self.symbols = symbols
+        self.shard = shard
+        self.result = result
+        self.skip = set(skip)
+        self.train = train
+
+    # -- helpers ------------------------------------------------------------------------------------------------
+
+    def sequence_dims(self, value: Any) -> tuple[int, ...]:
+        if not isinstance(value, torch.Tensor):
+            return ()
+        return tuple(index for index, size in enumerate(value.shape) if _involves(size, self.symbols))
+
+    def dims_of(self, node: Any) -> tuple[int, ...]:
+        return self.sequence_dims(node.meta.get("val")) if isinstance(node, torch.fx.Node) else ()
+
+    def refuse(self, node: torch.fx.Node, why: str, advice: str = "") -> None:
+        name = _packet_name(node.target) or getattr(node.target, "__name__", str(node.target))
+        where = f"{name} at node {node.name!r} ({source_line(node)}"
+        path = module_path(node)
+        where += f", in {path})" if path else ")"
+        message = f"cannot partition the sequence over {self.shard.world_size} ranks: {where}: {why}"
+        if advice:
+            message += f"; {advice}"
+        raise PlanError(message)
+
+    def insert_after(self, anchor: torch.fx.Node, target: Any, args: tuple, kwargs: Optional[dict] = None,
+                     val: Any = None) -> torch.fx.Node:
+        with self.graph.inserting_after(anchor):
+            node = self.graph.call_function(target, args, kwargs or {})
+        if val is not None:
+            node.meta["val"] = val
+        for key in ("stack_trace", "nn_module_stack"):
+            if key in anchor.meta:
+                node.meta[key] = anchor.meta[key]
+        self.skip.add(node)
+        return node
+
+    # -- the walk -----------------------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        for node in list(self.graph.nodes):
+            if node in self.skip or node.op in ("placeholder", "get_attr", "output"):
+                continue
+            self.check_length_as_number(node)
+            inputs = [argument for argument in node.all_input_nodes if self.dims_of(argument)]
+            outputs = [self.sequence_dims(value) for value in _values(node.meta.get("val"))]
+            if not inputs and not any(outputs) and _packet_name(node.target) != "arange":
+                continue
+            if node.op == "call_module":
+                if str(node.target).startswith("_guards"):
+                    continue
+                self.refuse(node, "a submodule call on sequence tensors is not analysed")
+            self.visit(node, _packet_name(node.target))
+            self.check_output_sizes(node)
+
+    def check_output_sizes(self, node: torch.fx.Node) -> None:
+        for value in _values(node.meta.get("val")):
+            dims = self.sequence_dims(value)
+            if len(dims) > 1:
+                self.refuse(node, f"its output {tuple(value.shape)} pairs positions with positions; on a shard only "
+                            "this rank's pairs exist", "pairwise position tensors are supported only as attention "
+                            "masks that the detector proves causal or sliding-window")
+            for dim in dims:
+                expression = sympy.sympify(size_expr(value.shape[dim]))
+                coefficient, _ = expression.as_coeff_Mul()
+                if not (expression.is_Mul or expression.is_Symbol) or not coefficient.is_Integer or \
+                        any(symbol_power.is_Pow for symbol_power in sympy.Mul.make_args(expression)):
+                    self.refuse(node, f"its output has {expression} positions along dim {dim}: a length derived "
+                                "from the sequence length other than a whole number of shards")
+
+    def check_length_as_number(self, node: torch.fx.Node) -> None:
+        """The sequence length flowing into an op as a scalar is the local length n = L/P on a shard."""
+        name = _packet_name(node.target)
+        if name is None or name in LENGTH_AS_NUMBER_OK:
+            return
+        arguments = list(node.args) + list(node.kwargs.values())
+        for argument in arguments:
+            if not isinstance(argument, torch.fx.Node):
+                continue
+            value = argument.meta.get("val")
+            if isinstance(value, (torch.SymInt, torch.SymFloat)) and \
+                    sympy.sympify(value.node.expr).free_symbols & self.symbols:
+                self.refuse(node, f"it uses the sequence length ({value.node.expr}) as a number; on a shard that "
+                            f"is the local length L/{self.shard.world_size}",
+                            "compute it from global positions or outside the partitioned model")
+
+    def visit(self, node: torch.fx.Node, name: Optional[str]) -> None:
+        if node.op != "call_function":
+            self.refuse(node, "not analysed")
+        target = node.target
+        if target is operator.getitem:
+            return
+        if name is None:
+            if getattr(target, "__module__", "") in ("_operator", "operator", "torch", "math") or \
+                    target in (torch.sym_float, torch.sym_int, torch.sym_max, torch.sym_min, torch.sym_not):
+                return  # arithmetic on sizes; its uses are checked where they reach an op
+            self.refuse(node, "a Python function on sequence tensors is not analysed")
+        if name in OURS:
+            return
+        if name == "arange":
+            return self.globalize_arange(node)
+        if name in FACTORY_OPS or name in LAYOUT_OPS or torch.Tag.pointwise in getattr(target, "tags", ()):
+            return self.check_layout_op(node, name)
+        if name in REDUCTIONS or (name in FULL_REDUCTIONS and target.__name__.endswith("default")):
+            return self.reduce(node, name)
+        if name in ("slice", "narrow"):
+            return self.check_slice(node, name)
+        if name == "index":
+            return self.check_index(node)
+        if name in ALONG_DIM:
+            return self.check_along_dim(node, name, ALONG_DIM[name])
+        if name in ("flip", "roll"):
+            return self.check_dims_argument(node, name, "dims",
+                                            "reversing or rotating the sequence moves positions across ranks")
+        if name in ("tril", "triu"):
+            return self.check_triangle(node, name)
+        if name in CONTRACTIONS:
+            return self.check_contraction(node, name)
+        if name in NORMS_OVER_LAST:
+            return self.check_norm(node, name)
+        if name in ("group_norm", "native_group_norm", "instance_norm"):
+            return self.check_channel_norm(node, name)
+        if name in ("batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_no_training",
+                    "native_batch_norm", "_native_batch_norm_legit_functional"):
+            return self.check_batch_norm(node, name)
+        if name in CONVOLUTIONS:
+            return self.check_convolution(node)
+        if name in POOLS:
+            return self.check_spatial(node, "pooling or resampling over the sequence crosses shard boundaries")
+        if name in PADS:
+            return self.check_pad(node)
+        if name == "repeat":
+            return self.check_repeat(node)
+        if name in ELEMENT_LOSSES or name in CLASS_LOSSES:
+            return self.reduce_loss(node, name)
+        if name == "scaled_dot_product_attention" or "attention" in name:
+            self.refuse(node, "an attention call that the detector did not report as a site is still here",
+                        "its keys would be this rank's only")
+        self.refuse(node, f"aten.{name} is not known to keep positions apart",
+                    "report it (passes/partition.py lists the ops it lets through)")
+
+    # -- rules ----------------------------------------------------------------------------------------------------
+
+    def check_layout_op(self, node: torch.fx.Node, name: str) -> None:
+        if name == "where" and len(node.args) == 1:
+            self.refuse(node, "where(condition) lists the positions where it holds: global indices are needed")
+        if name in ("masked_fill", "where") or torch.Tag.pointwise in getattr(node.target, "tags", ()):
+            return
+        if name == "stack":
+            return
+        if name in ("view", "_unsafe_view", "reshape", "flatten", "unflatten"):
+            source = node.args[0] if node.args else None
+            if isinstance(source, torch.fx.Node) and self.dims_of(source) and not self.dims_of(node):
+                self.refuse(node, "a reshape that hides the sequence length in a fixed size")
+
+    def check_slice(self, node: torch.fx.Node, name: str) -> None:
+        source = node.args[0]
+        dims = self.dims_of(source)
+        ndim = source.meta["val"].dim()
+        dim = _argument(node, "dim", 0) % ndim
+        if dim not in dims:
+            return
+        size = sympy.sympify(size_expr(source.meta["val"].shape[dim]))
+        if name == "slice":
+            start, end, step = _argument(node, "start"), _argument(node, "end"), _argument(node, "step", 1)
+            full = start in (None, 0) and step == 1 and (end is None or self._at_least(end, size))
+        else:
+            start, length = _argument(node, "start"), _argument(node, "length")
+            full = start == 0 and self._at_least(length, size)
+        if not full:
+            self.refuse(node, f"it takes part of the sequence (dim {dim}); on a shard the positions it keeps are on "
+                        "several ranks", "slice the gathered output instead, or shard inputs that are already cut")
+
+    def _at_least(self, bound: Any, size: sympy.Expr) -> bool:
+        if isinstance(bound, int):
+            return bound >= INT64_MAX // 2
+        if isinstance(bound, torch.fx.Node) and isinstance(bound.meta.get("val"), torch.SymInt):
+            return sympy.simplify(sympy.sympify(bound.meta["val"].node.expr) - size) == 0
+        return False
+
+    def check_index(self, node: torch.fx.Node) -> None:
+        source, indices = node.args[0], node.args[1]
+        dims = self.dims_of(source)
+        for dim, index in enumerate(indices):
+            if index is not None and dim in dims:
+                self.refuse(node, f"it indexes the sequence (dim {dim}) with a tensor: the positions it picks live "
+                            "on other ranks")
+        # Indices that carry the sequence (a table looked up at positions) are fine: a gather of rows.
+
+    def check_along_dim(self, node: torch.fx.Node, name: str, why: str) -> None:
+        source = node.args[0]
+        if isinstance(source, (list, tuple)):  # cat
+            source = next((item for item in source if isinstance(item, torch.fx.Node)), None)
+            value = node.meta.get("val")
+            dims, ndim = self.sequence_dims(value), value.dim()
+        else:
+            value = source.meta.get("val") if isinstance(source, torch.fx.Node) else None
+            if value is None:
+                self.refuse(node, "its input has no recorded shape")
+            dims, ndim = self.sequence_dims(value), value.dim()
+        # A missing dim (None, or no such argument in the overload) means every dim, as in torch.
+        touched = set(_normalize(_argument(node, DIM_ARGUMENT.get(name, "dim")), ndim)) & set(dims)
+        if touched:
+            self.refuse(node, f"it works along the sequence (dim {sorted(touched)[0]}): {why}",
+                        "compute it before sharding, on gathered outputs, or with a model that keeps it per position")
+
+    def check_dims_argument(self, node: torch.fx.Node, name: str, argument: str, why: str) -> None:
+        value = node.args[0].meta["val"]
+        dims = self.sequence_dims(value)
+        touched = set(_normalize(_argument(node, argument), value.dim())) & set(dims)
+        if touched:
+            self.refuse(node, f"it works along the sequence (dim {sorted(touched)[0]}): {why}")
+
+    def check_triangle(self, node: torch.fx.Node, name: str) -> None:
+        value = node.args[0].meta["val"]
+        dims = set(self.sequence_dims(value))
+        if value.dim() >= 2 and dims & {value.dim() - 2, value.dim() - 1}:
+            self.refuse(node, f"{name} compares local indices of the sequence; on a shard they are not the global "
+                        "positions", "build masks from positions (torch.arange) so that they become global")
+
+    def check_contraction(self, node: torch.fx.Node, name: str) -> None:
+        tensors = [argument for argument in node.args if isinstance(argument, torch.fx.Node)]
+        if name == "einsum":
+            return self.check_einsum(node)
+        if name in ("addmm", "baddbmm", "addbmm", "addmv"):
+            tensors = tensors[1:]
+        first = tensors[0].meta["val"]
+        contracted_first = first.dim() - 1
+        pairs = [(tensors[0], contracted_first)]
+        if len(tensors) > 1 and name != "linear":
+            second = tensors[1].meta["val"]
+            pairs.append((tensors[1], 0 if second.dim() == 1 else second.dim() - 2))
+        for tensor, dim in pairs:
+            if dim in self.dims_of(tensor):
+                self.refuse(node, f"it sums over the sequence (dim {dim} of {tensor.name}): a contraction over "
+                            "positions needs every rank's positions",
+                            "attention-like products are rewritten only where the detector finds attention")
+
+    def check_einsum(self, node: torch.fx.Node) -> None:
+        equation = node.args[0].replace(" ", "")
+        operands = node.args[1]
+        inputs, _, output = equation.partition("->")
+        for letters, operand in zip(inputs.split(","), operands):
+            if "." in letters:
+                self.refuse(node, "an einsum with ellipsis over sequence tensors is not analysed")
+            for position in self.dims_of(operand):
+                if letters[position] not in output:
+                    self.refuse(node, f"einsum {equation} sums over the sequence (index {letters[position]!r})")
+
+    def check_norm(self, node: torch.fx.Node, name: str) -> None:
+        value = node.args[0].meta["val"]
+        count = len(_argument(node, NORMS_OVER_LAST[name]) or ())
+        normalized = set(range(value.dim() - count, value.dim()))
+        if normalized & set(self.sequence_dims(value)):
+            self.refuse(node, f"{name} normalizes over the sequence: its statistics need every position")
+
+    def check_channel_norm(self, node: torch.fx.Node, name: str) -> None:
+        value = node.args[0].meta["val"]
+        if set(self.sequence_dims(value)) - {0}:
+            self.refuse(node, f"{name} normalizes over channels and positions: its statistics need every position")
+
+    def check_batch_norm(self, node: torch.fx.Node, name: str) -> None:
+        training = _argument(node, "training", name not in ("_native_batch_norm_legit_no_training",))
+        if training:
+            self.refuse(node, "batch norm in training mode takes statistics over the sequence",
+                        "put the model in eval() or use a per-position norm")
+
+    def check_spatial(self, node: torch.fx.Node, why: str) -> None:
+        value = node.args[0].meta["val"]
+        if set(self.sequence_dims(value)) & set(range(2, value.dim())):
+            self.refuse(node, why)
+
+    def check_convolution(self, node: torch.fx.Node) -> None:
+        value = node.args[0].meta["val"]
+        weight = node.args[1].meta["val"]
+        for dim in self.sequence_dims(value):
+            if dim == 1:
+                self.refuse(node, "the sequence is the convolution's channel dimension, which it sums over")
+            if dim == 0:
+                continue  # the batch: the convolution is per sample
+            kernel = int(weight.shape[dim])
+            stride = _argument(node, "stride", [1])
+            padding = _argument(node, "padding", [0])
+            transposed = bool(_argument(node, "transposed", False))
+            spatial = dim - 2
+            stride_here = stride[spatial if len(stride) > spatial else 0] if isinstance(stride, (list, tuple)) \
+                else stride
+            padding_here = padding[spatial if len(padding) > spatial else 0] if isinstance(padding, (list, tuple)) \
+                else padding
+            if kernel != 1 or stride_here != 1 or padding_here not in (0, "valid") or transposed:
+                self.refuse(node, f"a convolution over the sequence (kernel {kernel}, stride {stride_here}) needs "
+                            f"the neighbouring {max(kernel - 1, 0)} positions of other ranks (a halo exchange, not "
+                            "implemented)", "run the convolution before sharding")
+
+    def check_pad(self, node: torch.fx.Node) -> None:
+        value = node.args[0].meta["val"]
+        pad = list(_argument(node, "pad") or _argument(node, "padding") or [])
+        dims = set(self.sequence_dims(value))
+        for pair in range(len(pad) // 2):
+            dim = value.dim() - 1 - pair
+            if dim in dims and (pad[2 * pair] != 0 or pad[2 * pair + 1] != 0):
+                self.refuse(node, f"it pads the sequence (dim {dim}): the padding lands on one rank's shard only, "
+                            "and shifts every position after it", "pad before sharding")
+
+    def check_repeat(self, node: torch.fx.Node) -> None:
+        value = node.meta["val"]
+        repeats = list(_argument(node, "repeats") or [])
+        offset = value.dim() - len(repeats)
+        for dim in self.sequence_dims(value):
+            if dim - offset >= 0 and repeats[dim - offset] != 1:
+                self.refuse(node, f"it repeats the sequence (dim {dim}): the copies would be spread over the ranks")
+
+    # -- positions ------------------------------------------------------------------------------------------------
+
+    def globalize_arange(self, node: torch.fx.Node) -> None:
+        value = node.meta.get("val")
+        if not isinstance(value, torch.Tensor) or value.dim() != 1:
+            return
+        length = size_expr(value.shape[0])
+        if not isinstance(length, sympy.Expr) or not length.free_symbols & self.symbols:
+            return  # not over the sequence (rotary frequencies, head indices, ...)
+        start = _argument(node, "start", 0) if "start" in str(node.target) else 0
+        step = _argument(node, "step", 1) if "step" in str(node.target) else 1
+        if not (isinstance(length, sympy.Symbol) and length in self.symbols):
+            self.refuse(node, f"an arange of {length} positions: not the positions of the sequence, so there is no "
+                        "global counterpart on a shard")
+        if isinstance(start, torch.fx.Node) and isinstance(start.meta.get("val"), torch.SymInt) and \
+                sympy.sympify(start.meta["val"].node.expr).free_symbols & self.symbols:
+            self.refuse(node, "an arange that starts at the sequence length: positions past the sequence")
+        if not isinstance(step, (int, float)):
+            self.refuse(node, "an arange over the sequence with a computed step")
+        positions = self.global_positions(node, step)
+        node.replace_all_uses_with(positions, delete_user_cb=lambda user: user not in self.skip)
+        what = f"arange({length}) at {source_line(node)}"
+        self.result.positions.append(f"{what} -> the global positions of this rank's tokens ({self.shard.layout})")
+
+    def global_positions(self, node: torch.fx.Node, step: float) -> torch.fx.Node:
+        """arange's values shifted by step·(global − local index): exact for int and float aranges alike (the shift is
+        a whole number, far below 2^24 for float32)."""
+        shard = self.shard
+        value = node.meta["val"]
+        local = self.insert_after(node, aten.sym_size.int, (node, 0), val=value.shape[0])
+        if shard.layout == "contiguous":
+            shift = self.insert_after(local, operator.mul, (local, shard.rank * step))
+            return self.insert_after(shift, aten.add.Tensor, (node, shift), val=value)
+        # zigzag: local index i < c (first chunk) sits at r·c + i, i >= c at (2P−1−r)·c + (i − c).
+        chunk = self.insert_after(local, operator.floordiv, (local, 2))
+        index = self.insert_after(chunk, aten.arange.default, (local,),
+                                  {"dtype": torch.int64, "device": value.device})
+        late = self.insert_after(index, aten.ge.Scalar, (index, chunk))
+        late = self.insert_after(late, aten._to_copy.default, (late,), {"dtype": value.dtype})
+        jump = self.insert_after(late, operator.mul, (chunk, (2 * shard.world_size - 2 - 2 * shard.rank) * step))
+        scaled = self.insert_after(jump, aten.mul.Tensor, (late, jump))
+        first = self.insert_after(scaled, operator.mul, (chunk, shard.rank * step))
+        shift = self.insert_after(first, aten.add.Tensor, (scaled, first))
+        return self.insert_after(shift, aten.add.Tensor, (node, shift), val=value)
+
+    # -- reductions -----------------------------------------------------------------------------------------------
+
+    def reduce(self, node: torch.fx.Node, name: str) -> None:
+        source = node.args[0]
+        value = source.meta["val"]
+        dims = set(self.sequence_dims(value))
+        if name in FULL_REDUCTIONS:
+            reduced, operation, average = set(range(value.dim())), FULL_REDUCTIONS[name], False
+        else:
+            reduced = set(_normalize(_argument(node, "dim"), value.dim()))
+            operation, average = REDUCTIONS[name]
+        if not reduced & dims:
+            return
+        if self.dims_of(node):
+            self.refuse(node, f"{name} over part of the sequence leaves positions in its output")
+        self.all_reduce(node, operation, average, f"{name} over the sequence")
+
+    def all_reduce(self, node: torch.fx.Node, operation: str, average: bool, what: str) -> torch.fx.Node:
+        """Replace the uses of `node` (a local reduction) by its all_reduce over the group (÷ P for averages)."""
+        if self.train:
+            self.refuse(node, f"{what} becomes an all_reduce, which has no gradient here (train=True)",
+                        "compute it outside the partitioned model for training")
+        import torch.distributed._functional_collectives  # noqa: F401  registers _c10d_functional
+
+        value = node.meta.get("val")
+        reduced = self.insert_after(node, torch.ops._c10d_functional.all_reduce.default,
+                                    (node, operation, self.shard.group_name), val=value)
+        last = self.insert_after(reduced, torch.ops._c10d_functional.wait_tensor.default, (reduced,), val=value)
+        if average:
+            last = self.insert_after(last, aten.div.Tensor, (last, self.shard.world_size), val=value)
+        node.replace_all_uses_with(last, delete_user_cb=lambda user: user not in self.skip)
+        average_text = f" / {self.shard.world_size}" if average else ""
+        self.result.collectives.append(f"{what} at {source_line(node)} -> all_reduce({operation}){average_text}")
+        return last
+
+    def reduce_loss(self, node: torch.fx.Node, name: str) -> None:
+        reduction = _argument(node, "reduction", 1)
+        if self.dims_of(node) or reduction == 0:
+            return  # per position ("none"): stays on the shard
+        if name in CLASS_LOSSES and reduction == 1:
+            return self.reduce_class_loss_mean(node, name)
+        self.all_reduce(node, "sum", reduction == 1, f"{name} (reduction {'mean' if reduction == 1 else 'sum'})")
+
+    def reduce_class_loss_mean(self, node: torch.fx.Node, name: str) -> None:
+        """mean over the targets that count: all_reduce(local sum) / all_reduce(local count)."""
+        target = _argument(node, "target")
+        if _argument(node, "weight") is not None:
+            self.refuse(node, f"{name} with class weights and reduction='mean' divides by the targets' weights",
+                        "use reduction='sum' or no weights")
+        if target.meta["val"].is_floating_point():  # class probabilities: every row counts
+            return self.all_reduce(node, "sum", True, f"{name} (reduction mean)")
+        ignore_index = _argument(node, "ignore_index", -100)
+        schema_names = [argument.name for argument in node.target._schema.arguments]
+        position = schema_names.index("reduction")
+        if position < len(node.args):
+            node.args = node.args[:position] + (2,) + node.args[position + 1:]
+        else:
+            node.kwargs = {**node.kwargs, "reduction": 2}
+        value = node.meta["val"]
+        total = self.all_reduce_quietly(node, "sum")
+        counted = self.insert_after(total, aten.ne.Scalar, (target, ignore_index))
+        count = self.insert_after(counted, aten.sum.default, (counted,), {"dtype": value.dtype})
+        count_total = self.all_reduce_quietly(count, "sum")
+        mean = self.insert_after(count_total, aten.div.Tensor, (total, count_total), val=value)
+        node.replace_all_uses_with(mean, delete_user_cb=lambda user: user not in self.skip)
+        self.result.collectives.append(f"{name} (reduction mean) at {source_line(node)} -> all_reduce(sum) of the "
+                                       "loss and of the counted targets, divided")
+
+    def all_reduce_quietly(self, node: torch.fx.Node, operation: str) -> torch.fx.Node:
+        if self.train:
+            self.refuse(node, "a loss over the sequence becomes an all_reduce, which has no gradient here "
+                        "(train=True)", "compute the loss outside the partitioned model for training")
+        import torch.distributed._functional_collectives  # noqa: F401
+
+        reduced = self.insert_after(node, torch.ops._c10d_functional.all_reduce.default,
+                                    (node, operation, self.shard.group_name))
+        return self.insert_after(reduced, torch.ops._c10d_functional.wait_tensor.default, (reduced,))
+
+
+def describe(result: PartitionResult) -> list[str]:
+    """One line per rewrite, for the report."""
+    lines = [f"ring attention at {name}" for name in result.ring_sites]
+    return lines + list(result.positions) + list(result.collectives)
+
+
+__all__ = ["SequenceShard", "PartitionResult", "partition", "sequence_symbols", "check_ring_site", "emit_ring",
+           "rewrite_sites_to_ring", "describe"]
