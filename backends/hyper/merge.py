@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-LSE_FLOOR = -1e30  # as blockwise.LSE_FLOOR: an empty part weighs exp(-1e30 - lse) = 0, and no NaN appears
+LSE_FLOOR = tl.constexpr(-1e30)  # as blockwise.LSE_FLOOR: an empty part weighs exp(-1e30 - lse) = 0, no NaN
 
 
 @triton.jit

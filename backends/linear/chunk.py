@@ -501,14 +501,18 @@ def cumulative_decay(log_decay: Optional[torch.Tensor], chunk_size: int, num_chu
 # Launch parameters per kernel (the benchmark overrides them to sweep). Values chosen on an H200 at 128k, bf16.
 # ROWS: rows per step of the sequential state kernels; BLOCK: rows per program of the output kernel (no or scalar
 # decay; per-channel decay always uses CHANNEL_BLOCK). Both are clipped to the chunk size.
+# The forward values are the fastest of benchmarks/bench_subquadratic.py's sweep (H200, T=128k, H=32, D=128, bf16).
 LAUNCH = {
-    "state": dict(BK=64, BV=64, ROWS=64, num_warps=4, num_stages=3),
+    "state": dict(BK=64, BV=64, ROWS=64, num_warps=4, num_stages=4),
     "output": dict(BV=128, BLOCK=64, num_warps=4, num_stages=2),
     "state_backward": dict(BK=64, BV=64, ROWS=64, num_warps=4, num_stages=3),
     "value_backward": dict(BV=64, num_warps=4, num_stages=2),
     "query_key_backward": dict(num_warps=8, num_stages=2),
 }
-LAUNCH_BY_CHUNK: dict = {}  # {chunk_size: {kernel: settings}} overrides, e.g. for SSD's chunk 256
+# {chunk_size: {kernel: settings}} overrides: SSD's chunk 256 steps the state 128 rows at a time.
+LAUNCH_BY_CHUNK: dict = {
+    256: dict(LAUNCH, state=dict(BK=64, BV=64, ROWS=128, num_warps=4, num_stages=3)),
+}
 
 
 def _launch(name: str, key_dim: int = 0, value_dim: int = 0, chunk_size: int = 64):
