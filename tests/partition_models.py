@@ -1,0 +1,169 @@
+"""Models for the partition tests (tests/test_partition.py, tests/partition_worker.py): the repo's demo model, a tiny
+transformers Llama, and small models that each put one thing that mixes positions in the graph."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+VOCAB = 61
+
+
+def demo_llama() -> nn.Module:
+    from planner.demo_model import DemoConfig, DemoLlama
+
+    torch.manual_seed(11)
+    config = DemoConfig(vocab_size=VOCAB, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                        intermediate_size=96, attention="sdpa")
+    return DemoLlama(config).eval()
+
+
+def hf_llama() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(12)
+    # initializer 0.05 (not 0.02) and rope_theta 100: logits of magnitude ~2 that positions and attention move by ~2,
+    # far above the 1e-5 tolerance.
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         attn_implementation="sdpa", use_cache=False, initializer_range=0.05, rope_theta=100.0)
+    return LlamaForCausalLM(config).eval()
+
+
+class PositionTable(nn.Module):
+    """No attention: returns sin/cos of positions made with arange (float and int64, with a start and a step),
+    so that the partitioned graph runs without a process group."""
+
+    def forward(self, input_ids: torch.Tensor):
+        length = input_ids.shape[1]
+        positions = torch.arange(length, dtype=torch.float32)
+        ids = torch.arange(3, 3 + 2 * length, 2) + input_ids  # int64, start 3, step 2
+        return torch.sin(positions / 7.0)[None, :, None] * input_ids[..., None], ids
+
+
+class CumsumModel(nn.Module):
+    """A running sum over the sequence: refused."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 16)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed(input_ids)
+        return hidden.cumsum(dim=1)  # CUMSUM_LINE
+
+
+class ConvModel(nn.Module):
+    """A convolution over time (kernel 3): refused."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 8)
+        self.conv = nn.Conv1d(8, 8, 3, padding=1)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.embed(input_ids).transpose(1, 2)).transpose(1, 2)
+
+
+class SoftmaxOverTimeModel(nn.Module):
+    """Softmax over the sequence outside attention (attention pooling by hand): refused."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 8)
+        self.score = nn.Linear(8, 1)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed(input_ids)
+        weights = torch.softmax(self.score(hidden), dim=1)
+        return hidden * weights
+
+
+class LastTokenModel(nn.Module):
+    """Keeps the last position only: refused (it lives on one rank)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 8)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed(input_ids)[:, -1]
+
+
+class LengthAsNumberModel(nn.Module):
+    """Divides by the sequence length taken as a number: refused (on a shard it is the local length)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 8)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed(input_ids)
+        return hidden.sum(dim=1) / input_ids.shape[1]
+
+
+class PaddedAttentionModel(nn.Module):
+    """Self-attention with a key padding mask (an input): refused at the site."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 16)
+        self.qkv = nn.Linear(16, 48)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        batch, length = input_ids.shape
+        q, k, v = self.qkv(self.embed(input_ids)).view(batch, length, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        mask = attention_mask[:, None, None, :].bool()
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+class PooledAttentionModel(nn.Module):
+    """Full (non-causal) attention, then sums and means over the sequence and a max: made exact with all_reduce.
+    Returns (per-token hidden, pooled mean, max over tokens, a sum that is divided by a constant)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(13)
+        self.embed = nn.Embedding(VOCAB, 16)
+        self.qkv = nn.Linear(16, 48)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, input_ids: torch.Tensor):
+        batch, length = input_ids.shape
+        hidden = self.embed(input_ids)
+        q, k, v = self.qkv(hidden).view(batch, length, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, length, 16)
+        pooled = self.head(attended.mean(dim=1))
+        largest = attended.amax(dim=1)
+        total = attended.sum() / 100.0
+        return attended, pooled, largest, total
+
+
+class TokenLossModel(nn.Module):
+    """Causal attention and a mean cross-entropy over the tokens whose label is not ignored: the loss becomes
+    all_reduce(sum of losses) / all_reduce(count of counted labels)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(14)
+        self.embed = nn.Embedding(VOCAB, 16)
+        self.qkv = nn.Linear(16, 48)
+        self.head = nn.Linear(16, VOCAB)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor):
+        batch, length = input_ids.shape
+        q, k, v = self.qkv(self.embed(input_ids)).view(batch, length, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1 / math.sqrt(8))
+        logits = self.head(attended.transpose(1, 2).reshape(batch, length, 16))
+        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        return logits, loss
+
+
+def source_line_of(model_class: type, marker: str) -> int:
+    """The line number of `marker` in this file (for error-message checks)."""
+    import inspect
+
+    lines, start = inspect.getsourcelines(model_class)
+    return start + next(index for index, line in enumerate(lines) if marker in line)
