@@ -34,8 +34,8 @@ SCHEMA_VERSION = 1
 
 # What was measured on an H200 (torch 2.11, bf16, B=1, H=32, D=128; KINDS.md, the project lead's runs and
 # benchmarks/RESULTS.md):
-# (work, cost module, implementation, causal, window, length, seconds). Rates given as TFLOP/s were converted to
-# seconds at 32k with the same cost module, so every entry goes through one formula.
+# (work, cost module, implementation, causal, window, length, seconds[, world size]). A rate given as ("tflops", R)
+# instead of seconds is converted to seconds with the same cost module, so every entry goes through one formula.
 H200_MEASURED_DATE = "2026-11"
 H200_MATMUL_FLOPS = 788e12  # 8192³ bf16 product, random data
 H200_COPY_BANDWIDTH = 4.3e12  # device-to-device copy, bytes read + written
@@ -48,8 +48,14 @@ H200_KERNELS: tuple = (
     ("flash", "backends.flash.cost", "triton", True, None, 32768, 17.41e-3),
     ("sliding_window", "backends.sliding_window.cost", "triton", True, 4096, 32768, 4.56e-3),
     ("sliding_window", "backends.sliding_window.cost", "triton", True, 4096, 131072, 20.26e-3),
-    # fla's chunk_linear_attn at 128k (the goal of our linear kernel is to match it): a lead for "linear".
-    ("linear", "backends.linear.cost", "triton", True, None, 131072, 8.4e-3),
+    ("sdpa-cudnn", "backends.dense.cost", "sdpa-cudnn", True, None, 131072, 243.9e-3),  # RESULTS.md, issue 8
+    # Ours (benchmarks/RESULTS.md, issue 8, revision 68da512): linear attention without decay (chunk 64), SSD (chunk
+    # 256), HyperAttention causal with its defaults (run 1, PyTorch merges).
+    ("linear", "backends.linear.cost", "triton", True, None, 131072, 3.01e-3),
+    ("ssd", "backends.ssd.cost", "triton", True, None, 131072, 2.92e-3),
+    ("hyper", "backends.hyper.cost", "triton", True, None, 131072, 91.1e-3),
+    # Ring of 2 H200s, Triton blocks, causal zigzag at 256k, forward (RESULTS.md, issue 7): per-rank time.
+    ("ring", "backends.ring.cost", "triton", True, None, 262144, 597e-3, 2),
 )
 BUILTIN_MEASUREMENTS = {"h200": (H200_MEASURED_DATE, H200_MATMUL_FLOPS, H200_COPY_BANDWIDTH, H200_KERNELS)}
 
@@ -91,8 +97,9 @@ def builtin_calibration(spec: DeviceSpec, key: str) -> DeviceSpec:
     efficiency["memory"] = copy_bandwidth / spec.memory_bandwidth
     measured_spec = dataclasses.replace(spec, efficiency=efficiency)
     by_work: dict[str, list[float]] = {}
-    for work, module, implementation, causal, window, length, seconds in kernels:
-        shape = reference_shape(length, implementation, causal=causal, window=window)
+    for work, module, implementation, causal, window, length, seconds, *world in kernels:
+        shape = reference_shape(length, implementation, causal=causal, window=window,
+                                world_size=world[0] if world else 1)
         costs = _cost_module(module).costs(shape)
         if isinstance(seconds, tuple):  # ("tflops", rate): the time that rate gives at this length
             seconds = _value(costs.flops, length) / (seconds[1] * 1e12)
@@ -104,13 +111,13 @@ def builtin_calibration(spec: DeviceSpec, key: str) -> DeviceSpec:
 
 def reference_shape(length: int, implementation: str, *, causal: bool = True, window: Optional[int] = None,
                     batch: int = 1, heads: int = 32, head_dim: int = 128, dtype: str = "bfloat16",
-                    mask_tensor: bool = False):
+                    mask_tensor: bool = False, world_size: int = 1):
     """The benchmark shape (B=1, H=32, D=128, bf16 by default) as a CostShape in the sequence length symbol."""
     from planner.costs import SEQUENCE_LENGTH, CostShape
 
     return CostShape(batch=batch, heads=heads, kv_heads=heads, head_dim=head_dim, value_dim=head_dim,
                      q_len=SEQUENCE_LENGTH, kv_len=SEQUENCE_LENGTH, dtype=dtype, causal=causal, window=window,
-                     implementation=implementation, mask_tensor=mask_tensor)
+                     implementation=implementation, mask_tensor=mask_tensor, world_size=world_size)
 
 
 def kernel_efficiency(spec: DeviceSpec, costs, length: int, seconds: float, dtype: str) -> float:
