@@ -25,7 +25,7 @@ _register_compile_backend()  # torch.compile(model, backend="attention_planner")
 
 __all__ = [
     "AttentionSite", "BackendError", "Candidate", "CaptureError", "DeviceSpec", "InvalidArgumentError", "MaskSpec",
-    "Plan", "PlanError", "PlannerError", "Report", "SiteDecision", "UnknownDeviceError", "device_spec",
-    "find_attention", "known_devices", "optimize", "parse_length",
+    "Plan", "PlanError", "PlannerError", "Report", "SiteDecision", "UnknownDeviceError", "backend", "calibrate",
+    "device_spec", "find_attention", "known_devices", "last_report", "optimize", "parse_length",
 ]
 __version__ = "0.1.0"
