@@ -76,8 +76,9 @@ class AttentionPlannerBackend:
     """A torch.compile backend that plans and rewrites attention, then compiles with Inductor.
 
     Args:
-        max_len: the longest sequence to plan a dynamic sequence length for (int or "32k", "128k", "1M"); a graph
-            that Dynamo specialized to one length is planned at that length, the only one it runs.
+        max_len: the longest sequence to plan a dynamic sequence length for (int or "32k", "128k", "1M"; default
+            32k). A graph that Dynamo specialized to one length is planned at that length, the only one it runs;
+            torch.compile(..., dynamic=True) or torch._dynamo.mark_dynamic(tensor, dim) makes the length a symbol.
         device: the target to plan for ("h200", "cpu", "cuda", a torch.device or a DeviceSpec); None plans for the
             device the graph's inputs are on.
         policy: "exact" (default), "approximate" or "any".
