@@ -186,6 +186,15 @@ def _term_layout(term: torch.fx.Node, scores_layout: list, scores_shape: tuple) 
     return layout
 
 
+def _layout_root(node: Any) -> Any:
+    """The tensor a chain of layout ops starts from (a sink-logit parameter behind its reshape and expand)."""
+    for _ in range(MAX_DEPTH):
+        if not is_layout_op(node):
+            break
+        node = node.args[0]
+    return node
+
+
 def _is_row_max(node: Any, scores: torch.fx.Node) -> bool:
     """max(scores, dim, keepdim=True)[0] or amax(scores, dim, keepdim=True): a shift softmax ignores."""
     if not isinstance(node, torch.fx.Node):
@@ -273,7 +282,7 @@ def follow_scores(path: list, first: Operand, second: Operand, space: AtomSpace)
             before_tanh, after_tanh = scores.scale, 1.0
         elif target == aten.cat.default:
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-            scores.sinks, scores.sinks_dim = node.args[0][1], dim % len(shape)
+            scores.sinks, scores.sinks_dim = _layout_root(node.args[0][1]), dim % len(shape)
         else:
             raise UnsupportedSite(f"{target} between the scores and the softmax")
     if before_tanh is not None:

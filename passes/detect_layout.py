@@ -35,14 +35,14 @@ class LayoutError(Exception):
 def sizes_equal(first: Size, second: Size) -> bool:
     if isinstance(first, int) and isinstance(second, int):
         return first == second
-    return sympy.simplify(sympy.sympify(first) - sympy.sympify(second)) == 0
+    return sympy.expand(sympy.sympify(first) - sympy.sympify(second)) == 0
 
 
 def exact_quotient(numerator: Size, denominator: Size) -> Optional[Size]:
     """numerator / denominator when it is provably an integer for every value of the size symbols, else None."""
     if isinstance(numerator, int) and isinstance(denominator, int):
         return numerator // denominator if denominator and numerator % denominator == 0 else None
-    quotient = sympy.simplify(sympy.sympify(numerator) / sympy.sympify(denominator))
+    quotient = sympy.cancel(sympy.sympify(numerator) / sympy.sympify(denominator))
     if quotient.is_number:
         return int(quotient) if quotient.is_integer else None
     if quotient.is_polynomial(*quotient.free_symbols):

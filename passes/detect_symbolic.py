@@ -167,7 +167,7 @@ def split_divmod(expression: sympy.Expr, divisor: sympy.Expr, bounds: dict) -> O
         if found is None:
             return None
         low, high = low + found[0], high + found[1]
-    if sympy.simplify(low).is_nonnegative and sympy.simplify(divisor - 1 - high).is_nonnegative:
+    if sympy.expand(low).is_nonnegative and sympy.expand(divisor - 1 - high).is_nonnegative:
         return quotient, remainder
     return None
 
@@ -192,6 +192,7 @@ class SymbolicEvaluator:
         self.bounds: dict[sympy.Symbol, sympy.Expr] = {}
         self.inputs: dict[str, torch.fx.Node] = {}  # function name -> placeholder it stands for
         self.parameters: dict[str, str] = {}  # function name -> attribute target
+        self.facts: list[str] = []  # what a result relies on beyond the graph's ops (a buffer's contents)
         self._fresh = 0
 
     # -- helpers -------------------------------------------------------------------------------------------------
@@ -250,10 +251,47 @@ class SymbolicEvaluator:
         tensor = _fetch_attribute(self.graph_module, node.target)
         if isinstance(tensor, torch.Tensor) and tensor.numel() == 1 and not isinstance(tensor, torch.nn.Parameter):
             return _tensor_scalar(tensor)
+        if isinstance(tensor, torch.Tensor) and not isinstance(tensor, torch.nn.Parameter):
+            found = buffer_closed_form(tensor, index)
+            if found is not None:
+                form, fact = found
+                self.facts.append(f"buffer {node.target} is {fact} on all its {'x'.join(map(str, tensor.shape))} "
+                                  "entries")
+                return form
         name = "param_" + _sanitize(str(node.target))
         self.parameters[name] = str(node.target)
         element = sympy.Function(name)(*index) if index else sympy.Symbol(name)
         return sympy.Ne(element, 0) if self.dtype(node) == torch.bool else element
+
+
+def buffer_closed_form(tensor: torch.Tensor, index: tuple) -> Optional[tuple[sympy.Basic, str]]:
+    """A constant buffer (not a parameter) that is a triangle of ones, an arange or a constant, read at `index`, as a
+    formula; the check is exhaustive over the buffer, so the formula holds for every index the model can read."""
+    tensor = tensor.detach()
+    if tensor.numel() > 1 << 24:
+        return None
+    big = [dim for dim, size in enumerate(tensor.shape) if size > 1]
+    flat = tensor.reshape([tensor.shape[dim] for dim in big]) if big else tensor.reshape(())
+    positions = [index[dim] for dim in big]
+    boolean = tensor.dtype == torch.bool
+
+    def value(truth: sympy.Basic) -> sympy.Basic:
+        return truth if boolean else piecewise([(sympy.Integer(1), truth), (sympy.Integer(0), sympy.true)])
+
+    if flat.numel() and bool((flat == flat.reshape(-1)[0]).all()):
+        return _tensor_scalar(flat.reshape(-1)[:1]), f"constant {flat.reshape(-1)[0].item()}"
+    if flat.dim() == 2 and (boolean or bool(((flat == 0) | (flat == 1)).all())):
+        rows, columns = flat.shape
+        ones = torch.ones(rows, columns, dtype=torch.bool)
+        for diagonal in range(-2, 3):
+            if torch.equal(flat.bool(), torch.tril(ones, diagonal)):
+                return value(sympy.Le(positions[1] - positions[0], diagonal)), f"tril(ones, {diagonal})"
+            if torch.equal(flat.bool(), torch.triu(ones, diagonal)):
+                return value(sympy.Ge(positions[1] - positions[0], diagonal)), f"triu(ones, {diagonal})"
+    if flat.dim() == 1 and not boolean and torch.equal(flat.to(torch.float64),
+                                                       torch.arange(flat.shape[0], dtype=torch.float64)):
+        return positions[0], "arange"
+    return None
 
 
 def _fetch_attribute(module: Optional[torch.nn.Module], target: str) -> Any:

@@ -156,8 +156,8 @@ def analyze_mask(graph_module: Optional[torch.nn.Module], terms: Sequence[MaskTe
         return MaskAnalysis(spec, None, tuple(kept))
     kind, window, padding = structure
     notes = []
-    check = check_numerically(graph_module, terms, space, structure, check_lengths, skip=set(map(id, kept)),
-                              is_causal=is_causal)
+    check, checked_lengths = check_numerically(graph_module, terms, space, structure, check_lengths,
+                                               skip=set(map(id, kept)), is_causal=is_causal)
     if check is not True:
         spec = MaskSpec(kind="arbitrary", tensor=terms[0].node.name,
                         proof=f"the symbolic form {_short(predicate)} failed the numeric check ({check}); "
@@ -169,12 +169,17 @@ def analyze_mask(graph_module: Optional[torch.nn.Module], terms: Sequence[MaskTe
         kind = "bias" if not unproved else "arbitrary"
     described = _describe(kind, window, padding)
     proof = f"symbolic: the visible keys are {described} for every length (d = j - i, decided at every breakpoint)"
-    if check_lengths:
-        proof += f"; checked numerically at lengths {', '.join(map(str, check_lengths))}"
+    if checked_lengths:
+        proof += f"; checked numerically at lengths {', '.join(map(str, checked_lengths))}"
+    skipped = [length for length in check_lengths if length not in checked_lengths] if checked_lengths else []
+    if skipped:
+        proof += f" (the model does not accept lengths {', '.join(map(str, skipped))})"
     if biases:
         proof += f"; additive bias {', '.join(biases)} kept as a tensor"
     if unproved:
         proof += f"; not analyzed, kept as a tensor: {', '.join(unproved)}"
+    if evaluator.facts:
+        proof += f"; relies on: {'; '.join(dict.fromkeys(evaluator.facts))}"
     spec = MaskSpec(
         kind=kind, window=window,
         key_padding=padding.node.name if padding is not None else None,
@@ -324,8 +329,6 @@ def classify_visibility(predicate: sympy.Basic, space: IndexSpace, evaluator: Sy
                 truth[padding_atoms[0]] = sympy.true if padding_value else sympy.false
             value = predicate.xreplace(truth)
             if value not in (sympy.true, sympy.false):
-                value = sympy.simplify(value)
-            if value not in (sympy.true, sympy.false):
                 return None
             table.append(bool(value))
         tables[padding_value] = table
@@ -445,7 +448,7 @@ def _decide_on_box(atom, bounds: dict) -> Optional[sympy.Basic]:
     }
     if relation not in checks:
         return None
-    always, never = (sympy.simplify(check) for check in checks[relation])
+    always, never = checks[relation]  # sympy decides these from the size symbols' assumptions, or leaves them
     if always is sympy.true:
         return sympy.true
     if never is sympy.true:
@@ -490,18 +493,16 @@ def padding_drop_dims(rank: int, padding: KeyPaddingFinding) -> tuple:
     return tuple(dim for dim in reversed(range(rank)) if dim not in (padding.batch_dim, padding.key_dim))
 
 
-def _same_size(first, second) -> bool:
-    return sympy.simplify(sympy.sympify(first) - sympy.sympify(second)) == 0
-
-
 # -- the numeric check ------------------------------------------------------------------------------------------------
 
 def check_numerically(graph_module, terms: Sequence[MaskTerm], space: IndexSpace, structure: tuple,
                       lengths: Sequence[int], skip: set, is_causal: bool = False):
-    """Run the mask subgraph at each length and compare the visible keys with the claim. True, or what failed."""
+    """Run the mask subgraph at each length and compare the visible keys with the claim: (True, the lengths checked)
+    or (what failed, ...). A length the subgraph cannot run at (a buffer shorter than it) is one the model does not
+    accept either, and is skipped; at least two lengths must run."""
     checked = [term for term in terms if id(term) not in skip]
     if not checked or not lengths or graph_module is None:
-        return True
+        return True, ()
     kind, window, padding = structure
     sequence_symbols = set()
     for symbol in space.query + space.key:
@@ -510,8 +511,9 @@ def check_numerically(graph_module, terms: Sequence[MaskTerm], space: IndexSpace
     try:
         module, placeholders = _mask_subgraph(graph_module, [term.node for term in checked])
     except Exception as error:  # noqa: BLE001 - any failure to build the subgraph means "not checked"
-        return f"the mask subgraph could not be extracted: {type(error).__name__}"
+        return f"the mask subgraph could not be extracted: {type(error).__name__}", ()
     generator = torch.Generator().manual_seed(0)
+    accepted = []
     for length in lengths:
         values = _hints(graph_module)
         values.update({symbol: length for symbol in sequence_symbols})
@@ -519,8 +521,13 @@ def check_numerically(graph_module, terms: Sequence[MaskTerm], space: IndexSpace
             inputs = [_example_input(node, values, generator) for node in placeholders]
             with torch.no_grad():
                 outputs = module(*inputs)
-        except Exception as error:  # noqa: BLE001
-            return f"the mask subgraph failed at length {length}: {type(error).__name__}: {str(error)[:80]}"
+        except Exception:  # noqa: BLE001 - the subgraph does not run at this length: neither does the model
+            continue
+        expected = [tuple(int(sympy.sympify(size_expr(size)).subs(values)) for size in tensor_meta(term.node).shape)
+                    for term in checked]
+        if any(tuple(output.shape) != shape for output, shape in zip(outputs, expected)):
+            continue
+        accepted.append(length)
         sizes = {symbol: int(sympy.sympify(size).subs(values)) for symbol, size in space.sizes.items()}
         visible = None
         for term, output in zip(checked, outputs):
@@ -537,8 +544,10 @@ def check_numerically(graph_module, terms: Sequence[MaskTerm], space: IndexSpace
             claim = claim & _structure_grid("causal", None, space, sizes)
         visible, claim = torch.broadcast_tensors(visible, claim)
         if not torch.equal(visible, claim):
-            return f"the subgraph's mask differs from the claim at length {length}"
-    return True
+            return f"the subgraph's mask differs from the claim at length {length}", tuple(accepted)
+    if len(accepted) < 2:
+        return f"the mask subgraph ran at {len(accepted)} of the lengths {tuple(lengths)}", tuple(accepted)
+    return True, tuple(accepted)
 
 
 def _structure_grid(kind: str, window, space: IndexSpace, sizes: dict) -> torch.Tensor:

@@ -24,6 +24,8 @@ and positions made by arange are made global.
 from __future__ import annotations
 
 import operator
+import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -130,7 +132,7 @@ def output_sequence_dims(graph_module: torch.fx.GraphModule, symbols: frozenset)
         found = [index for index, size in enumerate(getattr(value, "shape", ())) if _involves(size, symbols)] \
             if isinstance(value, torch.Tensor) else []
         if found and not isinstance(size_expr(value.shape[found[0]]), sympy.Symbol):
-            raise PlanError(f"partition: the output {leaf.name!r} ({source_line(leaf)}) has shape {tuple(value.shape)}:"
+            raise PlanError(f"partition: the output {leaf.name!r} ({user_line(leaf)}) has shape {tuple(value.shape)}:"
                             " its positions share a dimension with another size, so the shards cannot be gathered "
                             "back; return it with the sequence as a dimension of its own")
         dims.append(found[0] if found else None)
@@ -213,7 +215,7 @@ LAYOUT_OPS = {
     "__and__", "__or__", "__xor__", "__invert__", "logical_and", "logical_or", "logical_xor", "logical_not",
     "_assert_scalar", "_assert_async", "feature_dropout", "alpha_dropout", "native_dropout", "zeros_like",
     "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "copy", "real", "imag", "view_as_real",
-    "view_as_complex", "polar", "complex", "scalar_tensor",
+    "view_as_complex", "polar", "complex", "scalar_tensor", "floor_divide", "true_divide", "rsub", "fill", "zero",
 }
 # Factories: constant along positions (arange is the exception, handled apart).
 FACTORY_OPS = {"zeros", "ones", "full", "empty", "new_zeros", "new_ones", "new_full", "new_empty", "empty_strided",
@@ -298,7 +300,21 @@ POOLS = {"avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d", "
          "upsample_nearest2d", "upsample_bilinear2d", "_upsample_nearest_exact1d", "interpolate", "pixel_shuffle"}
 PADS = {"constant_pad_nd", "pad", "reflection_pad1d", "reflection_pad2d", "replication_pad1d", "replication_pad2d",
         "circular_pad1d", "_pad_circular"}
+CONTEXT_OPERATORS = ("wrap_with_autocast", "wrap_with_set_grad_enabled")
 OURS = {"ring_attention", "ring_attention_backward", "all_reduce", "wait_tensor"}
+
+
+_FRAME = re.compile(r'File "([^"]+)", line (\d+)')
+_TORCH_DIRECTORY = os.path.dirname(torch.__file__) + os.sep
+
+
+def user_line(node: torch.fx.Node) -> str:
+    """'file.py:line' of the innermost frame outside torch itself (the model's line, not nn.Conv1d's)."""
+    frames = _FRAME.findall(node.meta.get("stack_trace") or "")
+    for filename, line in reversed(frames):
+        if not filename.startswith(_TORCH_DIRECTORY):
+            return f"{filename}:{line}"
+    return source_line(node)
 
 
 def _packet_name(target: Any) -> Optional[str]:
@@ -367,7 +383,7 @@ class _PositionPass:
 
     def refuse(self, node: torch.fx.Node, why: str, advice: str = "") -> None:
         name = _packet_name(node.target) or getattr(node.target, "__name__", str(node.target))
-        where = f"{name} at node {node.name!r} ({source_line(node)}"
+        where = f"{name} at node {node.name!r} ({user_line(node)}"
         path = module_path(node)
         where += f", in {path})" if path else ")"
         message = f"cannot partition the sequence over {self.shard.world_size} ranks: {where}: {why}"
@@ -442,6 +458,8 @@ class _PositionPass:
         target = node.target
         if target is operator.getitem:
             return
+        if isinstance(target, torch._ops.HigherOrderOperator):
+            return self.visit_context(node)
         if name is None:
             if getattr(target, "__module__", "") in ("_operator", "operator", "torch", "math") or \
                     target in (torch.sym_float, torch.sym_int, torch.sym_max, torch.sym_min, torch.sym_not):
@@ -490,6 +508,19 @@ class _PositionPass:
                         "its keys would be this rank's only")
         self.refuse(node, f"aten.{name} is not known to keep positions apart",
                     "report it (passes/partition.py lists the ops it lets through)")
+
+    def visit_context(self, node: torch.fx.Node) -> None:
+        """torch.autocast / torch.no_grad blocks are captured as a higher-order op around a subgraph: the subgraph
+        is partitioned like the graph (its nodes carry the same size symbols)."""
+        if node.target.__name__ not in CONTEXT_OPERATORS:
+            self.refuse(node, f"the higher-order op {node.target.__name__} (control flow or a subgraph) on sequence "
+                        "tensors is not analysed")
+        body = next(argument for argument in node.args
+                    if isinstance(argument, torch.fx.Node) and argument.op == "get_attr")
+        submodule = self.graph_module.get_submodule(body.target)
+        _PositionPass(submodule, self.symbols, self.shard, self.result, set(), self.train).run()
+        submodule.graph.eliminate_dead_code()
+        submodule.recompile()
 
     # -- rules ----------------------------------------------------------------------------------------------------
 
@@ -683,7 +714,7 @@ class _PositionPass:
             self.refuse(node, "an arange over the sequence with a computed step")
         positions = self.global_positions(node, step)
         node.replace_all_uses_with(positions, delete_user_cb=lambda user: user not in self.skip)
-        what = f"arange({length}) at {source_line(node)}"
+        what = f"arange({length}) at {user_line(node)}"
         self.result.positions.append(f"{what} -> the global positions of this rank's tokens ({self.shard.layout})")
 
     def global_positions(self, node: torch.fx.Node, step: float) -> torch.fx.Node:
@@ -739,7 +770,7 @@ class _PositionPass:
             last = self.insert_after(last, aten.div.Tensor, (last, self.shard.world_size), val=value)
         node.replace_all_uses_with(last, delete_user_cb=lambda user: user not in self.skip)
         average_text = f" / {self.shard.world_size}" if average else ""
-        self.result.collectives.append(f"{what} at {source_line(node)} -> all_reduce({operation}){average_text}")
+        self.result.collectives.append(f"{what} at {user_line(node)} -> all_reduce({operation}){average_text}")
         return last
 
     def reduce_loss(self, node: torch.fx.Node, name: str) -> None:
@@ -772,7 +803,7 @@ class _PositionPass:
         count_total = self.all_reduce_quietly(count, "sum")
         mean = self.insert_after(count_total, aten.div.Tensor, (total, count_total), val=value)
         node.replace_all_uses_with(mean, delete_user_cb=lambda user: user not in self.skip)
-        self.result.collectives.append(f"{name} (reduction mean) at {source_line(node)} -> all_reduce(sum) of the "
+        self.result.collectives.append(f"{name} (reduction mean) at {user_line(node)} -> all_reduce(sum) of the "
                                        "loss and of the counted targets, divided")
 
     def all_reduce_quietly(self, node: torch.fx.Node, operation: str) -> torch.fx.Node:

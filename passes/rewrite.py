@@ -43,7 +43,9 @@ def rewrite(graph_module: torch.fx.GraphModule, plan: Plan) -> list[str]:
             if key in node.meta:
                 output.meta[key] = node.meta[key]
         node.replace_all_uses_with(output)
+        inputs = node.all_input_nodes
         graph.erase_node(node)
+        erase_dead_inputs(graph, inputs)
         rewritten.append(site.name)
     drop_dead_metadata_asserts(graph)
     graph.eliminate_dead_code()
@@ -195,6 +197,28 @@ def restore_output(graph: torch.fx.Graph, replacement: torch.fx.Node, site: Atte
     if adapter is None or adapter.output is None:
         return replacement
     return extra["__emitter__"].adapt(adapter.output, replacement)
+
+
+# Ops FX keeps as impure that may still go once their result is unused: checks on metadata, and dropout (impure
+# only because it draws random numbers).
+DROPPABLE = {aten._assert_tensor_metadata.default, aten.dropout.default, aten.native_dropout.default}
+
+
+def erase_dead_inputs(graph: torch.fx.Graph, nodes: list) -> None:
+    """Erase what only the replaced node used (its scores, softmax, mask building), up the graph."""
+    work = list(nodes)
+    while work:
+        node = work.pop()
+        if node.op != "call_function" or node.graph is not graph:
+            continue
+        for user in list(node.users):
+            if user.target == aten._assert_tensor_metadata.default and not user.users:
+                graph.erase_node(user)
+        if node.users or (node.is_impure() and node.target not in DROPPABLE):
+            continue
+        inputs = node.all_input_nodes
+        graph.erase_node(node)
+        work.extend(inputs)
 
 
 def drop_dead_metadata_asserts(graph: torch.fx.Graph) -> None:
