@@ -80,18 +80,18 @@ def test_exact_when_blocks_or_sample_cover_the_keys(causal):
 @pytest.mark.parametrize("causal", [False, True])
 def test_error_falls_as_sample_size_grows(causal):
     """Peaked rows (q, k scaled up), averaged over seeds; at sample_size = keys the estimate is exact."""
-    q, k, v = make_inputs(heads=4, queries=96, head_dim=16)
+    q, k, v = make_inputs(heads=2, queries=96, head_dim=16)
     q, k = q * 1.5, k * 1.5
     exact = attention_reference(q, k, v, causal=causal)
     errors = []
-    for sample_size in (4, 16, 48):
+    for sample_size in (4, 12, 24):  # causal: 24 covers the lower levels' halves but not the top one (48 keys)
         per_seed = [relative_error(backends.hyper_attention(q, k, v, causal=causal, block_size=8,
                                                             sample_size=sample_size, num_projections=3,
-                                                            min_seq_len=12, seed=seed), exact) for seed in range(4)]
+                                                            min_seq_len=12, seed=seed), exact) for seed in range(3)]
         errors.append(sum(per_seed) / len(per_seed))
     full = backends.hyper_attention(q, k, v, causal=causal, block_size=8, sample_size=96, num_projections=3,
                                     min_seq_len=12)
-    assert errors[0] > errors[1] > errors[2] > 0, errors
+    assert errors[0] > errors[1] > errors[2], errors
     assert relative_error(full, exact) < 1e-12
 
 

@@ -180,8 +180,6 @@ def test_gradients_without_decay_or_states():
     ref_grads = torch.autograd.grad(linear_attention_naive(*leaves), leaves, grad_out)
     for grad, ref_grad in zip(grads, ref_grads):
         torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-9)
-    q, k, v, _ = make_inputs(batch=1, heads=1, seq_len=20, dtype=torch.float32)
-    torch.library.opcheck(linear_attention_op, (q.requires_grad_(), k, v, None, None, 64))
 
 
 def test_opcheck():
