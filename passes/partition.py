@@ -517,10 +517,15 @@ class _PositionPass:
                         "tensors is not analysed")
         body = next(argument for argument in node.args
                     if isinstance(argument, torch.fx.Node) and argument.op == "get_attr")
-        submodule = self.graph_module.get_submodule(body.target)
+        # A copy: the subgraph module is shared with the ExportedProgram (and with every module made from it).
+        shared = self.graph_module.get_submodule(body.target)
+        graph = torch.fx.Graph()
+        graph.output(graph.graph_copy(shared.graph, {}))
+        submodule = torch.fx.GraphModule(shared, graph)
         _PositionPass(submodule, self.symbols, self.shard, self.result, set(), self.train).run()
         submodule.graph.eliminate_dead_code()
         submodule.recompile()
+        setattr(self.graph_module, body.target, submodule)
 
     # -- rules ----------------------------------------------------------------------------------------------------
 

@@ -33,14 +33,18 @@ def hf_llama() -> nn.Module:
 
 
 class PositionTable(nn.Module):
-    """No attention: returns sin/cos of positions made with arange (float and int64, with a start and a step),
-    so that the partitioned graph runs without a process group."""
+    """No attention: returns functions of positions made with arange (float and int64, with a start and a step,
+    inside autocast / no_grad blocks, which export captures as subgraphs), so that the partitioned graph runs without
+    a process group."""
 
     def forward(self, input_ids: torch.Tensor):
         length = input_ids.shape[1]
-        positions = torch.arange(length, dtype=torch.float32)
-        ids = torch.arange(3, 3 + 2 * length, 2) + input_ids  # int64, start 3, step 2
-        return torch.sin(positions / 7.0)[None, :, None] * input_ids[..., None], ids
+        with torch.autocast("cpu", enabled=False):
+            positions = torch.arange(length, dtype=torch.float32)
+            table = torch.sin(positions / 7.0)[None, :, None] * input_ids[..., None]
+        with torch.no_grad():
+            ids = torch.arange(3, 3 + 2 * length, 2) + input_ids  # int64, start 3, step 2
+        return table, ids
 
 
 class CumsumModel(nn.Module):
