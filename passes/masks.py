@@ -21,6 +21,7 @@ a finite value, NaN with -inf; the tiled kernels give 0).
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
@@ -155,8 +156,12 @@ def analyze_mask(graph_module: Optional[torch.nn.Module], terms: Sequence[MaskTe
                         proof=f"not proved ({reason}); the mask tensor is kept exactly")
         return MaskAnalysis(spec, None, tuple(kept))
     kind, window, padding = structure
+    chunk = None
+    if kind == "chunked":
+        chunk, window = window, None
     notes = []
-    check, checked_lengths = check_numerically(graph_module, terms, space, structure, check_lengths,
+    check, checked_lengths = check_numerically(graph_module, terms, space, (kind, window or chunk, padding),
+                                               check_lengths,
                                                skip=set(map(id, kept)), is_causal=is_causal)
     if check is not True:
         spec = MaskSpec(kind="arbitrary", tensor=terms[0].node.name,
@@ -167,7 +172,7 @@ def analyze_mask(graph_module: Optional[torch.nn.Module], terms: Sequence[MaskTe
         kind = "padding"
     if kind == "none" and kept:
         kind = "bias" if not unproved else "arbitrary"
-    described = _describe(kind, window, padding)
+    described = _describe(kind, window or chunk, padding)
     proof = f"symbolic: the visible keys are {described} for every length (d = j - i, decided at every breakpoint)"
     if checked_lengths:
         proof += f"; checked numerically at lengths {', '.join(map(str, checked_lengths))}"
@@ -181,7 +186,7 @@ def analyze_mask(graph_module: Optional[torch.nn.Module], terms: Sequence[MaskTe
     if evaluator.facts:
         proof += f"; relies on: {'; '.join(dict.fromkeys(evaluator.facts))}"
     spec = MaskSpec(
-        kind=kind, window=window,
+        kind=kind, window=window, chunk=chunk,
         key_padding=padding.node.name if padding is not None else None,
         bias=kept[0].node.name if kept and (biases or unproved) else None,
         tensor=kept[0].node.name if kept else terms[0].node.name,
@@ -192,7 +197,8 @@ def analyze_mask(graph_module: Optional[torch.nn.Module], terms: Sequence[MaskTe
 
 def _describe(kind: str, window: Optional[int], padding: Optional[KeyPaddingFinding]) -> str:
     text = {"none": "all keys", "padding": "all keys", "bias": "all keys", "arbitrary": "all keys",
-            "causal": "j <= i", "sliding_window": f"i - {window} < j <= i"}[kind]
+            "causal": "j <= i", "sliding_window": f"i - {window} < j <= i",
+            "chunked": f"j <= i in the same chunk of {window} (floor(i / {window}) == floor(j / {window}))"}[kind]
     if padding is not None:
         relation = f"{padding.node.name}[b, j] {_RELATION_TEXT[padding.relation]} {padding.value:g}"
         text += f" where {'not ' if padding.negate else ''}{relation}"
@@ -288,7 +294,12 @@ def _masklike(expression: sympy.Basic) -> Optional[sympy.Basic]:
 # -- classification of the visibility predicate -------------------------------------------------------------------
 
 def classify_visibility(predicate: sympy.Basic, space: IndexSpace, evaluator: SymbolicEvaluator):
-    """(kind, window, key padding) when the predicate is a proved structure, else None."""
+    """(kind, window or chunk, key padding) when the predicate is a proved structure, else None.
+
+    The predicate's atoms are sorted into structural ones (linear in d = j - i), and factors: one key padding atom
+    (an input at [batch, j]) and one chunk atom (floor(i / C) == floor(j / C)). Every assignment of the factors is
+    tabulated over d; the predicate is "structure AND factors" exactly when one polarity of the factors leaves keys
+    visible, and the others none."""
     if predicate is sympy.true:
         return "none", None, None
     if len(space.query) != 1 or len(space.key) != 1:
@@ -297,11 +308,14 @@ def classify_visibility(predicate: sympy.Basic, space: IndexSpace, evaluator: Sy
     bounds = dict(evaluator.bounds)
     replacements = {}
     structural = []
-    padding_atoms = []
+    padding_atoms, chunk_atoms = [], []
     for atom in _atoms(predicate):
-        functions = atom.atoms(AppliedUndef)
-        if functions:
+        if atom.atoms(AppliedUndef):
             padding_atoms.append(atom)
+            continue
+        chunk = _chunk_size(atom, query, key)
+        if chunk is not None:
+            chunk_atoms.append((atom, chunk))
             continue
         decided = _decide_on_box(atom, bounds)
         if decided is not None:
@@ -312,43 +326,45 @@ def classify_visibility(predicate: sympy.Basic, space: IndexSpace, evaluator: Sy
             return None
         structural.append((atom, linear))
     predicate = predicate.xreplace(replacements)
-    if len(padding_atoms) > 1:
+    if len(padding_atoms) > 1 or len(chunk_atoms) > 1:
         return None
-    padding = None
-    if padding_atoms:
-        padding = _key_padding(padding_atoms[0], space, evaluator)
-        if padding is None:
-            return None
+    padding = _key_padding(padding_atoms[0], space, evaluator) if padding_atoms else None
+    if padding_atoms and padding is None:
+        return None
+    factors = padding_atoms + [atom for atom, _ in chunk_atoms]
     samples = _samples([linear for _, linear in structural])
     tables = {}
-    for padding_value in ((True, False) if padding_atoms else (None,)):
+    for assignment in itertools.product((True, False), repeat=len(factors)):
         table = []
         for d in samples:
             truth = {atom: sympy.true if _holds(atom, query, key, d) else sympy.false for atom, _ in structural}
-            if padding_atoms:
-                truth[padding_atoms[0]] = sympy.true if padding_value else sympy.false
+            truth.update({atom: sympy.true if value else sympy.false for atom, value in zip(factors, assignment)})
             value = predicate.xreplace(truth)
             if value not in (sympy.true, sympy.false):
                 return None
             table.append(bool(value))
-        tables[padding_value] = table
-    if padding_atoms:
-        if not any(tables[False]):
-            structure_table, negate = tables[True], False
-        elif not any(tables[True]):
-            structure_table, negate = tables[False], True
-        elif tables[True] == tables[False]:
-            structure_table, negate, padding = tables[True], False, None
-        else:
-            return None
-        if padding is not None and negate:
-            padding.negate = not padding.negate
-    else:
-        structure_table = tables[None]
+        tables[assignment] = table
+    relevant = [position for position in range(len(factors)) if any(
+        tables[assignment] != tables[assignment[:position] + (not assignment[position],) + assignment[position + 1:]]
+        for assignment in tables)]
+    visible = [assignment for assignment, table in tables.items() if any(table)]
+    if len({tuple(assignment[position] for position in relevant) for assignment in visible}) != 1:
+        return None
+    chosen = visible[0]
+    structure_table = tables[chosen]
+    if padding_atoms and 0 not in relevant:
+        padding = None
+    elif padding is not None and not chosen[0]:
+        padding.negate = not padding.negate
+    chunked = chunk_atoms and (len(factors) - 1) in relevant
+    if chunked and not chosen[-1]:
+        return None  # visible only across chunks: not a chunked mask
     shape = _interval(samples, structure_table)
     if shape is None:
         return None
     low, high = shape
+    if chunked:
+        return ("chunked", chunk_atoms[0][1], padding) if low is None and high == 0 else None
     if low is None and high is None:
         return "none", None, padding
     if low is None and high == 0:
@@ -356,6 +372,34 @@ def classify_visibility(predicate: sympy.Basic, space: IndexSpace, evaluator: Sy
     if low is not None and high == 0 and low <= 0:
         return "sliding_window", 1 - low, padding
     return None
+
+
+def _chunk_size(atom, query, key) -> Optional[int]:
+    """C when the atom is floor(i / C) == floor(j / C) (or !=), else None."""
+    if not isinstance(atom, (sympy.Eq, sympy.Ne)):
+        return None
+    expression = sympy.expand(atom.lhs - atom.rhs)
+    floors = list(expression.atoms(sympy.floor))
+    if len(floors) != 2:
+        return None
+    sizes = {}
+    for floor in floors:
+        argument = floor.args[0]
+        symbols = argument.free_symbols
+        if len(symbols) != 1:
+            return None
+        symbol = next(iter(symbols))
+        coefficient = argument.coeff(symbol)
+        if sympy.expand(argument - coefficient * symbol) != 0 or not coefficient.is_Rational or coefficient <= 0:
+            return None
+        sizes[symbol] = 1 / coefficient
+    if set(sizes) != {query, key} or sizes[query] != sizes[key] or not sizes[query].is_Integer:
+        return None
+    chunk = int(sizes[query])
+    difference = sympy.floor(query / chunk) - sympy.floor(key / chunk)
+    if expression not in (difference, -difference):
+        return None
+    return chunk
 
 
 def _atoms(predicate: sympy.Basic) -> list:
@@ -558,6 +602,8 @@ def _structure_grid(kind: str, window, space: IndexSpace, sizes: dict) -> torch.
         grid = d <= 0
     elif kind == "sliding_window":
         grid = (d <= 0) & (d > -window)
+    elif kind == "chunked":
+        grid = (d <= 0) & (queries[:, None] // window == keys[None, :] // window)
     else:
         grid = torch.ones_like(d, dtype=torch.bool)
     return grid.reshape((1,) * len(space.independent) + tuple(grid.shape))

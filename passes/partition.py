@@ -300,6 +300,10 @@ POOLS = {"avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d", "
          "upsample_nearest2d", "upsample_bilinear2d", "_upsample_nearest_exact1d", "interpolate", "pixel_shuffle"}
 PADS = {"constant_pad_nd", "pad", "reflection_pad1d", "reflection_pad2d", "replication_pad1d", "replication_pad2d",
         "circular_pad1d", "_pad_circular"}
+# Ops that may make a tensor as long as the sequence from inputs that are not: constant along positions, or
+# rewritten (arange, a table sliced to the sequence length).
+SEQUENCE_SOURCES = FACTORY_OPS | {"arange", "slice", "narrow", "expand", "expand_as", "zeros_like", "ones_like",
+                                  "empty_like", "full_like"}
 CONTEXT_OPERATORS = ("wrap_with_autocast", "wrap_with_set_grad_enabled")
 OURS = {"ring_attention", "ring_attention_backward", "all_reduce", "wait_tensor"}
 
@@ -358,6 +362,18 @@ def _normalize(dims: Any, ndim: int) -> list[int]:
     return [dim % ndim if ndim else 0 for dim in dims]
 
 
+class _Chain:
+    """Nodes inserted one after the other, after `anchor` (so each may use the ones before it)."""
+
+    def __init__(self, position_pass: "_PositionPass", anchor: torch.fx.Node):
+        self.position_pass = position_pass
+        self.cursor = anchor
+
+    def add(self, target: Any, args: tuple, kwargs: Optional[dict] = None, val: Any = None) -> torch.fx.Node:
+        self.cursor = self.position_pass.insert_after(self.cursor, target, args, kwargs, val)
+        return self.cursor
+
+
 class _PositionPass:
     """Walks the graph once, in order; every node that touches the sequence is let through, rewritten or refused."""
 
@@ -410,7 +426,8 @@ class _PositionPass:
             if node in self.skip or node.op in ("placeholder", "get_attr", "output"):
                 continue
             self.check_length_as_number(node)
-            inputs = [argument for argument in node.all_input_nodes if self.dims_of(argument)]
+            inputs = [argument for argument in node.all_input_nodes
+                      if any(self.sequence_dims(value) for value in _values(argument.meta.get("val")))]
             outputs = [self.sequence_dims(value) for value in _values(node.meta.get("val"))]
             if not inputs and not any(outputs) and _packet_name(node.target) != "arange":
                 continue
@@ -418,7 +435,12 @@ class _PositionPass:
                 if str(node.target).startswith("_guards"):
                     continue
                 self.refuse(node, "a submodule call on sequence tensors is not analysed")
-            self.visit(node, _packet_name(node.target))
+            name = _packet_name(node.target)
+            if not inputs and any(outputs) and name not in SEQUENCE_SOURCES and \
+                    not isinstance(node.target, torch._ops.HigherOrderOperator):
+                self.refuse(node, "it makes a sequence-long tensor from tensors that are not: its rows would be "
+                            "the first positions, not this rank's")
+            self.visit(node, name)
             self.check_output_sizes(node)
 
     def check_output_sizes(self, node: torch.fx.Node) -> None:
@@ -547,6 +569,8 @@ class _PositionPass:
         ndim = source.meta["val"].dim()
         dim = _argument(node, "dim", 0) % ndim
         if dim not in dims:
+            if dim in self.dims_of(node):  # a fixed-size table cut to the sequence length
+                return self.check_table_slice(node, name, dim)
             return
         size = sympy.sympify(size_expr(source.meta["val"].shape[dim]))
         if name == "slice":
@@ -558,6 +582,16 @@ class _PositionPass:
         if not full:
             self.refuse(node, f"it takes part of the sequence (dim {dim}); on a shard the positions it keeps are on "
                         "several ranks", "slice the gathered output instead, or shard inputs that are already cut")
+
+    def check_table_slice(self, node: torch.fx.Node, name: str, dim: int) -> None:
+        length = size_expr(node.meta["val"].shape[dim])
+        start = _argument(node, "start") or 0
+        step = _argument(node, "step", 1) if name == "slice" else 1
+        if not (isinstance(length, sympy.Symbol) and length in self.symbols) or step != 1 or \
+                not isinstance(start, int) or start < 0:
+            self.refuse(node, f"it cuts {length} rows out of a fixed-size tensor along dim {dim}: not the rows of "
+                        "this rank's positions")
+        self.globalize_table_slice(node, dim, start)
 
     def _at_least(self, bound: Any, size: sympy.Expr) -> bool:
         if isinstance(bound, int):
@@ -717,31 +751,47 @@ class _PositionPass:
             self.refuse(node, "an arange that starts at the sequence length: positions past the sequence")
         if not isinstance(step, (int, float)):
             self.refuse(node, "an arange over the sequence with a computed step")
-        positions = self.global_positions(node, step)
+        chain = _Chain(self, node)
+        local = chain.add(aten.sym_size.int, (node, 0), val=value.shape[0])
+        shift = self.shift_to_global(chain, local, value.dtype, value.device, step)
+        positions = chain.add(aten.add.Tensor, (node, shift), val=value)
         node.replace_all_uses_with(positions, delete_user_cb=lambda user: user not in self.skip)
-        what = f"arange({length}) at {user_line(node)}"
-        self.result.positions.append(f"{what} -> the global positions of this rank's tokens ({self.shard.layout})")
+        self.result.positions.append(f"arange({length}) at {user_line(node)} -> the global positions of this "
+                                     f"rank's tokens ({self.shard.layout})")
 
-    def global_positions(self, node: torch.fx.Node, step: float) -> torch.fx.Node:
-        """arange's values shifted by step·(global − local index): exact for int and float aranges alike (the shift is
-        a whole number, far below 2^24 for float32)."""
-        shard = self.shard
+    def globalize_table_slice(self, node: torch.fx.Node, dim: int, start: Any) -> None:
+        """table[start : start + n] along `dim` (a fixed-size table cut to the sequence length, e.g. a position-ids
+        buffer) becomes index_select(table, dim, start + global positions)."""
+        source = node.args[0]
         value = node.meta["val"]
-        local = self.insert_after(node, aten.sym_size.int, (node, 0), val=value.shape[0])
+        chain = _Chain(self, node)
+        local = chain.add(aten.sym_size.int, (node, dim), val=value.shape[dim])
+        index = chain.add(aten.arange.default, (local,), {"dtype": torch.int64, "device": value.device})
+        shift = self.shift_to_global(chain, local, torch.int64, value.device, 1)
+        positions = chain.add(aten.add.Tensor, (index, shift))
+        if start:
+            positions = chain.add(aten.add.Tensor, (positions, start))
+        picked = chain.add(aten.index_select.default, (source, dim, positions), val=value)
+        node.replace_all_uses_with(picked, delete_user_cb=lambda user: user not in self.skip)
+        self.result.positions.append(f"{source.name}[{start or 0}:n] along dim {dim} at {user_line(node)} -> the "
+                                     f"rows at this rank's global positions ({self.shard.layout})")
+
+    def shift_to_global(self, chain: "_Chain", local: torch.fx.Node, dtype: torch.dtype, device: Any,
+                        step: float) -> Any:
+        """step·(global position − local index) for each local index of a shard of `local` tokens: a number in the
+        contiguous layout, a tensor in zigzag. Whole numbers, so adding them is exact (far below 2^24 in float32)."""
+        shard = self.shard
         if shard.layout == "contiguous":
-            shift = self.insert_after(local, operator.mul, (local, shard.rank * step))
-            return self.insert_after(shift, aten.add.Tensor, (node, shift), val=value)
+            return chain.add(operator.mul, (local, shard.rank * step))
         # zigzag: local index i < c (first chunk) sits at r·c + i, i >= c at (2P−1−r)·c + (i − c).
-        chunk = self.insert_after(local, operator.floordiv, (local, 2))
-        index = self.insert_after(chunk, aten.arange.default, (local,),
-                                  {"dtype": torch.int64, "device": value.device})
-        late = self.insert_after(index, aten.ge.Scalar, (index, chunk))
-        late = self.insert_after(late, aten._to_copy.default, (late,), {"dtype": value.dtype})
-        jump = self.insert_after(late, operator.mul, (chunk, (2 * shard.world_size - 2 - 2 * shard.rank) * step))
-        scaled = self.insert_after(jump, aten.mul.Tensor, (late, jump))
-        first = self.insert_after(scaled, operator.mul, (chunk, shard.rank * step))
-        shift = self.insert_after(first, aten.add.Tensor, (scaled, first))
-        return self.insert_after(shift, aten.add.Tensor, (node, shift), val=value)
+        chunk = chain.add(operator.floordiv, (local, 2))
+        index = chain.add(aten.arange.default, (local,), {"dtype": torch.int64, "device": device})
+        late = chain.add(aten.ge.Scalar, (index, chunk))
+        late = chain.add(aten._to_copy.default, (late,), {"dtype": dtype})
+        jump = chain.add(operator.mul, (chunk, (2 * shard.world_size - 2 - 2 * shard.rank) * step))
+        scaled = chain.add(aten.mul.Tensor, (late, jump))
+        first = chain.add(operator.mul, (chunk, shard.rank * step))
+        return chain.add(aten.add.Tensor, (scaled, first))
 
     # -- reductions -----------------------------------------------------------------------------------------------
 
