@@ -47,6 +47,22 @@ class PositionTable(nn.Module):
         return table, ids
 
 
+class PositionBuffer(nn.Module):
+    """Learned position embeddings read through a position-ids buffer cut to the sequence length (BERT, GPT-2 style):
+    the cut becomes a gather at this rank's global positions."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(15)
+        self.register_buffer("position_ids", torch.arange(512)[None], persistent=False)
+        self.positions = nn.Embedding(512, 8)
+        self.tokens = nn.Embedding(VOCAB, 8)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        position_ids = self.position_ids[:, 2: input_ids.shape[1] + 2]
+        return self.tokens(input_ids) + self.positions(position_ids)
+
+
 class CumsumModel(nn.Module):
     """A running sum over the sequence: refused."""
 

@@ -61,6 +61,20 @@ def test_positions_become_global_on_every_rank(position_table, layout, world_siz
         assert len(result.positions) == 2 and all("global positions" in line for line in result.positions)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_position_buffer_cut_to_the_length_is_read_at_global_positions(layout):
+    model = partition_models.PositionBuffer()
+    exported = capture(model, (torch.randint(0, 9, (2, 67)),)).exported
+    ids = torch.randint(0, 9, (2, 24))
+    expected = model(ids)
+    for rank in range(4):
+        graph_module = capture(exported).graph_module
+        result = partition(graph_module, [], SequenceShard(4, rank, "unused", layout))
+        actual = graph_module(*shard_inputs((ids,), 4, rank, layout))
+        assert torch.equal(actual, shard(expected, 1, rank, 4, layout)), rank
+        assert len(result.positions) == 1 and "rows at this rank's global positions" in result.positions[0]
+
+
 def test_positions_left_local_would_differ(position_table):
     # Control: the unpartitioned graph on a shard of rank 1 computes other positions.
     ids = torch.randint(1, 9, (2, 12))
