@@ -18,7 +18,8 @@ the report records why: the backend never fails a model that Inductor compiles.
 
 Caching: the rewrite happens before compile_fx, so Inductor's caches (AOTAutogradCache, FX graph cache) key on the
 rewritten graph itself and no custom Inductor pass (with its uuid) is involved; a second process that plans the same
-way gets the same graph and hits the cache.
+way gets the same graph and hits the cache. The keys of graphs with our ops also carry a fingerprint of the files that
+define the ops (torch.compiler.config.cache_key_tag), since a cached graph bakes in their fake strides.
 
 Reports: each backend keeps one record per compiled graph (`graphs`) and a merged `report`, which holds the latest
 compile of every Dynamo frame (graph breaks add frames; a recompile, e.g. for a new sequence length, replaces its
@@ -27,6 +28,7 @@ is logged on the "planner" logger at INFO (quiet unless logging is configured); 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import re
@@ -174,7 +176,7 @@ class AttentionPlannerBackend:
         if self.eager_backward and hasattr(functorch_config, "force_non_lazy_backward_lowering"):
             patches["force_non_lazy_backward_lowering"] = True
         hits_before = _cache_hits()
-        with functorch_config.patch(patches):
+        with functorch_config.patch(patches), _cache_key_tagged(graph_module):
             compiled = compile_fx(graph_module, list(example_inputs), inner_compile=_recording_inner_compile(record),
                                   config_patches=self.inductor_options or None)
         record.from_cache = _cache_hits() > hits_before and not record.forward_ops
@@ -417,6 +419,41 @@ def _recording_inner_compile(record: GraphRecord):
         return compile_fx_inner(graph_module, example_inputs, **kwargs)
 
     return inner_compile
+
+
+def _cache_key_tagged(graph_module: torch.fx.GraphModule):
+    """Inductor's cache keys hold the graph, not the Python behind a custom op. A graph with our ops compiles their
+    fake (shape and stride) functions and their autograd into the result, so the key gets a fingerprint of the files
+    that define our ops: a changed op recompiles instead of reusing stale strides. Other graphs keep plain keys."""
+    compiler_config = getattr(torch.compiler, "config", None)
+    if not planner_ops(graph_module) or not hasattr(compiler_config, "cache_key_tag"):
+        return contextlib.nullcontext()
+    tag = "+".join(part for part in (compiler_config.cache_key_tag, ops_fingerprint(graph_module)) if part)
+    return compiler_config.patch(cache_key_tag=tag)
+
+
+def ops_fingerprint(graph_module: torch.fx.GraphModule) -> str:
+    """A digest of the source files that define the attention_planner ops called in the graph (implementation, fake,
+    autograd; a backward op lives beside its forward)."""
+    import hashlib
+    import inspect
+
+    from torch._library.custom_ops import OPDEFS
+
+    files = set()
+    for name in planner_ops(graph_module):
+        definition = OPDEFS.get(name)
+        for function in (getattr(definition, attribute, None) for attribute in
+                         ("_init_fn", "_abstract_fn", "_setup_context_fn", "_backward_fn")):
+            try:
+                files.add(inspect.getsourcefile(function))
+            except TypeError:  # None, or a builtin
+                continue
+    digest = hashlib.sha256()
+    for path in sorted(path for path in files if path):
+        with open(path, "rb") as source:
+            digest.update(source.read())
+    return f"{OP_NAMESPACE}-ops-{digest.hexdigest()[:16]}"
 
 
 def _cache_hits() -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import operator
 import os
 import subprocess
 import sys
@@ -109,14 +110,13 @@ class CausalSelfAttention(nn.Module):
         return self.out(y.transpose(1, 2).reshape(batch, length, hidden))
 
 
-class FlatHeadsAttention(CausalSelfAttention):
-    """SDPA on 3-D (batch * heads, length, head_dim) inputs: a site the tiled kernels do not take."""
+class DropoutAttention(CausalSelfAttention):
+    """Attention with dropout on the probabilities: the tiled kernels have no dropout, so the site stays as written."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, hidden = x.shape
         q, k, v = self.qkv(x).view(batch, length, 3, self.heads, hidden // self.heads).permute(2, 0, 3, 1, 4)
-        flat = [t.reshape(batch * self.heads, length, -1) for t in (q, k, v)]
-        y = F.scaled_dot_product_attention(*flat, is_causal=True).view(batch, self.heads, length, -1)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=0.25, is_causal=True)
         return self.out(y.transpose(1, 2).reshape(batch, length, hidden))
 
 
@@ -126,7 +126,7 @@ class BrokenTwoBlocks(nn.Module):
     def __init__(self):
         super().__init__()
         self.first = CausalSelfAttention()
-        self.second = FlatHeadsAttention()
+        self.second = DropoutAttention()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.first(x)
@@ -165,6 +165,28 @@ def test_backend_arguments_are_checked():
 ])
 def test_module_paths_are_named_from_the_model_root(dynamo_path, model_path):
     assert compile_backend.module_path_from_root(dynamo_path) == model_path
+
+
+def test_cache_key_fingerprint_covers_the_files_of_the_ops_in_the_graph():
+    import hashlib
+
+    import backends.flash.op as flash_op
+
+    graph = torch.fx.Graph()
+    q, k, v = (graph.placeholder(name) for name in "qkv")
+    call = graph.call_function(torch.ops.attention_planner.flash_attention.default,
+                               (q, k, v, None, None, True, -1, 0, 0.125, "auto"))
+    graph.output(graph.call_function(operator.getitem, (call, 0)))
+    with_op = torch.fx.GraphModule(nn.Module(), graph)
+    assert compile_backend.planner_ops(with_op) == Counter({FORWARD_OP: 1})
+
+    expected = hashlib.sha256(Path(flash_op.__file__).read_bytes()).hexdigest()[:16]
+    assert compile_backend.ops_fingerprint(with_op) == f"attention_planner-ops-{expected}"
+    plain = torch.fx.symbolic_trace(nn.Linear(2, 2))
+    with compile_backend._cache_key_tagged(plain):  # graphs without our ops keep Inductor's plain keys
+        assert torch.compiler.config.cache_key_tag == ""
+    with compile_backend._cache_key_tagged(with_op):
+        assert torch.compiler.config.cache_key_tag == f"attention_planner-ops-{expected}"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -256,13 +278,16 @@ def test_graph_break_each_subgraph_planned_and_reports_merged(device, no_inducto
     compiled = torch.compile(model, backend=backend)
     x = torch.randn(2, 9, 24, device=device)
     torch._dynamo.mark_dynamic(x, 1)  # the sequence length is a symbol, planned for max_len
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(x), model(x), **TOLERANCE)
+    with torch.no_grad(), torch._inductor.config.patch(fallback_random=True):  # dropout draws as eager does
+        torch.manual_seed(7)
+        output = compiled(x)
+        torch.manual_seed(7)
+        torch.testing.assert_close(output, model(x), **TOLERANCE)
 
     first, second = backend.graphs
     assert first.frame != second.frame
     assert first.forward_ops == Counter({FORWARD_OP: 1})
-    assert not second.forward_ops  # the 3-D site stays scaled_dot_product_attention
+    assert not second.forward_ops  # the dropout site stays scaled_dot_product_attention
 
     report = backend.report
     assert [decision.site.name for decision in report.decisions] == ["first", "second"]
@@ -270,8 +295,8 @@ def test_graph_break_each_subgraph_planned_and_reports_merged(device, no_inducto
     kept = report.decisions[1]
     assert kept.choice is None or kept.choice.variant == "dense"
     flash = next(candidate for candidate in kept.candidates if candidate.variant == "flash")
-    assert not flash.feasible and "3 dims" in flash.reason, flash.reason  # why it stays as it was
-    assert "q has 3 dims" in report.summary()
+    assert not flash.feasible and "dropout_p=0.25" in flash.reason, flash.reason  # why it stays as it was
+    assert "the tiled kernels have no dropout" in report.summary()
     assert "1 of 2 attention sites rewritten" in report.summary()
 
 
