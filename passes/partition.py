@@ -429,15 +429,15 @@ class _PositionPass:
             inputs = [argument for argument in node.all_input_nodes
                       if any(self.sequence_dims(value) for value in _values(argument.meta.get("val")))]
             outputs = [self.sequence_dims(value) for value in _values(node.meta.get("val"))]
-            if not inputs and not any(outputs) and _packet_name(node.target) != "arange":
+            subgraph = isinstance(node.target, torch._ops.HigherOrderOperator)
+            if not inputs and not any(outputs) and _packet_name(node.target) != "arange" and not subgraph:
                 continue
             if node.op == "call_module":
                 if str(node.target).startswith("_guards"):
                     continue
                 self.refuse(node, "a submodule call on sequence tensors is not analysed")
             name = _packet_name(node.target)
-            if not inputs and any(outputs) and name not in SEQUENCE_SOURCES and \
-                    not isinstance(node.target, torch._ops.HigherOrderOperator):
+            if not inputs and any(outputs) and name not in SEQUENCE_SOURCES and not subgraph:
                 self.refuse(node, "it makes a sequence-long tensor from tensors that are not: its rows would be "
                             "the first positions, not this rank's")
             self.visit(node, name)
@@ -535,8 +535,15 @@ class _PositionPass:
         """torch.autocast / torch.no_grad blocks are captured as a higher-order op around a subgraph: the subgraph
         is partitioned like the graph (its nodes carry the same size symbols)."""
         if node.target.__name__ not in CONTEXT_OPERATORS:
-            self.refuse(node, f"the higher-order op {node.target.__name__} (control flow or a subgraph) on sequence "
-                        "tensors is not analysed")
+            values = [value for argument in node.all_input_nodes for value in _values(argument.meta.get("val"))]
+            values += _values(node.meta.get("val"))
+            lengths = [argument.meta.get("val") for argument in node.all_input_nodes
+                       if isinstance(argument.meta.get("val"), torch.SymInt)]
+            if any(self.sequence_dims(value) for value in values) or \
+                    any(sympy.sympify(length.node.expr).free_symbols & self.symbols for length in lengths):
+                self.refuse(node, f"the higher-order op {node.target.__name__} (control flow or a subgraph) on "
+                            "the sequence is not analysed")
+            return
         body = next(argument for argument in node.args
                     if isinstance(argument, torch.fx.Node) and argument.op == "get_attr")
         # A copy: the subgraph module is shared with the ExportedProgram (and with every module made from it).

@@ -22,18 +22,10 @@ import torch
 import torch.distributed as dist
 from torch.utils import _pytree as pytree
 
-from backends.registry import VARIANTS, Offer
-from backends.ring.layout import LAYOUTS, check_layout, chunks_per_rank, local_chunks, shard, unshard
-from passes.capture import capture
-from passes.match import find_sites
-from passes.partition import PartitionResult, SequenceShard, check_ring_site, describe, partition, sequence_symbols
-from planner.costs import evaluate
-from planner.devices import DeviceSpec, device_spec
 from planner.errors import InvalidArgumentError, PlanError
-from planner.lengths import parse_length
-from planner.plan import cost_shape, format_bytes, format_seconds, make_plan
-from planner.records import POLICIES, Plan
-from planner.report import Report
+
+# The passes, backends and planner modules are imported inside the functions: planner/__init__ exports this module,
+# and backends.ring.layout imports planner.errors, so a top-level import here would make a cycle.
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -45,6 +37,8 @@ def shard_inputs(inputs: Any, world_size: int, rank: int, layout: str = "zigzag"
     than `dim` dims is split along `dim` (the sequence) in `layout`; other values are returned as they are.
 
     The sequence length must be divisible by world_size (by 2·world_size in the zigzag layout)."""
+    from backends.ring.layout import check_layout, shard
+
     check_layout(layout)
     _check_world(world_size, rank)
 
@@ -64,6 +58,8 @@ def gather_outputs(outputs: Any, group: Optional[dist.ProcessGroup] = None, layo
     Which outputs are shards: with `module` (the partitioned module that returned `outputs`), exactly those it
     returns sharded, each along its own sequence dim; the others (a loss, a mean over the sequence: every rank holds
     them whole) come back as they are. Without `module`: every tensor with more than `dim` dims, along `dim`."""
+    from backends.ring.layout import check_layout
+
     check_layout(layout)
     _require_initialized("gather_outputs")
     leaves, spec = pytree.tree_flatten(outputs)
@@ -85,6 +81,8 @@ def gather_outputs(outputs: Any, group: Optional[dist.ProcessGroup] = None, layo
 
 
 def _gather_one(value: torch.Tensor, dim: int, size: int, group, layout: str) -> torch.Tensor:
+    from backends.ring.layout import unshard
+
     sent = value.detach().contiguous()
     if sent.dtype == torch.bool:  # gloo has no bool collectives
         sent = sent.to(torch.uint8)
@@ -155,6 +153,8 @@ class Partition:
 
     def chunks(self, rank: Optional[int] = None) -> list[tuple[int, int]]:
         """[start, end) global positions held by `rank` (default: this rank) at max_len."""
+        from backends.ring.layout import local_chunks
+
         rank = self.rank if rank is None else rank
         return [(chunk.global_start, chunk.global_start + chunk.length)
                 for chunk in local_chunks(self.shard_length, rank, self.world_size, self.layout)]
@@ -165,6 +165,9 @@ class Partition:
 
     def summary(self) -> list[str]:
         """Lines for the report's notes."""
+        from backends.ring.layout import chunks_per_rank
+        from planner.plan import format_bytes, format_seconds
+
         held = ", ".join(f"[{start:,}, {end:,})" for start, end in self.chunks())
         lines = [f"partition: the sequence (dim {self.dim}) of max_len {self.max_len:,} over {self.world_size} ranks, "
                  f"layout {self.layout}: {self.shard_length:,} tokens per rank"
@@ -205,8 +208,13 @@ def _names(names: tuple[str, ...]) -> str:
     return names[0] if len(names) == 1 else f"{names[0]} (+{len(names) - 1} identical)"
 
 
-def ring_traffic(plan: Plan, device: DeviceSpec) -> list[RingTraffic]:
-    """Per group of identical ring decisions: what the ring's cost model says it sends and computes per step."""
+def ring_traffic(plan: Any, device: Any) -> list[RingTraffic]:
+    """Per group of identical ring decisions of `plan` (a planner Plan): what the ring's cost model says it sends and
+    computes per step on `device` (a DeviceSpec)."""
+    from backends.registry import VARIANTS, Offer
+    from planner.costs import evaluate
+    from planner.plan import cost_shape
+
     groups: dict = {}
     for decision in plan.decisions:
         choice = decision.choice
@@ -239,7 +247,7 @@ def ring_traffic(plan: Plan, device: DeviceSpec) -> list[RingTraffic]:
 def optimize_partitioned(
     model: Any,
     max_len: Union[int, str],
-    device: Union[str, torch.device, DeviceSpec] = "cuda",
+    device: Union[str, torch.device, Any] = "cuda",
     *,
     world_size: int,
     group: Optional[dist.ProcessGroup] = None,
@@ -252,11 +260,17 @@ def optimize_partitioned(
 ) -> torch.nn.Module:
     """`optimize` with the sequence sharded over the `world_size` ranks of `group` (default: the world), on this rank.
 
-    Every attention site becomes ring attention; positions (aranges over the sequence) become this rank's global
-    positions; sums, means, maxima and losses over the sequence get an all_reduce; anything else that mixes positions
-    raises PlanError naming the node. Returns a module that takes this rank's shard of the inputs (shard_inputs) and
-    returns its shard of the outputs (gather_outputs puts them together), with `.report` (planner.Report, whose notes
-    describe the partition) and `.partition` (planner.distributed.Partition).
+    Every attention site becomes ring attention; positions (aranges over the sequence, tables cut to its length)
+    become this rank's global positions; sums, means, maxima and losses over the sequence get an all_reduce; anything
+    else that mixes positions raises PlanError naming the node. Returns a module that takes this rank's shard of the
+    inputs (shard_inputs) and returns its shard of the outputs (gather_outputs puts them together), with `.report`
+    (planner.Report, whose notes describe the partition) and `.partition` (planner.distributed.Partition). The module
+    is this rank's: positions are built from its rank.
+
+    Every tensor input with more than `dim` dims is taken as a sequence along `dim` (shard_inputs splits the same
+    ones). Training: ring attention is differentiable; parameter gradients are then this rank's share (sum them over
+    the group, as in any sequence parallelism); reductions over the sequence are refused with train=True (their
+    all_reduce has no gradient).
 
     Args:
         world_size: ranks the sequence is split over; must equal the size of `group`.
@@ -266,6 +280,17 @@ def optimize_partitioned(
         max_len, device, example_inputs, example_kwargs, policy, train: as in planner.optimize; max_len is the whole
             sequence, over all ranks.
     """
+    from backends.ring.comm import group_name_of
+    from backends.ring.layout import LAYOUTS
+    from passes.capture import capture
+    from passes.match import find_sites
+    from passes.partition import SequenceShard, check_ring_site, describe, partition, sequence_symbols
+    from planner.devices import device_spec
+    from planner.lengths import parse_length
+    from planner.plan import make_plan
+    from planner.records import POLICIES
+    from planner.report import Report
+
     tokens = parse_length(max_len)
     spec = device_spec(device)
     if policy not in POLICIES:
@@ -279,8 +304,6 @@ def optimize_partitioned(
     if dist.get_world_size(group) != world_size:
         raise InvalidArgumentError(f"world_size={world_size} but the process group has {dist.get_world_size(group)} "
                                    "ranks; pass the group whose ranks share the sequence")
-    from backends.ring.comm import group_name_of
-
     rank = dist.get_rank(group)
     captured = capture(model, _as_tuple(example_inputs), example_kwargs)
     graph_module = captured.graph_module
@@ -291,7 +314,7 @@ def optimize_partitioned(
     plan = make_plan(sites, spec, policy, tokens, world_size=world_size, train=train, graph_module=graph_module)
     plan = _ring_everywhere(plan, layout)
     shard_spec = SequenceShard(world_size, rank, group_name_of(group), layout, dim)
-    result: PartitionResult = partition(graph_module, sites, shard_spec, train=train)
+    result = partition(graph_module, sites, shard_spec, train=train)
 
     report = Report(plan=plan, model=captured.model_name)
     if not sites:
@@ -306,7 +329,7 @@ def optimize_partitioned(
     return graph_module
 
 
-def _ring_everywhere(plan: Plan, layout: str) -> Plan:
+def _ring_everywhere(plan: Any, layout: str) -> Any:
     """Every decision's choice is the ring candidate (the inputs are sharded: nothing else can run), with the
     layout in its parameters; a site whose ring candidate does not apply is refused."""
     decisions = []
@@ -318,9 +341,8 @@ def _ring_everywhere(plan: Plan, layout: str) -> Plan:
                             f"ring attention: {why}")
         parameters = tuple((name, layout if name == "layout" else value) for name, value in ring.parameters)
         ring = dataclasses.replace(ring, parameters=parameters)
-        note = "" if ring.feasible else f" (beware: {ring.reason})"
-        reason = (f"world_size={plan.world_size}: the sequence is sharded, so ring attention ({layout}): "
-                  f"{ring.reason if ring.feasible else ''}{note}").rstrip(": ")
+        estimate = ring.reason if ring.feasible else f"beware, it does not fit: {ring.reason}"
+        reason = f"world_size={plan.world_size}: the sequence is sharded, so ring attention ({layout}): {estimate}"
         decisions.append(dataclasses.replace(decision, choice=ring, reason=reason))
     return dataclasses.replace(plan, decisions=tuple(decisions))
 
