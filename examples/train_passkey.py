@@ -1,17 +1,18 @@
-"""Train the repo's small Llama-style model (planner.demo_model.DemoLlama) on synthetic associative recall whose
+"""Train the repo's small Llama-style model (planner.demo_model.DemoLlama) on synthetic key-value recall whose
 answers lie far back, on the CPU in a few minutes, and save a small checkpoint (< 2 MB) for the fidelity tests.
 
     python examples/train_passkey.py                  # trains, evaluates, writes examples/checkpoints/passkey.pt
     python examples/train_passkey.py --evaluate-only  # evaluates the saved checkpoint
 
-The task (multi-query associative recall with a long gap, a passkey test with several keys): a sequence is
+The task (passkey retrieval with several keys): a sequence is
 
-    BOS, filler (>= 8 tokens), k1 v1 k2 v2 ... kn vn, filler ..., QUERY, k_a v_a, k_b v_b, ...
+    BOS, filler (>= MIN_PREFIX tokens), [k1:v1] [k2:v2] ... [kn:vn], filler ..., ?k_a v_a ?k_b v_b ...
 
-keys, values and filler come from disjoint token ranges, so the only way to predict the value after a key in the
-query section is to find that key in the pair section and copy the token after it: attention must reach back the
-whole gap. At evaluation the gap is at least MIN_EVAL_DISTANCE tokens. The first tokens are filler, so that "sink"
-tokens (the first few positions) never hold a key: sinks cannot rescue retrieval that a short window breaks.
+[k:v] is one token holding a key k (of KEY_COUNT) and its value v (of VALUE_COUNT); ?k asks for key k and the next
+token is the answer v (an answer token). Pair, query, answer and filler tokens come from disjoint ranges, so the only
+way to answer is to find [k:*] among the first tokens and read its value: attention must reach back the whole gap,
+at least MIN_EVAL_DISTANCE tokens at evaluation. The first tokens are filler, so "sink" tokens (the first few
+positions) never hold a pair: sinks cannot rescue retrieval that a short window breaks.
 
 Everything the tests need (the config, the batch generator, the accuracy) is importable from this file.
 """
@@ -36,14 +37,16 @@ from planner.demo_model import DemoConfig, DemoLlama, rotary_tables  # noqa: E40
 
 CHECKPOINT = ROOT / "examples" / "checkpoints" / "passkey.pt"
 
-BOS, QUERY = 1, 2
-KEYS = range(16, 80)
-VALUES = range(80, 144)
-FILLER = range(144, 256)
-PAIRS = 12
+BOS = 1
+KEY_COUNT, VALUE_COUNT = 8, 16
+QUERIES = range(8, 8 + KEY_COUNT)  # ?k
+PAIR_START = 16  # [k:v] = PAIR_START + k * VALUE_COUNT + v
+ANSWERS = range(PAIR_START + KEY_COUNT * VALUE_COUNT, PAIR_START + KEY_COUNT * VALUE_COUNT + VALUE_COUNT)
+FILLER = range(ANSWERS.stop, 256)
+PAIRS = 6
 SEQUENCE_LENGTH = 288
 MIN_PREFIX = 8  # filler before the pairs: more than any number of sink tokens we test
-MIN_EVAL_DISTANCE = 200  # the shortest key -> query distance at evaluation
+MIN_EVAL_DISTANCE = 200  # the shortest pair -> query distance at evaluation
 
 CONFIG = DemoConfig(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                     intermediate_size=128, attention="sdpa")
@@ -54,39 +57,37 @@ def passkey_batch(batch_size: int, generator: torch.Generator, *, sequence_lengt
                                                                                   torch.Tensor]:
     """Synthetic recall sequences.
 
-    Returns (input_ids (batch, length) int64, query_positions (batch, pairs): positions whose next token is an
-    answer, answers (batch, pairs): the value to predict there). max_prefix bounds the filler before the pairs:
-    None lets the pairs sit anywhere (training: gaps of every length), a small value keeps every gap long.
+    Returns (input_ids (batch, length) int64, query_positions (batch, pairs): the positions of the ?k tokens, whose
+    next token is the answer, answers (batch, pairs): the answer token to predict there). max_prefix bounds the
+    filler before the pairs: None lets the pairs sit anywhere (training: gaps of every length), a small value keeps
+    every gap long.
     """
-    tail = 1 + 2 * pairs  # QUERY marker and the queried pairs
-    longest_prefix = sequence_length - 1 - 2 * pairs - tail - 1
+    tail = 2 * pairs  # the queries and their answers
+    longest_prefix = sequence_length - 1 - pairs - tail - 1
     max_prefix = longest_prefix if max_prefix is None else min(max_prefix, longest_prefix)
     ids = torch.randint(FILLER.start, FILLER.stop, (batch_size, sequence_length), generator=generator)
     ids[:, 0] = BOS
     query_positions = torch.empty(batch_size, pairs, dtype=torch.long)
     answers = torch.empty(batch_size, pairs, dtype=torch.long)
-    query_start = sequence_length - tail
+    first_query = sequence_length - tail
     for row in range(batch_size):
-        keys = torch.randperm(len(KEYS), generator=generator)[:pairs] + KEYS.start
-        values = torch.randint(VALUES.start, VALUES.stop, (pairs,), generator=generator)
+        keys = torch.randperm(KEY_COUNT, generator=generator)[:pairs]
+        values = torch.randint(0, VALUE_COUNT, (pairs,), generator=generator)
         prefix = int(torch.randint(MIN_PREFIX, max_prefix + 1, (1,), generator=generator))
-        start = 1 + prefix
-        ids[row, start:start + 2 * pairs:2] = keys
-        ids[row, start + 1:start + 2 * pairs:2] = values
-        ids[row, query_start] = QUERY
+        ids[row, 1 + prefix:1 + prefix + pairs] = PAIR_START + keys * VALUE_COUNT + values
         order = torch.randperm(pairs, generator=generator)
-        first = query_start + 1
-        ids[row, first:first + 2 * pairs:2] = keys[order]
-        ids[row, first + 1:first + 2 * pairs:2] = values[order]
-        query_positions[row] = torch.arange(first, first + 2 * pairs, 2)
-        answers[row] = values[order]
+        ids[row, first_query::2] = QUERIES.start + keys[order]
+        ids[row, first_query + 1::2] = ANSWERS.start + values[order]
+        query_positions[row] = torch.arange(first_query, sequence_length, 2)
+        answers[row] = ANSWERS.start + values[order]
     return ids, query_positions, answers
 
 
 def evaluation_batch(batch_size: int, seed: int = 1234) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fixed evaluation sequences whose every key -> query gap is at least MIN_EVAL_DISTANCE tokens."""
+    """Fixed evaluation sequences whose every pair -> query gap is at least MIN_EVAL_DISTANCE tokens."""
     generator = torch.Generator().manual_seed(seed)
-    max_prefix = SEQUENCE_LENGTH - 1 - 2 * PAIRS - 1 - 2 * PAIRS - MIN_EVAL_DISTANCE - 2 * PAIRS
+    first_query = SEQUENCE_LENGTH - 2 * PAIRS
+    max_prefix = first_query - MIN_EVAL_DISTANCE - PAIRS - 1
     return passkey_batch(batch_size, generator, max_prefix=max_prefix)
 
 
@@ -126,7 +127,7 @@ def save_model(model: DemoLlama, path: pathlib.Path = CHECKPOINT) -> None:
 def curriculum_length(step: int, steps: int) -> int:
     """Short sequences first (cheap steps, short gaps: the copying circuit forms quickly), growing to the full
     length over the first half of training."""
-    shortest = 80
+    shortest = 48
     grown = shortest + (SEQUENCE_LENGTH - shortest) * step / max(1, steps // 2)
     return int(min(SEQUENCE_LENGTH, 16 * round(grown / 16)))
 
@@ -143,10 +144,12 @@ def training_loss(model: DemoLlama, ids: torch.Tensor, positions: torch.Tensor, 
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), answers.reshape(-1))
 
 
-def train(steps: int, batch_size: int, learning_rate: float, seed: int, log_every: int = 50) -> DemoLlama:
+def train(steps: int, batch_size: int, learning_rate: float, seed: int, log_every: int = 50,
+          start: Optional[DemoLlama] = None) -> DemoLlama:
+    """AdamW with warmup and cosine decay; sequences grow to full length over the first half (unless resuming)."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    model = DemoLlama(CONFIG)
+    model = start.train() if start is not None else DemoLlama(CONFIG)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, steps // 20)
 
@@ -157,10 +160,10 @@ def train(steps: int, batch_size: int, learning_rate: float, seed: int, log_ever
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     eval_ids, eval_positions, eval_answers = evaluation_batch(64)
-    start = time.perf_counter()
+    began = time.perf_counter()
     for step in range(steps):
-        ids, positions, answers = passkey_batch(batch_size, generator,
-                                                sequence_length=curriculum_length(step, steps))
+        length = SEQUENCE_LENGTH if start is not None else curriculum_length(step, steps)
+        ids, positions, answers = passkey_batch(batch_size, generator, sequence_length=length)
         loss = training_loss(model, ids, positions, answers)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -172,7 +175,7 @@ def train(steps: int, batch_size: int, learning_rate: float, seed: int, log_ever
             accuracy = recall_accuracy(model, eval_ids, eval_positions, eval_answers)
             model.train()
             print(f"step {step:5d}  loss {loss.item():.3f}  recall at distance >= {MIN_EVAL_DISTANCE}: "
-                  f"{accuracy:.3f}  ({time.perf_counter() - start:.0f} s)", flush=True)
+                  f"{accuracy:.3f}  ({time.perf_counter() - began:.0f} s)", flush=True)
     return model.eval()
 
 
@@ -185,12 +188,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", type=pathlib.Path, default=CHECKPOINT)
     parser.add_argument("--evaluate-only", action="store_true")
+    parser.add_argument("--resume", type=pathlib.Path, default=None, help="continue training from a checkpoint")
     arguments = parser.parse_args(argv)
     torch.set_num_threads(arguments.threads)
     if arguments.evaluate_only:
         model = load_model(arguments.output)
     else:
-        model = train(arguments.steps, arguments.batch_size, arguments.learning_rate, arguments.seed)
+        start = load_model(arguments.resume) if arguments.resume is not None else None
+        model = train(arguments.steps, arguments.batch_size, arguments.learning_rate, arguments.seed, start=start)
         save_model(model, arguments.output)
         model = load_model(arguments.output)  # evaluate what was saved (bfloat16 weights)
         print(f"saved {arguments.output} ({arguments.output.stat().st_size / 2**20:.2f} MiB)")

@@ -338,6 +338,14 @@ def _insert_tap(graph_module: torch.fx.GraphModule, node: torch.fx.Node, store: 
     node.replace_all_uses_with(tap, delete_user_cb=lambda user: user is not tap)
 
 
+def copy_graph_module(graph_module: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A deep copy of a graph module that shares its parameters and buffers (a rewrite changes the graph and adds
+    modules; it never writes weights), so that measuring many candidates does not copy the weights each time."""
+    memo = {id(tensor): tensor for tensor in graph_module.parameters()}
+    memo.update({id(tensor): tensor for tensor in graph_module.buffers()})
+    return copy.deepcopy(graph_module, memo)
+
+
 def rewrite_copy(graph_module: torch.fx.GraphModule, switches: Mapping[str, Candidate],
                  sites: Sequence[AttentionSite], tap_outputs: Iterable[str] = ()) -> tuple[torch.fx.GraphModule, dict]:
     """A deep copy of `graph_module` with each site named in `switches` rewritten to its candidate by
@@ -346,7 +354,7 @@ def rewrite_copy(graph_module: torch.fx.GraphModule, switches: Mapping[str, Cand
     {(site name, "output"): [tensor per call]}."""
     from passes.rewrite import rewrite
 
-    module = copy.deepcopy(graph_module)
+    module = copy_graph_module(graph_module)
     store: dict = {}
     nodes = {node.name: node for node in module.graph.nodes}
     by_name = {site.name: site for site in sites}

@@ -308,6 +308,8 @@ def linearize(model: Any, calibration: Any, steps: int = 300, *, features: Optio
     from passes.match import find_sites
     from planner.fidelity import as_batches
 
+    if not isinstance(calibration, (torch.Tensor, dict)):
+        calibration = list(calibration)  # used twice: for capture and for the distillation
     batches = as_batches(calibration)
     if example_inputs is None and example_kwargs is None:
         example_inputs, example_kwargs = batches[0]
@@ -316,7 +318,7 @@ def linearize(model: Any, calibration: Any, steps: int = 300, *, features: Optio
     captured = capture(model, tuple(example_inputs or ()), example_kwargs)
     graph_module = captured.graph_module
     sites = find_sites(graph_module)
-    report = linearize_graph(graph_module, sites, batches, steps, features=features, learning_rate=learning_rate,
+    report = linearize_graph(graph_module, sites, calibration, steps, features=features, learning_rate=learning_rate,
                              seed=seed)
     if not sites:
         report.notes.append("no softmax attention was found: the model is unchanged")
