@@ -76,10 +76,13 @@ def test_low_precision_inputs_accumulate_in_fp32(dtype):
 
 def test_opcheck_flash_op():
     q, k, v = (torch.randn(2, 4, 19, 8, requires_grad=True) for _ in range(3))
+    # Transposed views too: the fake outputs must be contiguous like the real ones (compiled backwards check strides).
+    q_t, k_t, v_t = (torch.randn(2, 19, 4, 8).transpose(1, 2).requires_grad_() for _ in range(3))
     padding = torch.rand(2, 19) > 0.2
     for args in [(q, k, v, None, None, True, -1, 0, 0.35, "blockwise"),
                  (q, k, v, padding, None, False, 5, 2, 0.35, "blockwise"),
-                 (q, k, v, None, torch.randn(19, 19), False, -1, 0, 0.35, "auto")]:
+                 (q, k, v, None, torch.randn(19, 19), False, -1, 0, 0.35, "auto"),
+                 (q_t, k_t, v_t, None, None, True, -1, 0, 0.35, "blockwise")]:
         torch.library.opcheck(torch.ops.attention_planner.flash_attention.default, args)
 
 

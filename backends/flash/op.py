@@ -130,7 +130,9 @@ def flash_attention_backward_op(
 def _(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, attn_mask, causal, window, sinks, scale, impl,
       mask_needs_grad):
     grad_mask = attn_mask.new_empty(attn_mask.shape) if (mask_needs_grad and attn_mask is not None) else q.new_empty(0)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), grad_mask
+    # Contiguous, as the real outputs are (empty_like would copy a transposed input's strides and fail Inductor's
+    # stride checks in compiled backwards).
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), grad_mask
 
 
 def _setup_context(ctx, inputs, output):
