@@ -157,6 +157,7 @@ class Scores:
     sinks: Optional[torch.fx.Node] = None
     sinks_dim: Optional[int] = None
     notes: list = field(default_factory=list)
+    default_scale: Optional[float] = None  # SDPA's 1/sqrt(head_dim) when the call leaves the scale unset
 
 
 def _number(argument: Any) -> Optional[float]:
@@ -491,6 +492,8 @@ def build_sdpa_site(node: torch.fx.Node) -> AttentionSite:
     if scale is None and default is None:
         raise UnsupportedSite("the head dim is symbolic")
     scores.scale = float(scale if scale is not None else default) * query.scale * key.scale
+    if scale is None:
+        scores.default_scale = default
     if isinstance(attn_mask, torch.fx.Node):
         kind = "keep" if tensor_meta(attn_mask) is not None and tensor_meta(attn_mask).dtype == torch.bool else "add"
         scores.terms.append([kind, attn_mask, 1.0, -math.inf,
@@ -666,7 +669,7 @@ def _site(softmax, scores: Scores, query: Operand, key: Operand, value: Operand,
         kv_len=kv_len,
         head_dim=head_dim,
         value_dim=value_dim,
-        scale=float(scores.scale),
+        scale=None if scores.default_scale and scores.scale == scores.default_scale else float(scores.scale),
         mask=mask,
         layout=_layout_text(query, axes, space, batch_group, head_group),
         dropout_p=dropout_p,
