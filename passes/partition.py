@@ -763,8 +763,8 @@ class _PositionPass:
         shift = self.shift_to_global(chain, local, value.dtype, value.device, step)
         positions = chain.add(aten.add.Tensor, (node, shift), val=value)
         node.replace_all_uses_with(positions, delete_user_cb=lambda user: user not in self.skip)
-        self.result.positions.append(f"arange({length}) at {user_line(node)} -> the global positions of this "
-                                     f"rank's tokens ({self.shard.layout})")
+        self.result.positions.append(f"arange over the sequence at {user_line(node)} -> the global positions of "
+                                     f"this rank's tokens ({self.shard.layout})")
 
     def globalize_table_slice(self, node: torch.fx.Node, dim: int, start: Any) -> None:
         """table[start : start + n] along `dim` (a fixed-size table cut to the sequence length, e.g. a position-ids

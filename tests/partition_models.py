@@ -161,6 +161,25 @@ class PooledAttentionModel(nn.Module):
         return attended, pooled, largest, total
 
 
+class SlidingWindowModel(nn.Module):
+    """Causal sliding-window attention (window 5) with its mask built from positions: the detector proves the window,
+    the ring visits only the ranks inside it."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(16)
+        self.embed = nn.Embedding(VOCAB, 16)
+        self.qkv = nn.Linear(16, 48)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        batch, length = input_ids.shape
+        q, k, v = self.qkv(self.embed(input_ids)).view(batch, length, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        query_position, key_position = torch.arange(length)[:, None], torch.arange(length)[None, :]
+        mask = (key_position <= query_position) & (query_position - key_position < 5)
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return attended.transpose(1, 2).reshape(batch, length, 16)
+
+
 class TokenLossModel(nn.Module):
     """Causal attention and a mean cross-entropy over the tokens whose label is not ignored: the loss becomes
     all_reduce(sum of losses) / all_reduce(count of counted labels)."""

@@ -94,11 +94,12 @@ def reduction_inputs(world_size: int) -> dict:
     labels = _ids(length, seed=200 + world_size)
     labels[0, : length // 2 + 3] = -100  # ignored labels, unevenly spread over the ranks
     labels[1, -2:] = -100
-    return {"pooled": (ids,), "loss": (ids, labels)}
+    return {"pooled": (ids,), "loss": (ids, labels), "window": (ids,)}
 
 
 def run_reductions(models, exported, world_size, group, rank, findings):
-    """Means, sums, maxima and a masked mean cross-entropy over the sequence: all_reduce makes them exact."""
+    """Means, sums, maxima and a masked mean cross-entropy over the sequence (all_reduce makes them exact), and a
+    sliding-window site."""
     from planner.distributed import gather_outputs, optimize_partitioned, shard_inputs
 
     for name, inputs in reduction_inputs(world_size).items():
@@ -113,7 +114,8 @@ def run_reductions(models, exported, world_size, group, rank, findings):
                 with torch.no_grad():
                     output = fast(*shard_inputs(inputs, world_size, rank, layout))
                 output = gather_outputs(output, group=group, layout=layout, module=fast)
-                findings[key] = {"errors": [_error(a, b) for a, b in zip(output, expected)],
+                pairs = zip(torch.utils._pytree.tree_leaves(output), torch.utils._pytree.tree_leaves(expected))
+                findings[key] = {"errors": [_error(a, b) for a, b in pairs],
                                  "output_dims": fast.partition.output_dims, "rewrites": fast.partition.rewrites}
             except Exception:
                 findings[key] = {"exception": traceback.format_exc()}
@@ -145,7 +147,7 @@ def worker(rank: int, world_size: int, store_path: str, result_dir: str) -> None
         # Each model is exported once (the slow step); optimize() takes the ExportedProgram.
         language_models = {"demo": partition_models.demo_llama(), "hf": partition_models.hf_llama()}
         others = {"pooled": partition_models.PooledAttentionModel(), "loss": partition_models.TokenLossModel(),
-                  "cumsum": partition_models.CumsumModel()}
+                  "window": partition_models.SlidingWindowModel(), "cumsum": partition_models.CumsumModel()}
         example = (_ids(2 * 2 * CHUNK + 7, seed=0),)
         examples = {**reduction_inputs(2), "cumsum": example}
         exported = {name: _export(model, example) for name, model in language_models.items()}
