@@ -879,11 +879,5 @@ class _PositionPass:
         return self.insert_after(reduced, torch.ops._c10d_functional.wait_tensor.default, (reduced,))
 
 
-def describe(result: PartitionResult) -> list[str]:
-    """One line per rewrite, for the report."""
-    lines = [f"ring attention at {name}" for name in result.ring_sites]
-    return lines + list(result.positions) + list(result.collectives)
-
-
 __all__ = ["SequenceShard", "PartitionResult", "partition", "sequence_symbols", "check_ring_site", "emit_ring",
-           "rewrite_sites_to_ring", "describe"]
+           "rewrite_sites_to_ring", "output_sequence_dims", "user_line"]

@@ -284,7 +284,7 @@ def optimize_partitioned(
     from backends.ring.layout import LAYOUTS
     from passes.capture import capture
     from passes.match import find_sites
-    from passes.partition import SequenceShard, check_ring_site, describe, partition, sequence_symbols
+    from passes.partition import SequenceShard, check_ring_site, partition, sequence_symbols
     from planner.devices import device_spec
     from planner.lengths import parse_length
     from planner.plan import make_plan
@@ -321,7 +321,7 @@ def optimize_partitioned(
         report.notes.append("no softmax attention was found in the graph; only positions and reductions were "
                             "partitioned")
     summary = Partition(world_size, rank, layout, dim, tokens, spec.name, spec.interconnect_bandwidth,
-                        ring_traffic(plan, spec), describe(result)[len(result.ring_sites):], result.sequence_symbols,
+                        ring_traffic(plan, spec), result.positions + result.collectives, result.sequence_symbols,
                         list(result.output_dims))
     report.notes.extend(summary.summary())
     object.__setattr__(graph_module, "report", report)  # kept out of nn.Module's bookkeeping

@@ -155,6 +155,18 @@ def test_shard_inputs_refuses_lengths_and_ranks():
         shard_inputs(torch.zeros(2, 16), 4, 0, "striped")
 
 
+def test_optimize_partitioned_checks_its_arguments_before_capture():
+    from planner.distributed import optimize_partitioned
+
+    model = partition_models.CumsumModel()
+    with pytest.raises(InvalidArgumentError, match="needs an int >= 2"):
+        optimize_partitioned(model, 1024, "cpu", world_size=1)
+    with pytest.raises(InvalidArgumentError, match="accepted: zigzag, contiguous"):
+        optimize_partitioned(model, 1024, "cpu", world_size=2, layout="striped")
+    with pytest.raises(InvalidArgumentError, match="torch.distributed initialized"):
+        optimize_partitioned(model, 1024, "cpu", world_size=2)
+
+
 # ---- on 4 gloo processes -------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
