@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -115,9 +116,24 @@ def sdpa_mask(attn_mask: Optional[torch.fx.Node], is_causal: Any) -> MaskSpec:
 
 # -- the analysis ------------------------------------------------------------------------------------------------------
 
+# Models build one mask for all their layers: the analysis of the same terms over the same index space is shared.
+_ANALYSES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def analyze_mask(graph_module: Optional[torch.nn.Module], terms: Sequence[MaskTerm], space: IndexSpace,
                  is_causal: bool = False, check_lengths: Sequence[int] = CHECK_LENGTHS) -> MaskAnalysis:
     """Classify the mask made of `terms` (plus SDPA's is_causal) over `space`; see the module docstring."""
+    key = (tuple((term.kind, term.node, term.dims, term.coefficient, term.fill) for term in terms),
+           space.independent, space.query, space.key, tuple(sorted((str(s), str(v)) for s, v in space.sizes.items())),
+           is_causal, tuple(check_lengths))
+    cache = _ANALYSES.setdefault(graph_module, {}) if graph_module is not None else {}
+    if key not in cache:
+        cache[key] = _analyze_mask(graph_module, terms, space, is_causal, check_lengths)
+    return cache[key]
+
+
+def _analyze_mask(graph_module: Optional[torch.nn.Module], terms: Sequence[MaskTerm], space: IndexSpace,
+                  is_causal: bool, check_lengths: Sequence[int]) -> MaskAnalysis:
     if not terms:
         if is_causal:
             return MaskAnalysis(MaskSpec(kind="causal", proof="is_causal=True in the scaled_dot_product_attention "
