@@ -27,6 +27,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
+import networkx
 import sympy
 import torch
 from sympy.core.function import AppliedUndef
@@ -689,16 +690,22 @@ def _example_input(node: torch.fx.Node, values: dict, generator: torch.Generator
     return (torch.rand(shape, generator=generator) < 0.7).to(value.dtype)
 
 
+def dependency_graph(graph: torch.fx.Graph) -> "networkx.DiGraph":
+    """The graph's data dependencies as a networkx DiGraph (edge: input -> user)."""
+    dependencies = networkx.DiGraph()
+    for node in graph.nodes:
+        dependencies.add_node(node)
+        for source in node.all_input_nodes:
+            dependencies.add_edge(source, node)
+    return dependencies
+
+
 def _mask_subgraph(graph_module, outputs: list) -> tuple[torch.fx.GraphModule, list]:
     """A module computing `outputs` from the placeholders they depend on (parameters read from graph_module)."""
-    needed = set()
-    stack = list(outputs)
-    while stack:
-        node = stack.pop()
-        if node in needed:
-            continue
-        needed.add(node)
-        stack.extend(node.all_input_nodes)
+    dependencies = dependency_graph(graph_module.graph)
+    needed = set(outputs)
+    for node in outputs:
+        needed |= networkx.ancestors(dependencies, node)
     graph = torch.fx.Graph()
     mapping: dict = {}
     placeholders = []

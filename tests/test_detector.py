@@ -496,3 +496,31 @@ def test_matcher_errors_leave_the_node_alone(monkeypatch):
     graph_module, sites, _ = rewrite_exactly(model, (torch.randn(2, 17, DIM),))
     assert sites == []
     assert_same(model, graph_module, (torch.randn(2, 17, DIM),))
+
+
+def test_training_mode_dropout_is_recorded_and_left_exact():
+    model = ManualAttention(kv_heads=2).train()
+    _, sites = detect(model, (torch.randn(2, 17, DIM),))
+    (site,) = sites
+    assert site.dropout_p == pytest.approx(0.1) and site.kv_heads == 2
+
+
+def test_core_aten_graph_after_decompositions():
+    """The same detector on core ATen (matmul -> expand/view/bmm, softmax -> _softmax, masked_fill -> where), the
+    level of graph that the torch.compile backend sees."""
+    from passes.match import find_sites
+    from passes.rewrite import rewrite
+    from test_detector_support import exact_plan
+
+    model = Stack(gqa=ManualAttention(kv_heads=2), einsum=EinsumAttention(), nanogpt=NanoGPTBlock()).eval()
+    example = torch.randn(2, 17, DIM)
+    exported = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim.AUTO,
+                                                                       1: torch.export.Dim.AUTO},), strict=False)
+    graph_module = exported.run_decompositions().module()
+    sites = find_sites(graph_module)
+    assert [(site.mask.kind, site.heads, site.kv_heads) for site in sites] == [("causal", HEADS, 2),
+                                                                               ("none", HEADS, HEADS),
+                                                                               ("causal", HEADS, HEADS)]
+    rewrite(graph_module, exact_plan(sites))
+    assert flash_calls(graph_module) == 3
+    assert_same(model, graph_module, (torch.randn(3, 19, DIM),))
