@@ -8,6 +8,7 @@ and device memory, and rewrite it into the variant that runs it best.
 from planner.api import find_attention, optimize
 from planner.calibration import calibrate
 from planner.devices import DeviceSpec, device_spec, known_devices
+from planner.distributed import gather_outputs, shard_inputs
 from planner.errors import (
     BackendError,
     CaptureError,
@@ -26,6 +27,7 @@ _register_compile_backend()  # torch.compile(model, backend="attention_planner")
 __all__ = [
     "AttentionSite", "BackendError", "Candidate", "CaptureError", "DeviceSpec", "InvalidArgumentError", "MaskSpec",
     "Plan", "PlanError", "PlannerError", "Report", "SiteDecision", "UnknownDeviceError", "backend", "calibrate",
-    "device_spec", "find_attention", "known_devices", "last_report", "optimize", "parse_length",
+    "device_spec", "find_attention", "gather_outputs", "known_devices", "last_report", "optimize", "parse_length",
+    "shard_inputs",
 ]
 __version__ = "0.1.0"

@@ -42,6 +42,9 @@ def optimize(
     policy: str = "exact",
     train: bool = False,
     variant: Optional[str] = None,
+    world_size: int = 1,
+    group: Optional[Any] = None,
+    layout: str = "zigzag",
 ) -> torch.nn.Module:
     """Find every softmax attention in `model`, plan each for `max_len` tokens on `device`, and rewrite it.
 
@@ -57,6 +60,12 @@ def optimize(
             retrain variants (linear attention, SSD) become candidates.
         variant: force this variant ("flash", "sliding_window", ...) at every site where it applies, whatever the
             costs say (the report still shows the estimates). For debugging and benchmarks.
+        world_size: devices the sequence is sharded over. With world_size > 1 (under torchrun, or any initialized
+            process group), every site becomes ring attention and positions become global: the returned module
+            takes this rank's shard of the inputs (planner.shard_inputs) and returns its shard of the outputs
+            (planner.gather_outputs reassembles them).
+        group: the process group of the ring (default: the whole world). layout: "zigzag" (balanced causal work)
+            or "contiguous".
 
     Returns:
         An nn.Module computing the same outputs, with `.report` (a planner.Report). It runs on whatever device its
@@ -67,6 +76,15 @@ def optimize(
     spec = device_spec(device)
     if policy not in POLICIES:
         raise InvalidArgumentError(f"policy={policy!r} is not a policy; accepted: {', '.join(POLICIES)}")
+    if world_size != 1:
+        if variant not in (None, "ring"):
+            raise InvalidArgumentError(f"variant={variant!r} with world_size={world_size}: a sharded sequence runs "
+                                       "ring attention at every site")
+        from planner.distributed import optimize_partitioned
+
+        return optimize_partitioned(model, max_len, spec, world_size=world_size, group=group,
+                                    example_inputs=example_inputs, example_kwargs=example_kwargs, policy=policy,
+                                    train=train, layout=layout)
     captured = capture(model, _as_tuple(example_inputs), example_kwargs)
     report = plan_and_rewrite(captured.graph_module, spec, policy, tokens, model_name=captured.model_name,
                               train=train, variant=variant)

@@ -123,11 +123,11 @@ def run_reductions(models, exported, world_size, group, rank, findings):
 
 def run_refusal(exported, world_size, group, findings):
     """optimize(world_size=P) refuses a cumsum over the sequence, naming the node."""
-    from planner.distributed import optimize_partitioned
+    import planner
     from planner.errors import PlanError
 
-    try:
-        optimize_partitioned(exported["cumsum"], MAX_LEN, "cpu", world_size=world_size, group=group)
+    try:  # through the public front door: optimize(world_size=P)
+        planner.optimize(exported["cumsum"], MAX_LEN, "cpu", world_size=world_size, group=group)
         findings[f"P{world_size}-cumsum"] = {"refused": False}
     except PlanError as error:
         findings[f"P{world_size}-cumsum"] = {"refused": True, "message": str(error)}
