@@ -564,96 +564,36 @@ def _root_leaves(operand: Operand) -> list:
 
 def _site(softmax, scores: Scores, query: Operand, key: Operand, value: Operand, axes: Axes, space: AtomSpace,
           output_layout: list, pv: Contraction, dropout_p: float, form: str, is_causal: bool) -> AttentionSite:
-    find = space.find
-    query_leaves, key_leaves, value_leaves = _root_leaves(query), _root_leaves(key), _root_leaves(value)
-    for name, root_leaves, allowed in (
-        ("q", query_leaves, axes.batch + axes.query + axes.dim),
-        ("k", key_leaves, axes.batch + axes.key + axes.dim),
-        ("v", value_leaves, axes.batch + axes.key + axes.value_dim),
-    ):
-        allowed_ids = {id(cls) for cls in allowed}
-        for leaf in root_leaves:
-            if id(find(leaf)) not in allowed_ids:
-                raise UnsupportedSite(f"a factor of {name} ({leaf.size}) is neither batch, heads, position nor dim")
-    for cls in axes.query + axes.dim:
-        if _member(space, cls, query_leaves) is None:
-            raise UnsupportedSite("the queries broadcast over a position or dim axis")
-    for cls in axes.key + axes.dim:
-        if _member(space, cls, key_leaves) is None:
-            raise UnsupportedSite("the keys broadcast over a position or dim axis")
-    for cls in axes.key + axes.value_dim:
-        if _member(space, cls, value_leaves) is None:
-            raise UnsupportedSite("the values broadcast over a position or dim axis")
-    real_kv = []
-    for cls in axes.batch:
-        if _member(space, cls, query_leaves) is None:
-            raise UnsupportedSite("the queries broadcast over a batch or head axis that k and v have")
-        has_key = _member(space, cls, key_leaves) is not None
-        has_value = _member(space, cls, value_leaves) is not None
-        if has_key != has_value:
-            raise UnsupportedSite("k and v do not share their batch and head axes")
-        real_kv.append(has_key)
-
-    # Index symbols for the mask analysis: one per class.
-    symbols = {}
-    sizes = {}
-    names = iter([f"b{n}" for n in range(len(axes.batch))])
-    for cls in axes.batch:
-        symbols[id(cls)] = index_symbol(next(names))
-    for number, cls in enumerate(axes.query):
-        symbols[id(cls)] = index_symbol("i" if len(axes.query) == 1 else f"i{number}")
-    for number, cls in enumerate(axes.key):
-        symbols[id(cls)] = index_symbol("j" if len(axes.key) == 1 else f"j{number}")
-    for cls in axes.batch + axes.query + axes.key:
-        sizes[symbols[id(cls)]] = cls.size
-    index_space = IndexSpace(tuple(symbols[id(cls)] for cls in axes.batch),
-                             tuple(symbols[id(cls)] for cls in axes.query),
-                             tuple(symbols[id(cls)] for cls in axes.key), sizes)
-    terms = []
-    for kind, node, coefficient, fill, layout in scores.terms:
-        dims = tuple(tuple(symbols[id(find(leaf))] for leaf in leaves(axis)) for axis in layout)
-        terms.append(MaskTerm(kind, node, dims, coefficient, fill if fill is not None else -math.inf))
+    """The site record: roles checked, mask analyzed, groups chosen, sizes and the adapter recipe."""
+    real_kv = _check_roles(axes, space, query, key, value)
+    symbols, index_space = _index_space(axes)
+    terms = [MaskTerm(kind, node, tuple(tuple(symbols[id(space.find(leaf))] for leaf in leaves(axis))
+                                        for axis in layout), coefficient, -math.inf if fill is None else fill)
+             for kind, node, coefficient, fill, layout in scores.terms]
     analysis = analyze_mask(softmax.graph.owning_module, terms, index_space, is_causal=is_causal)
-
-    # Groups: batch (symbolic sizes, or the padding's batch axis), heads (int sizes; kv-carrying first).
-    batch_group, head_group = _groups(axes.batch, real_kv, query_leaves, analysis, symbols)
-    mask = analysis.spec
+    batch_group, head_group = _groups(axes.batch, real_kv, analysis, symbols)
     if analysis.key_padding is not None and [symbols[id(cls)] for cls in batch_group] != \
             [analysis.key_padding.batch_symbol]:
-        mask = MaskSpec(kind="arbitrary", tensor=mask.tensor,
-                        proof=mask.proof + "; but the padding's batch axis is not the only batch axis, so the mask "
-                                           "tensor is kept exactly")
+        mask = MaskSpec(kind="arbitrary", tensor=analysis.spec.tensor,
+                        proof=analysis.spec.proof + "; but the padding's batch axis is not the only batch axis, so "
+                                                    "the mask tensor is kept exactly")
         analysis = MaskAnalysis(mask, None, tuple(terms))
-    heads_size = product(cls.size for cls in head_group)
-    kv_heads_size = product(cls.size for cls in head_group if _is_real(space, cls, key_leaves))
-    notes = list(scores.notes)
-    unsupported = None
-    if not isinstance(heads_size, int) or not isinstance(kv_heads_size, int):
-        unsupported = "the number of heads is symbolic"
-        heads_size, kv_heads_size = 1, 1
-    batch_size = product(cls.size for cls in batch_group)
-    q_len = product(cls.size for cls in axes.query)
-    kv_len = product(cls.size for cls in axes.key)
+    key_leaves = _root_leaves(key)
+    heads = product(cls.size for cls in head_group)
+    kv_heads = product(cls.size for cls in head_group if _is_real(space, cls, key_leaves))
     head_dim = product(cls.size for cls in axes.dim)
     value_dim = product(cls.size for cls in axes.value_dim)
-    if not isinstance(head_dim, int) or not isinstance(value_dim, int):
-        unsupported = unsupported or "the head dim is symbolic"
-        head_dim = value_dim = 1
-
-    compute_dtype = query.dtype
+    unsupported = None
+    if not all(isinstance(size, int) for size in (heads, kv_heads, head_dim, value_dim)):
+        unsupported = "the number of heads or the head dim is symbolic"
+        heads = kv_heads = head_dim = value_dim = 1
     adapter = _adapter(softmax.graph, query, key, value, axes, space, batch_group, head_group, output_layout, pv,
-                       analysis, index_space, symbols, compute_dtype)
+                       analysis, index_space, symbols, query.dtype)
     if isinstance(adapter, str):
-        unsupported = unsupported or adapter
-        adapter = None
+        unsupported, adapter = unsupported or adapter, None
     hints = {}
     for node in (query.root, key.root, value.root):
         hints.update(size_hints(node))
-    if scores.softcap is not None:
-        notes.append(f"tanh soft-capping at {scores.softcap:g}")
-    if scores.sinks is not None:
-        notes.append(f"attention-sink logits {scores.sinks.name} are concatenated to the scores")
-    notes.extend(analysis.notes)
     return AttentionSite(
         name=module_path(pv.node) or module_path(softmax),
         source=source_line(softmax),
@@ -662,32 +602,82 @@ def _site(softmax, scores: Scores, query: Operand, key: Operand, value: Operand,
         query=query.root.name,
         key=key.root.name,
         value=value.root.name,
-        batch=batch_size,
-        heads=heads_size,
-        kv_heads=kv_heads_size,
-        q_len=q_len,
-        kv_len=kv_len,
+        batch=product(cls.size for cls in batch_group),
+        heads=heads,
+        kv_heads=kv_heads,
+        q_len=product(cls.size for cls in axes.query),
+        kv_len=product(cls.size for cls in axes.key),
         head_dim=head_dim,
         value_dim=value_dim,
         scale=None if scores.default_scale and scores.scale == scores.default_scale else float(scores.scale),
-        mask=mask,
-        layout=_layout_text(query, axes, space, batch_group, head_group),
+        mask=analysis.spec,
+        layout=f"{query.root.name} {tuple(node_shape(query.root) or ())} read as (batch, heads, sequence, head_dim)",
         dropout_p=dropout_p,
         softcap=scores.softcap,
         sinks=scores.sinks.name if scores.sinks is not None else None,
-        dtype=str(compute_dtype).replace("torch.", "") if compute_dtype is not None else dtype_name(query.node),
+        dtype=dtype_name(query.node),
         hints=tuple(sorted(hints.items())),
-        notes=tuple(notes),
+        notes=tuple(_notes(scores, analysis)),
         unsupported=unsupported,
         adapter=adapter,
     )
+
+
+def _check_roles(axes: Axes, space: AtomSpace, query: Operand, key: Operand, value: Operand) -> list[bool]:
+    """Every root factor has a role, q/k/v have every axis they must have; per batch class: do k and v have it
+    (False: they broadcast over it, as grouped-query heads do)."""
+    query_leaves, key_leaves, value_leaves = _root_leaves(query), _root_leaves(key), _root_leaves(value)
+    for name, root_leaves, allowed in (
+        ("q", query_leaves, axes.batch + axes.query + axes.dim),
+        ("k", key_leaves, axes.batch + axes.key + axes.dim),
+        ("v", value_leaves, axes.batch + axes.key + axes.value_dim),
+    ):
+        allowed_ids = {id(cls) for cls in allowed}
+        for leaf in root_leaves:
+            if id(space.find(leaf)) not in allowed_ids:
+                raise UnsupportedSite(f"a factor of {name} ({leaf.size}) is neither batch, heads, position nor dim")
+    for name, root_leaves, needed in (("queries", query_leaves, axes.query + axes.dim + axes.batch),
+                                      ("keys", key_leaves, axes.key + axes.dim),
+                                      ("values", value_leaves, axes.key + axes.value_dim)):
+        if any(_member(space, cls, root_leaves) is None for cls in needed):
+            raise UnsupportedSite(f"the {name} broadcast over an axis that attention reads")
+    real_kv = []
+    for cls in axes.batch:
+        has_key = _member(space, cls, key_leaves) is not None
+        if has_key != (_member(space, cls, value_leaves) is not None):
+            raise UnsupportedSite("k and v do not share their batch and head axes")
+        real_kv.append(has_key)
+    return real_kv
+
+
+def _index_space(axes: Axes) -> tuple[dict, IndexSpace]:
+    """One index symbol per batch, query and key class (b0.., i, j), for the mask analysis."""
+    symbols = {}
+    for number, cls in enumerate(axes.batch):
+        symbols[id(cls)] = index_symbol(f"b{number}")
+    for letter, classes in (("i", axes.query), ("j", axes.key)):
+        for number, cls in enumerate(classes):
+            symbols[id(cls)] = index_symbol(letter if len(classes) == 1 else f"{letter}{number}")
+    sizes = {symbols[id(cls)]: cls.size for cls in axes.batch + axes.query + axes.key}
+    return symbols, IndexSpace(tuple(symbols[id(cls)] for cls in axes.batch),
+                               tuple(symbols[id(cls)] for cls in axes.query),
+                               tuple(symbols[id(cls)] for cls in axes.key), sizes)
+
+
+def _notes(scores: Scores, analysis: MaskAnalysis) -> list[str]:
+    notes = list(scores.notes)
+    if scores.softcap is not None:
+        notes.append(f"tanh soft-capping at {scores.softcap:g}")
+    if scores.sinks is not None:
+        notes.append(f"attention-sink logits {scores.sinks.name} are concatenated to the scores")
+    return notes + list(analysis.notes)
 
 
 def _is_real(space: AtomSpace, cls: Atom, root_leaves: list) -> bool:
     return _member(space, cls, root_leaves) is not None
 
 
-def _groups(batch_classes: list, real_kv: list, query_leaves: list, analysis: MaskAnalysis, symbols: dict):
+def _groups(batch_classes: list, real_kv: list, analysis: MaskAnalysis, symbols: dict):
     """Which independent classes form the op's batch dim and which its heads dim (kv-carrying heads outer)."""
     padding_symbol = analysis.key_padding.batch_symbol if analysis.key_padding is not None else None
     batch_group, head_group = [], []
@@ -706,11 +696,6 @@ def _groups(batch_classes: list, real_kv: list, query_leaves: list, analysis: Ma
     real = {id(cls) for cls, has in zip(batch_classes, real_kv) if has}
     head_group = [cls for cls in head_group if id(cls) in real] + [cls for cls in head_group if id(cls) not in real]
     return batch_group, head_group
-
-
-def _layout_text(query: Operand, axes: Axes, space: AtomSpace, batch_group, head_group) -> str:
-    shape = node_shape(query.root)
-    return f"q root {query.root.name} {tuple(shape) if shape else ''} -> (batch, heads, sequence, head_dim)"
 
 
 # -- adapters ----------------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from __future__ import annotations
 import itertools
 import math
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import networkx
@@ -38,7 +38,6 @@ from passes.detect_symbolic import (
     Unsupported,
     as_bool,
     fold,
-    is_boolean,
 )
 from passes.graph_info import size_expr, symbol_hint, tensor_meta
 from planner.records import MaskSpec
