@@ -15,8 +15,10 @@ What cannot be proved stays "arbitrary": the site keeps the mask tensor, and wit
 term that is not a mask (ALiBi, relative positions: anything with finite non-zero values) is a bias and is kept as a
 tensor too, next to whatever structure was proved.
 
-Exactness: a rewrite that drops a proved mask computes attention over exactly the visible keys. It differs from the
-original only in rows where every key is masked (the original gives the mean of the values there when it masks with
+Exactness: a rewrite that drops a proved mask computes attention over exactly the visible keys. A position counts as
+masked when -inf or a value <= -1e4 is written or added there (transformers uses finfo.min, older code -1e4 or -1e9):
+exp of it underflows to 0 in float32 unless a score exceeds ~1e4 - 100. The rewrite differs from the original only
+in rows where every key is masked (the original gives the mean of the values there when it masks with
 a finite value, NaN with -inf; the tiled kernels give 0).
 """
 from __future__ import annotations

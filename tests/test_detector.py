@@ -225,8 +225,8 @@ def test_baddbmm_with_alibi_bias_keeps_the_bias():
     (site,) = sites
     assert site.mask.kind == "causal" and site.mask.bias is not None and site.mask.tensor is not None
     assert "bias" in site.mask.proof
-    if plan.decisions[0].rewritten:  # the bias runs as a kept additive tensor, exactly
-        assert_same(model, graph_module, (torch.randn(2, 19, DIM),))
+    assert plan.decisions[0].rewritten  # the bias runs as a kept additive tensor, exactly
+    assert_same(model, graph_module, (torch.randn(2, 19, DIM),))
 
 
 class RelativeBias(nn.Module):
@@ -248,13 +248,19 @@ class RelativeBias(nn.Module):
 
 
 def test_unscaled_relative_position_bias():
+    from passes.rewrite import rewrite
+    from planner.records import Candidate, Plan, SiteDecision
+
     model = RelativeBias().eval()
-    graph_module, sites, plan = rewrite_exactly(model, (torch.randn(2, 17, DIM),))
+    graph_module, sites = detect(model, (torch.randn(2, 17, DIM),))
     (site,) = sites
     assert site.scale == 1.0
-    assert site.mask.kind in ("bias", "arbitrary") and site.mask.tensor is not None
-    if plan.decisions[0].rewritten:
-        assert_same(model, graph_module, (torch.randn(2, 11, DIM),))
+    assert site.mask.kind == "bias" and site.mask.bias == site.mask.tensor is not None
+    # Rewritten with the tiled op whatever the planner's policy on bias sites: the bias is kept as a tensor.
+    flash = Candidate("flash", "blockwise", "exact", 0.0, 0.0, True, "test")
+    rewrite(graph_module, Plan(device=None, policy="exact", max_len=1, decisions=(SiteDecision(site, (), flash, ""),)))
+    assert flash_calls(graph_module) == 1
+    assert_same(model, graph_module, (torch.randn(2, 11, DIM),))
 
 
 class SoftCapped(nn.Module):
