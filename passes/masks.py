@@ -565,7 +565,6 @@ def check_numerically(graph_module, terms: Sequence[MaskTerm], space: IndexSpace
     checked = [term for term in terms if id(term) not in skip]
     if not checked or not lengths or graph_module is None:
         return True, ()
-    kind, window, padding = structure
     sequence_symbols = set()
     for symbol in space.query + space.key:
         size = sympy.sympify(space.sizes[symbol])
@@ -583,33 +582,44 @@ def check_numerically(graph_module, terms: Sequence[MaskTerm], space: IndexSpace
             inputs = [_example_input(node, values, generator) for node in placeholders]
             with torch.no_grad():
                 outputs = module(*inputs)
+            expected = [tuple(int(sympy.sympify(size_expr(size)).subs(values)) for size in
+                              tensor_meta(term.node).shape) for term in checked]
         except Exception:  # noqa: BLE001 - the subgraph does not run at this length: neither does the model
             continue
-        expected = [tuple(int(sympy.sympify(size_expr(size)).subs(values)) for size in tensor_meta(term.node).shape)
-                    for term in checked]
         if any(tuple(output.shape) != shape for output, shape in zip(outputs, expected)):
             continue
         accepted.append(length)
-        sizes = {symbol: int(sympy.sympify(size).subs(values)) for symbol, size in space.sizes.items()}
-        visible = None
-        for term, output in zip(checked, outputs):
-            grid = index_grid(output, term.dims, space.order, sizes)
-            if term.kind == "add":
-                term_visible = (grid * term.coefficient) > HUGE_NEGATIVE
-            elif term.kind == "fill":
-                term_visible = ~grid.bool()
-            else:
-                term_visible = grid.bool()
-            visible = term_visible if visible is None else visible & term_visible
-        claim = _claimed_visibility(kind, window, padding, space, sizes, inputs, placeholders)
-        if is_causal:
-            claim = claim & _structure_grid("causal", None, space, sizes)
-        visible, claim = torch.broadcast_tensors(visible, claim)
-        if not torch.equal(visible, claim):
+        try:
+            same = _matches_claim(checked, outputs, structure, space, values, inputs, placeholders, is_causal)
+        except Exception as error:  # noqa: BLE001 - a check that cannot be made is a check that failed
+            return f"the check failed at length {length}: {type(error).__name__}: {str(error)[:80]}", tuple(accepted)
+        if not same:
             return f"the subgraph's mask differs from the claim at length {length}", tuple(accepted)
     if len(accepted) < 2:
         return f"the mask subgraph ran at {len(accepted)} of the lengths {tuple(lengths)}", tuple(accepted)
     return True, tuple(accepted)
+
+
+def _matches_claim(terms, outputs, structure, space: IndexSpace, values: dict, inputs, placeholders,
+                   is_causal: bool) -> bool:
+    """Whether the keys the evaluated terms leave visible are those the claimed structure and padding do."""
+    kind, window, padding = structure
+    sizes = {symbol: int(sympy.sympify(size).subs(values)) for symbol, size in space.sizes.items()}
+    visible = None
+    for term, output in zip(terms, outputs):
+        grid = index_grid(output, term.dims, space.order, sizes)
+        if term.kind == "add":
+            term_visible = (grid * term.coefficient) > HUGE_NEGATIVE
+        elif term.kind == "fill":
+            term_visible = ~grid.bool()
+        else:
+            term_visible = grid.bool()
+        visible = term_visible if visible is None else visible & term_visible
+    claim = _claimed_visibility(kind, window, padding, space, sizes, inputs, placeholders)
+    if is_causal:
+        claim = claim & _structure_grid("causal", None, space, sizes)
+    visible, claim = torch.broadcast_tensors(visible, claim)
+    return torch.equal(visible, claim)
 
 
 def _structure_grid(kind: str, window, space: IndexSpace, sizes: dict) -> torch.Tensor:

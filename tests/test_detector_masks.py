@@ -190,3 +190,33 @@ def test_sdpa_bool_mask_with_padding_input_from_transformers_style_vmap_free_bui
     assert plan.decisions[0].rewritten
     x, attention_mask = inputs(3, 11)
     assert_same(model, graph_module, (x, attention_mask))
+
+
+def test_numeric_check_catches_a_wrong_symbolic_result(monkeypatch):
+    """The run at several lengths is an independent check: an evaluator that misreads tril as a band of 3 yields a
+    sliding-window claim that the mask subgraph contradicts, and the mask stays arbitrary (its tensor kept)."""
+    import passes.detect_symbolic as symbolic
+    import passes.masks as masks
+
+    def wrong_tril(evaluator, node, index):
+        return sympy.And(sympy.Le(index[-1], index[-2]), sympy.Lt(index[-2] - index[-1], 3))
+
+    class TrilMasked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(DIM, 3 * DIM)
+
+        def forward(self, x):
+            batch, length, _ = x.shape
+            q, k, v = (t.view(batch, length, HEADS, -1).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1))
+            visible = torch.ones(length, length, dtype=torch.bool).tril()
+            scores = (q @ k.transpose(-1, -2)).masked_fill(~visible, float("-inf"))
+            return (scores.softmax(-1) @ v).transpose(1, 2).reshape(batch, length, DIM)
+
+    monkeypatch.setitem(symbolic.HANDLERS, torch.ops.aten.tril.default, wrong_tril)
+    monkeypatch.setattr(masks, "_ANALYSES", masks.weakref.WeakKeyDictionary())
+    model = TrilMasked().eval()
+    graph_module, sites, plan = rewrite_exactly(model, (torch.randn(2, 17, DIM),))
+    (site,) = sites
+    assert site.mask.kind == "arbitrary" and "numeric check" in site.mask.proof
+    assert_same(model, graph_module, (torch.randn(2, 9, DIM),))  # the kept tensor keeps it exact
