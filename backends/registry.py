@@ -30,7 +30,7 @@ EXACTNESS_ALLOWED = {"exact": ("exact",), "approximate": ("exact", "approximate"
                      "any": ("exact", "approximate", "retrain")}
 
 # Mask kinds the tiled kernel expresses without the mask tensor; "arbitrary" runs with the tensor (exactly).
-TILED_MASKS = ("none", "causal", "sliding_window", "padding", "arbitrary")
+TILED_MASKS = ("none", "causal", "sliding_window", "padding", "bias", "arbitrary")
 HALF_DTYPES = ("bfloat16", "float16")
 
 

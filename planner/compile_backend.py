@@ -40,7 +40,6 @@ import torch
 
 from planner.devices import DeviceSpec, device_spec
 from planner.lengths import format_length, parse_length
-from planner.pipeline import plan_and_rewrite
 from planner.records import POLICIES, Plan
 from planner.report import Report
 
@@ -143,6 +142,8 @@ class AttentionPlannerBackend:
         try:
             rewritten = trace_to_aten(graph_module, example_inputs)
             specialized_before = _specializations(rewritten)
+            from planner.pipeline import plan_and_rewrite  # here, not at import: `import planner` stays light
+
             report = plan_and_rewrite(rewritten, device, self.policy, max_len, model_name=f"graph {compile_id}",
                                       train=_is_training(example_inputs), variant=self.variant)
             _note_specializations(report, rewritten, specialized_before)
