@@ -6,6 +6,7 @@ code specializes it. An already traced GraphModule or an ExportedProgram is acce
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -57,7 +58,10 @@ def guess_example_inputs(model: torch.nn.Module) -> tuple[tuple, dict]:
     if device.type == "meta":
         device = torch.device("cpu")
     input_ids = torch.randint(0, vocab_size, (2, DEFAULT_EXAMPLE_LENGTH), device=device)
-    return (input_ids,), {}
+    keywords = {}
+    if "use_cache" in inspect.signature(model.forward).parameters:
+        keywords["use_cache"] = False  # a KV-cache object in the outputs is not a tensor export can return
+    return (input_ids,), keywords
 
 
 def capture(model: Any, example_args: Optional[tuple] = None, example_kwargs: Optional[dict] = None) -> Capture:
@@ -82,17 +86,35 @@ def capture(model: Any, example_args: Optional[tuple] = None, example_kwargs: Op
             strict=False,
         )
     except Exception as error:  # export raises many types; the user needs the module and the reason
+        message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        hint = ""
+        if "Cache" in message and "use_cache" not in example_kwargs:
+            hint = "; the model returns a KV cache: pass example_kwargs={'use_cache': False}"
         raise CaptureError(
-            f"torch.export could not capture {type(model).__name__}: {type(error).__name__}: "
-            f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+            f"torch.export could not capture {type(model).__name__}: {type(error).__name__}: {message}{hint}"
         ) from error
-    return Capture(exported.module(), exported, example_args, example_kwargs, type(model).__name__)
+    graph_module = exported.module()
+    _default_constant_keywords(graph_module, example_kwargs)
+    return Capture(graph_module, exported, example_args, example_kwargs, type(model).__name__)
+
+
+def _default_constant_keywords(graph_module: torch.fx.GraphModule, example_kwargs: dict) -> None:
+    """Non-tensor keyword inputs given at capture (use_cache=False, return_dict=True, ...) are baked into the graph;
+    the captured module insists on receiving them. Fill them in when a caller leaves them out, so that the module is
+    called like the model it replaces."""
+    constants = {name: value for name, value in example_kwargs.items()
+                 if not isinstance(value, torch.Tensor) and isinstance(value, (bool, int, float, str, type(None)))}
+    if not constants:
+        return
+
+    def fill_in_constants(module, args, kwargs):
+        return args, {**constants, **kwargs}
+
+    graph_module.register_forward_pre_hook(fill_in_constants, with_kwargs=True, prepend=True)
 
 
 def _by_parameter(model: torch.nn.Module, dynamic_args: tuple, dynamic_kwargs: dict) -> dict:
     """export wants dynamic_shapes keyed by forward's parameter names when kwargs are present."""
-    import inspect
-
     parameters = [
         name for name, parameter in inspect.signature(model.forward).parameters.items()
         if parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD)

@@ -573,6 +573,7 @@ def check_numerically(graph_module, terms: Sequence[MaskTerm], space: IndexSpace
         module, placeholders = _mask_subgraph(graph_module, [term.node for term in checked])
     except Exception as error:  # noqa: BLE001 - any failure to build the subgraph means "not checked"
         return f"the mask subgraph could not be extracted: {type(error).__name__}", ()
+    _run_on_cpu(module)
     generator = torch.Generator().manual_seed(0)
     accepted = []
     for length in lengths:
@@ -598,6 +599,19 @@ def check_numerically(graph_module, terms: Sequence[MaskTerm], space: IndexSpace
     if len(accepted) < 2:
         return f"the mask subgraph ran at {len(accepted)} of the lengths {tuple(lengths)}", tuple(accepted)
     return True, tuple(accepted)
+
+
+def _run_on_cpu(module: torch.fx.GraphModule) -> None:
+    """Point the subgraph's factory calls (arange, ones, full, ...) at the CPU: the check runs there whatever device
+    the model was captured on, the meta device included (presets are planned without weights)."""
+    cpu = torch.device("cpu")
+    for node in module.graph.nodes:
+        device = node.kwargs.get("device")
+        if isinstance(device, torch.device) and device.type != "cpu":
+            node.kwargs = {**node.kwargs, "device": cpu}
+        elif isinstance(device, str) and not device.startswith("cpu"):
+            node.kwargs = {**node.kwargs, "device": cpu}
+    module.recompile()
 
 
 def _matches_claim(terms, outputs, structure, space: IndexSpace, values: dict, inputs, placeholders,
