@@ -163,3 +163,17 @@ def test_max_len_strings(text, tokens):
 def test_unknown_policy_is_refused(demo_model):
     with pytest.raises(planner.InvalidArgumentError, match="exact"):
         planner.optimize(demo_model, "1k", device="cpu", policy="fastest")
+
+
+def test_transformers_model_without_example_inputs_is_called_like_the_original():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")
+    model = transformers.LlamaForCausalLM(config).eval()
+    # Inputs are guessed (token ids, use_cache=False); the KV cache is not a tensor export can return.
+    optimized = planner.optimize(model, "8k", device="h200", variant="flash")
+    assert optimized.report.rewritten == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    input_ids = torch.randint(0, 128, (1, 53))
+    with torch.no_grad():
+        expected = model(input_ids, use_cache=False).logits
+        torch.testing.assert_close(optimized(input_ids).logits, expected, atol=1e-5, rtol=1e-5)
