@@ -95,6 +95,7 @@ def capture(model: Any, example_args: Optional[tuple] = None, example_kwargs: Op
         ) from error
     graph_module = exported.module()
     _default_constant_keywords(graph_module, example_kwargs)
+    follow_weights_device(graph_module)
     return Capture(graph_module, exported, example_args, example_kwargs, type(model).__name__)
 
 
@@ -111,6 +112,35 @@ def _default_constant_keywords(graph_module: torch.fx.GraphModule, example_kwarg
         return args, {**constants, **kwargs}
 
     graph_module.register_forward_pre_hook(fill_in_constants, with_kwargs=True, prepend=True)
+
+
+def follow_weights_device(graph_module: torch.fx.GraphModule) -> None:
+    """Tensors the graph creates (arange for positions, masks, zeros) were captured with the capture's device baked
+    in. Make each factory call take its device from a weight at run time instead, so that a module optimized on one
+    device runs on whatever device its weights are on (after .to(), .cuda(), copies included)."""
+    graph = graph_module.graph
+    weight = next((node for node in graph.nodes if node.op == "get_attr"
+                   and isinstance(_attribute(graph_module, node.target), torch.Tensor)), None)
+    if weight is None:
+        return
+    captured_on = _attribute(graph_module, weight.target).device
+    # Only what was made where the weights were: a tensor the model puts on the CPU on purpose stays there.
+    factories = [node for node in graph.nodes if node.op == "call_function"
+                 and isinstance(node.kwargs.get("device"), (torch.device, str))
+                 and torch.device(node.kwargs["device"]) == captured_on]
+    if not factories:
+        return
+    with graph.inserting_after(weight):
+        weights_device = graph.call_function(getattr, (weight, "device"))
+    for node in factories:
+        node.kwargs = {**node.kwargs, "device": weights_device}
+    graph_module.recompile()
+
+
+def _attribute(module: torch.nn.Module, target: str):
+    for name in target.split("."):
+        module = getattr(module, name, None)
+    return module
 
 
 def _by_parameter(model: torch.nn.Module, dynamic_args: tuple, dynamic_kwargs: dict) -> dict:

@@ -1,4 +1,5 @@
 """Issue 2: optimize() end to end on the CPU: capture, find, plan, rewrite, report; errors; memory."""
+import copy
 import json
 
 import pytest
@@ -177,3 +178,15 @@ def test_transformers_model_without_example_inputs_is_called_like_the_original()
     with torch.no_grad():
         expected = model(input_ids, use_cache=False).logits
         torch.testing.assert_close(optimized(input_ids).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_module_follows_its_weights_to_another_device():
+    # Positions and masks the graph creates take their device from the weights at run time; the meta device stands
+    # in for a GPU here (a factory left on the CPU would fail against meta weights).
+    model = DemoLlama(DemoConfig(num_layers=1, attention="eager")).eval()
+    optimized = planner.optimize(model, "8k", device="h200")
+    input_ids = torch.randint(0, 256, (1, 40))
+    moved = copy.deepcopy(optimized).to("meta")
+    assert moved(input_ids.to("meta")).device.type == "meta"
+    with torch.no_grad():
+        torch.testing.assert_close(optimized(input_ids), model(input_ids), atol=1e-5, rtol=1e-5)
