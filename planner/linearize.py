@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -127,6 +127,9 @@ class LinearizeReport:
     steps: int
     features: int
     sites: list = field(default_factory=list)  # SiteDistillation
+    finetune_steps: int = 0
+    kl_before_finetune: Optional[float] = None  # mean KL(original || linearized) of the outputs, calibration data
+    kl_after_finetune: Optional[float] = None
     skipped: dict = field(default_factory=dict)  # site -> why it was not linearized
     notes: list = field(default_factory=list)
 
@@ -137,6 +140,9 @@ class LinearizeReport:
             lines.append(f"  {item.site}: elu+1 {item.elu_error:.3f}; learned map before {item.error_before:.3f} "
                          f"(cosine {item.cosine_before:.3f}) -> after {item.error_after:.3f} "
                          f"(cosine {item.cosine_after:.3f})")
+        if self.finetune_steps:
+            lines.append(f"  end to end, {self.finetune_steps} steps on KL(original || linearized) of the outputs: "
+                         f"mean KL {self.kl_before_finetune:.4f} -> {self.kl_after_finetune:.4f}")
         for site, reason in self.skipped.items():
             lines.append(f"  kept softmax: {site}: {reason}")
         lines.extend(f"  note: {note}" for note in self.notes)
@@ -214,7 +220,7 @@ def distil_site(site: AttentionSite, inputs: Sequence[tuple[torch.Tensor, torch.
         loss.backward()
         optimizer.step()
         scheduler.step()
-        curve.append(float(loss))
+        curve.append(float(loss.detach()))
     module.implementation = "auto"
     with torch.no_grad():
         error_after, cosine_after = _errors([module(*batch) for batch in inputs], teachers)
@@ -225,13 +231,20 @@ def distil_site(site: AttentionSite, inputs: Sequence[tuple[torch.Tensor, torch.
 
 def linearize_graph(graph_module: torch.fx.GraphModule, sites: Sequence[AttentionSite], calibration: Any,
                     steps: int, *, features: Optional[int] = None, learning_rate: float = 1e-2,
+                    finetune_steps: int = 0, output: Optional[Callable[[Any], torch.Tensor]] = None,
                     seed: int = 0) -> LinearizeReport:
     """Distil each of `sites` (those that can be) into a LinearizedAttention module and rewrite `graph_module` in
-    place to call it. calibration: batches of model inputs (see planner.fidelity.as_batches)."""
-    from planner.fidelity import as_batches, rewrite_copy, _tap_prepared_inputs
+    place to call it. calibration: batches of model inputs (see planner.fidelity.as_batches).
 
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
-        raise InvalidArgumentError(f"steps={steps!r} must be a non-negative int (optimizer steps per site)")
+    finetune_steps: then train every feature map together, end to end, on the mean KL(original || linearized) of
+    the model's output distributions (`output` maps the model's output to logits; default: its first tensor): the
+    layer-wise transfer weighs every position alike, the end-to-end loss weighs what changes the predictions."""
+    from planner.fidelity import as_batches, first_tensor, rewrite_copy, _tap_prepared_inputs
+
+    for name, value in (("steps", steps), ("finetune_steps", finetune_steps)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise InvalidArgumentError(f"{name}={value!r} must be a non-negative int (optimizer steps)")
+    output = output or first_tensor
     batches = as_batches(calibration)
     report = LinearizeReport(steps=steps, features=0)
     chosen = []
@@ -248,9 +261,10 @@ def linearize_graph(graph_module: torch.fx.GraphModule, sites: Sequence[Attentio
     for site in chosen:
         _tap_prepared_inputs(module, site, store)
     module.recompile()
+    teacher_outputs = []
     with torch.no_grad():
         for args, kwargs in batches:
-            module(*args, **kwargs)
+            teacher_outputs.append(output(module(*args, **kwargs)).detach())
 
     trained = {}
     for index, site in enumerate(chosen):
@@ -261,7 +275,46 @@ def linearize_graph(graph_module: torch.fx.GraphModule, sites: Sequence[Attentio
         report.sites.append(record)
         trained[site.name] = attention
     _rewrite_sites(graph_module, chosen, trained)
+    if finetune_steps:
+        _finetune(graph_module, list(trained.values()), batches, teacher_outputs, output, finetune_steps,
+                  learning_rate, report)
     return report
+
+
+def _mean_kl(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    log_p = torch.log_softmax(teacher.float(), dim=-1)
+    return (log_p.exp() * (log_p - torch.log_softmax(student.float(), dim=-1))).sum(-1).mean()
+
+
+def _finetune(graph_module, modules, batches, teacher_outputs, output, steps, learning_rate, report) -> None:
+    """Train the feature maps end to end on KL(original || linearized); the model's own weights stay frozen."""
+    parameters = [parameter for module in modules for parameter in module.parameters()]
+    trainable = {id(parameter) for parameter in parameters}
+    frozen = [parameter for parameter in graph_module.parameters()
+              if id(parameter) not in trainable and parameter.requires_grad]
+    for parameter in frozen:
+        parameter.requires_grad_(False)
+    try:
+        def mean_kl() -> float:
+            with torch.no_grad():
+                values = [float(_mean_kl(teacher, output(graph_module(*args, **kwargs))))
+                          for (args, kwargs), teacher in zip(batches, teacher_outputs)]
+            return sum(values) / len(values)
+
+        report.finetune_steps, report.kl_before_finetune = steps, mean_kl()
+        optimizer = torch.optim.Adam(parameters, lr=learning_rate)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+        for step in range(steps):
+            args, kwargs = batches[step % len(batches)]
+            loss = _mean_kl(teacher_outputs[step % len(batches)], output(graph_module(*args, **kwargs)))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+        report.kl_after_finetune = mean_kl()
+    finally:
+        for parameter in frozen:
+            parameter.requires_grad_(True)
 
 
 def _rewrite_sites(graph_module: torch.fx.GraphModule, sites: Sequence[AttentionSite],
@@ -293,7 +346,8 @@ def _rewrite_sites(graph_module: torch.fx.GraphModule, sites: Sequence[Attention
 
 
 def linearize(model: Any, calibration: Any, steps: int = 300, *, features: Optional[int] = None,
-              learning_rate: float = 1e-2, example_inputs: Optional[tuple] = None,
+              learning_rate: float = 1e-2, finetune_steps: int = 0,
+              output: Optional[Callable[[Any], torch.Tensor]] = None, example_inputs: Optional[tuple] = None,
               example_kwargs: Optional[dict] = None, seed: int = 0) -> torch.fx.GraphModule:
     """Capture `model`, distil every softmax attention with a none/causal mask into linear attention with a learned
     feature map, and return the rewritten graph module with `.linearize_report` (errors before and after per site).
@@ -302,6 +356,8 @@ def linearize(model: Any, calibration: Any, steps: int = 300, *, features: Optio
         model: an nn.Module (captured with torch.export), a GraphModule or an ExportedProgram; not modified.
         calibration: batches of inputs (tensor, tuple or dict each) on which the attention outputs are matched.
         steps: optimizer steps per site. features: the feature map's width per sign (default head_dim).
+        finetune_steps: then train all feature maps together on KL(original || linearized) of the outputs
+            (logits; `output` picks them from the model's output). The model's own weights are not trained.
         example_inputs / example_kwargs: for capture (default: the first calibration batch).
     """
     from passes.capture import capture
@@ -319,7 +375,7 @@ def linearize(model: Any, calibration: Any, steps: int = 300, *, features: Optio
     graph_module = captured.graph_module
     sites = find_sites(graph_module)
     report = linearize_graph(graph_module, sites, calibration, steps, features=features, learning_rate=learning_rate,
-                             seed=seed)
+                             finetune_steps=finetune_steps, output=output, seed=seed)
     if not sites:
         report.notes.append("no softmax attention was found: the model is unchanged")
     object.__setattr__(graph_module, "linearize_report", report)
