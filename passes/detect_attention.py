@@ -571,7 +571,9 @@ def _site(softmax, scores: Scores, query: Operand, key: Operand, value: Operand,
                                         for axis in layout), coefficient, -math.inf if fill is None else fill)
              for kind, node, coefficient, fill, layout in scores.terms]
     analysis = analyze_mask(softmax.graph.owning_module, terms, index_space, is_causal=is_causal)
-    batch_group, head_group = _groups(axes.batch, real_kv, analysis, symbols)
+    root_shape = node_shape(query.root) or ()
+    batch_of_one = len(root_shape) == 4 and root_shape[0] == 1
+    batch_group, head_group = _groups(axes.batch, real_kv, analysis, symbols, batch_of_one)
     if analysis.key_padding is not None and [symbols[id(cls)] for cls in batch_group] != \
             [analysis.key_padding.batch_symbol]:
         mask = MaskSpec(kind="arbitrary", tensor=analysis.spec.tensor,
@@ -677,8 +679,11 @@ def _is_real(space: AtomSpace, cls: Atom, root_leaves: list) -> bool:
     return _member(space, cls, root_leaves) is not None
 
 
-def _groups(batch_classes: list, real_kv: list, analysis: MaskAnalysis, symbols: dict):
-    """Which independent classes form the op's batch dim and which its heads dim (kv-carrying heads outer)."""
+def _groups(batch_classes: list, real_kv: list, analysis: MaskAnalysis, symbols: dict, batch_of_one: bool = False):
+    """Which independent classes form the op's batch dim and which its heads dim (kv-carrying heads outer).
+
+    batch_of_one: q is (1, heads, sequence, dim): the batch axis vanished from the algebra, so no class is taken for
+    it (else grouped-query heads would be split into a "batch" of kv heads; the same arithmetic, a wrong report)."""
     padding_symbol = analysis.key_padding.batch_symbol if analysis.key_padding is not None else None
     batch_group, head_group = [], []
     for cls, real in zip(batch_classes, real_kv):
@@ -687,7 +692,7 @@ def _groups(batch_classes: list, real_kv: list, analysis: MaskAnalysis, symbols:
             batch_group.append(cls)
         else:
             head_group.append(cls)
-    if not batch_group and padding_symbol is None:
+    if not batch_group and padding_symbol is None and not batch_of_one:
         for cls, real in zip(batch_classes, real_kv):
             if real and len(head_group) > 1:
                 batch_group.append(cls)

@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import planner
+
 from test_detector_support import (  # noqa: F401  (strict_matchers is an autouse fixture)
     assert_same,
     detect,
@@ -530,3 +532,20 @@ def test_core_aten_graph_after_decompositions():
     rewrite(graph_module, exact_plan(sites))
     assert flash_calls(graph_module) == 3
     assert_same(model, graph_module, (torch.randn(3, 19, DIM),))
+
+
+def test_grouped_query_heads_with_a_batch_of_one_are_reported_as_heads():
+    # With batch 1 the batch axis vanishes from the index algebra; the kv heads must not be taken for it.
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=256, intermediate_size=128, num_hidden_layers=1,
+                                      num_attention_heads=16, num_key_value_heads=2, attn_implementation="sdpa")
+    model = transformers.LlamaForCausalLM(config).eval()
+    input_ids = torch.randint(0, 128, (1, 37))
+    site = planner.find_attention(model, (input_ids,), {"use_cache": False})[0]
+    assert (site.batch, site.heads, site.kv_heads, site.head_dim) == (1, 16, 2, 16)
+    optimized = planner.optimize(model, "8k", device="h200", example_inputs=(input_ids,),
+                                 example_kwargs={"use_cache": False}, variant="flash")
+    other = torch.randint(0, 128, (1, 50))
+    with torch.no_grad():
+        torch.testing.assert_close(optimized(other).logits, model(other, use_cache=False).logits, atol=1e-5,
+                                   rtol=1e-5)
