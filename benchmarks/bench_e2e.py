@@ -119,7 +119,7 @@ TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "nu
 def model_specs(smoke: bool) -> list[ModelSpec]:
     llama, mistral = llama_values(), mistral_values()
     if smoke:
-        llama = {**llama, **TINY, "rope_scaling": {**llama["rope_scaling"], "original_max_position_embeddings": 64}}
+        llama = {**llama, **TINY}
         mistral = {**mistral, **TINY, "sliding_window": 48}
     return [
         ModelSpec("llama-3.2-1b", "LlamaConfig", llama,
@@ -259,6 +259,9 @@ def is_oom(error: BaseException) -> bool:
 def first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0][:300] if text else ''}"
+
+
+LONG_CALL_S = 6.0  # a configuration already warm at a shorter length is timed without a warm-up above this
 
 
 def timed_repeats(seconds: float) -> int:
@@ -427,7 +430,7 @@ def predicted_call_s(history: list[tuple[int, float]], length: int) -> Optional[
     return seconds * (length / measured_length) ** 2
 
 
-def time_skip(predicted: float, budget: Budget, reserve_s: float, max_call_s: float, what: str) -> Optional[dict]:
+def time_skip(predicted: float, budget: Budget, reserve_s: float, what: str) -> Optional[dict]:
     """Skip when the predicted cost of the whole measurement does not fit the time left, or one call is too long."""
     available = budget.left() - reserve_s
     if predicted > available:
@@ -450,24 +453,24 @@ def measure_forward(runner: Runner, ids: torch.Tensor, clock: Clock, predicted: 
     """Warm-up call (skipped for long calls of a configuration already warm), then timed calls; peak memory over the
     timed calls. Returns the record's fields and the kept logits (float32, on the CPU)."""
     fields: dict = {}
-    long_call = predicted is not None and predicted > 6.0
+    kept = None
     with torch.no_grad():
-        if not (warm and long_call):
+        if not (warm and predicted is not None and predicted > LONG_CALL_S):
             output, first = clock.wall(lambda: runner.call(ids))
             fields["first_call_s"] = round(first, 4)
             kept = output[0, -1].float().cpu()
             del output
-            repeats = timed_repeats(first if predicted is None else min(first, predicted))
-        else:
-            kept, repeats = None, 1
-        times = []
+        times: list[float] = []
+        repeats = 1
         with PeakMemory(clock.device) as peak:
-            for _ in range(repeats):
+            while len(times) < repeats:
                 output, seconds = clock.time(lambda: runner.call(ids))
                 times.append(seconds)
                 if kept is None:
                     kept = output[0, -1].float().cpu()
                 del output
+                if len(times) == 1:
+                    repeats = timed_repeats(seconds) if "first_call_s" in fields else 1
     median = statistics.median(times)
     fields.update(status="ok", seconds=median, runs=[round(value, 5) for value in times],
                   tokens_per_s=ids.shape[1] / median, peak_bytes=peak.peak_bytes,
@@ -487,7 +490,7 @@ def run_forward_config(spec: ModelSpec, model: torch.nn.Module, config: str, set
                          reason="--smoke without --compile")
         return
     compile_guess = GUESS["inductor_compile"] if config in ("inductor", "planner-compile") else 0.0
-    skip = time_skip(compile_guess + 4 * GUESS["first_call"], budget, reserve_s, settings.max_call_s,
+    skip = time_skip(compile_guess + 4 * GUESS["first_call"], budget, reserve_s,
                      f"{config} setup + first length") if not settings.smoke else None
     if skip:
         for length in settings.lengths:
@@ -522,8 +525,8 @@ def run_forward_config(spec: ModelSpec, model: torch.nn.Module, config: str, set
                 skip = {"status": "skipped", "predicted_s": round(predicted, 1),
                         "reason": f"one call predicted {predicted:.0f} s > --max-call-s {settings.max_call_s:.0f}"}
             else:
-                calls = 1 if predicted > 6.0 and not runner.warm_per_length else 1 + timed_repeats(predicted)
-                skip = time_skip(predicted * calls, budget, reserve_s, settings.max_call_s, f"{calls} call(s)")
+                calls = 1 if predicted > LONG_CALL_S and not runner.warm_per_length else 1 + timed_repeats(predicted)
+                skip = time_skip(predicted * calls, budget, reserve_s, f"{calls} call(s)")
         if skip:
             recorder.add(**base, **skip)
             if skip["reason"].startswith("over the time budget") or "max-call-s" in skip["reason"]:
@@ -590,7 +593,7 @@ def run_train_config(spec: ModelSpec, model: torch.nn.Module, config: str, setti
         recorder.add(**base, status="skipped", reason="--smoke without --compile")
         return
     guess = (GUESS["train_compile"] if compiled else 0.0) + 4 * GUESS["train_step"]
-    skip = time_skip(guess, budget, 0.0, settings.max_call_s, "compile + 4 steps") if not settings.smoke else None
+    skip = time_skip(guess, budget, 0.0, "compile + 4 steps") if not settings.smoke else None
     if skip:
         recorder.add(**base, **skip)
         return
@@ -682,6 +685,10 @@ def fmt_seconds(seconds: float) -> str:
 
 def fmt_rate(tokens_per_s: float) -> str:
     return f"{tokens_per_s / 1e6:.2f}M" if tokens_per_s >= 1e6 else f"{tokens_per_s / 1e3:.1f}k"
+
+
+def fmt_count(count: int) -> str:
+    return f"{count / 1e9:.2f}B" if count >= 1e8 else f"{count / 1e3:.0f}k"
 
 
 def fmt_length(length: int) -> str:
@@ -779,6 +786,17 @@ def goals(records: list[dict], lengths: tuple) -> list[str]:
     return lines
 
 
+def agreement(records: list[dict]) -> list[str]:
+    """The planner's last-position logits against transformers' at each length (same weights, same inputs)."""
+    rows = [r for r in records if r.get("section") == "forward" and "max_abs_diff" in r
+            and r["config"] not in TRANSFORMERS_CONFIGS]
+    if not rows:
+        return []
+    return ["Logits of the last position against transformers' (max |difference| / max |logit|): " + "; ".join(
+        f"{r['model']} {r['config']} {fmt_length(r['length'])} vs {r['diff_vs']}: {r['max_abs_diff']:.2e} / "
+        f"{r['max_abs_reference']:.2f}" for r in rows) + "."]
+
+
 def train_table(records: list[dict]) -> list[str]:
     rows = [r for r in records if r.get("section") == "train"]
     if not rows:
@@ -815,17 +833,29 @@ def overhead_table(records: list[dict]) -> list[str]:
     return lines
 
 
+def git_revision() -> str:
+    """The checkout's revision, "+modified" when tracked files differ; "unknown" where there is no git (the device
+    machine gets a copy of the working tree, not always its .git)."""
+    try:
+        revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
+                                  timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=ROOT, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if revision.returncode != 0:
+        return "unknown"
+    return revision.stdout.strip() + ("+modified" if dirty.stdout.strip() else "")
+
+
 def environment(settings: Settings, specs: list[ModelSpec], models: dict) -> dict:
     import transformers
     import triton
 
-    revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
-                           cwd=ROOT)
     device = torch.cuda.get_device_name(settings.device) if settings.device.type == "cuda" else "cpu"
     return {"device": device, "torch": torch.__version__, "triton": triton.__version__,
             "transformers": transformers.__version__, "python": sys.version.split()[0],
-            "revision": revision.stdout.strip() + (" (modified)" if dirty.stdout.strip() else ""),
+            "revision": git_revision(), "command": " ".join(["python3", *sys.argv]),
             "dtype": str(settings.dtype).replace("torch.", ""), "smoke": settings.smoke,
             "models": {spec.name: {"description": spec.description, **models.get(spec.name, {})} for spec in specs}}
 
@@ -836,8 +866,8 @@ def tables(records: list[dict], settings: Settings) -> str:
     lines = [f"## End to end on a long context: 1B models on {env.get('device', '?')} (issue 10)", "",
              f"torch {env.get('torch')}, triton {env.get('triton')}, transformers {env.get('transformers')}, "
              f"revision `{env.get('revision')}`; B=1, {env.get('dtype')}, random weights; command: "
-             "`PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/bench_e2e.py --out $OUT`.",
-             "Models: " + "; ".join(f"**{name}**: {facts['description']} ({facts.get('parameters', 0) / 1e9:.2f}B "
+             f"`PYTHONPATH=. {env.get('command')}`.",
+             "Models: " + "; ".join(f"**{name}**: {facts['description']} ({fmt_count(facts.get('parameters', 0))} "
                                      f"parameters)" for name, facts in env.get("models", {}).items()) + ".",
              "", f"**Forward (prefill)**: logits of the last position only ("
              + ("`logits_to_keep=1`: " if keep else "NOT: this transformers has no `logits_to_keep`, so all ")
@@ -846,6 +876,8 @@ def tables(records: list[dict], settings: Settings) -> str:
              "Inductor: `torch.compile(model, dynamic=True)`, compiled once for all lengths. planner: "
              "`planner.optimize(model, max_len=\"128k\", device=\"cuda\")` with a 1x67 example input.", ""]
     lines += forward_table(records, settings.lengths)
+    lines += ["", "OOM (est. …, skipped): not run, the estimated peak exceeds the free memory; skipped (time): the "
+              "predicted cost did not fit the run's time budget.", ""] + agreement(records)
     lines += ["", "**Goals**", ""] + goals(records, settings.lengths)
     train = train_table(records)
     if train:
@@ -938,20 +970,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     saved_logits: dict = {}
     references: dict = {}
     model_facts: dict = {}
-    current: tuple = (None, None)
+    model, model_name = None, None
     try:
         for position, (section, spec, config) in enumerate(work):
-            if current[0] != spec.name:
-                current = (None, None)
+            if model_name != spec.name:
+                model, model_name = None, None
                 free_memory(settings.device)
-                model = build_model(spec, settings.device, settings.dtype)
-                current = (spec.name, model)
+                model, model_name = build_model(spec, settings.device, settings.dtype), spec.name
                 model_facts[spec.name] = {"parameters": parameter_count(model), "weights_bytes": weights_bytes(model),
                                           "logits_to_keep": takes_logits_to_keep(model)}
                 if not any(r.get("section") == "env" for r in recorder.records):
                     recorder.add(section="env", logits_to_keep=takes_logits_to_keep(model),
                                  **environment(settings, specs, {}))
-            model = current[1]
             if config in ("planner", "planner-backend") and cli is not None:
                 record_cli(cli, recorder)  # the CLI's CPU work must not overlap the planner's own timings
                 cli = None

@@ -1,0 +1,164 @@
+"""CPU smoke test of benchmarks/bench_e2e.py (issue 10's end-to-end benchmark): the whole flow on tiny float32
+models (`--smoke`, no torch.compile) in a subprocess, then its outputs: the table printed last, the JSON lines, and
+the planner's logits against transformers' eager attention at the smoke lengths. The skip rules and the goal
+verdicts are checked on synthetic records."""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("matplotlib")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import bench_e2e  # noqa: E402
+
+MODELS = ("llama-3.2-1b", "mistral-1b-w4096")
+LENGTHS = (64, 128)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("e2e")
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_e2e.py"), "--smoke", "--no-cli",
+                           "--out", str(out)], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    records = [json.loads(line) for line in (out / "e2e.jsonl").read_text().splitlines()]
+    return out, done.stdout, records
+
+
+def forward_records(records):
+    return {(r["model"], r["config"], r["length"]): r for r in records if r["section"] == "forward"}
+
+
+def test_the_markdown_table_is_printed_last(smoke):
+    out, stdout, _ = smoke
+    lines = [line for line in stdout.strip().splitlines() if line.strip()]
+    assert lines[-1].startswith("| optimize() mistral-1b-w4096 |"), lines[-3:]
+    assert "| model | configuration | 64 | 128 |" in lines
+    for model in MODELS:
+        for config in ("sdpa", "eager", "planner"):
+            row = next(line for line in lines if line.startswith(f"| {model} | {config} |"))
+            assert row.count("tok/s") == 2, row
+        assert any(line.startswith(f"| {model} | inductor | skipped (--smoke without --compile)") for line in lines)
+    assert any(line.startswith("| planner's tokens/s ≥ the fastest transformers") for line in lines)
+    assert any(line.startswith("| llama-3.2-1b | sdpa | 128 | ") for line in lines)  # the training row
+    assert "`logits_to_keep=1`" in stdout
+    assert (out / "e2e_table.md").read_text().strip() == stdout.strip()
+    assert (out / "e2e.png").stat().st_size > 10_000
+
+
+def test_json_lines_hold_every_measurement(smoke):
+    _, _, records = smoke
+    forward = forward_records(records)
+    for model in MODELS:
+        for config in ("sdpa", "eager", "planner"):
+            for length in LENGTHS:
+                record = forward[(model, config, length)]
+                assert record["status"] == "ok", record
+                assert record["seconds"] > 0 and record["tokens_per_s"] == pytest.approx(length / record["seconds"])
+                assert record["seconds"] == pytest.approx(statistics.median(record["runs"]), abs=1e-5)
+        for length in LENGTHS:
+            assert forward[(model, "inductor", length)]["status"] == "skipped"
+        optimized = next(r for r in records if r["section"] == "overhead" and r.get("model") == model)
+        assert optimized["seconds"] > 0
+        assert optimized["sites"] == optimized["rewritten"] == 2  # both layers' attention rewritten
+    train = {r["config"]: r for r in records if r["section"] == "train"}
+    assert train["sdpa"]["status"] == "ok" and 0 < train["sdpa"]["loss"] < 20 and train["sdpa"]["grad_norm"] > 0
+    assert train["inductor"]["status"] == train["planner-backend"]["status"] == "skipped"
+    env = next(r for r in records if r["section"] == "env")
+    assert env["logits_to_keep"] is True and env["dtype"] == "float32"
+
+
+def test_planner_logits_equal_eager_at_the_smoke_lengths(smoke):
+    out, _, records = smoke
+    logits = torch.load(out / "logits.pt")
+    for model in MODELS:
+        for length in LENGTHS:
+            eager = logits[f"{model}|eager|{length}"]
+            planner = logits[f"{model}|planner|{length}"]
+            assert eager.dtype == torch.float32 and eager.abs().max() > 0.1
+            torch.testing.assert_close(planner, eager, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(logits[f"{model}|sdpa|{length}"], eager, rtol=1e-4, atol=1e-5)
+        # fresh inputs per length: the two lengths' logits differ
+        assert not torch.allclose(logits[f"{model}|eager|64"], logits[f"{model}|eager|128"])
+    for record in forward_records(records).values():
+        if record["config"] == "planner":
+            assert record["diff_vs"] == "eager" and record["max_abs_diff"] < 1e-4
+
+
+# --- the skip rules and verdicts, on synthetic inputs --------------------------------------------------------------
+
+
+class _Config:
+    num_attention_heads = 32
+
+
+class _Model(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.config = _Config()
+        self.weight = torch.nn.Parameter(torch.zeros(4, dtype=torch.bfloat16))
+
+
+def test_eager_attention_estimate_matches_the_scores_it_materializes():
+    model = _Model()
+    # 32 heads x 32k^2 scores: bf16 + fp32 + bf16 = 8 bytes each, plus a bf16 L^2 mask
+    assert bench_e2e.eager_attention_bytes(model, 32768) == 32 * 32768 ** 2 * 8 + 32768 ** 2 * 2
+    assert bench_e2e.eager_attention_bytes(model, 32768) / 2 ** 30 == pytest.approx(258.0)
+
+
+def test_time_rules():
+    assert bench_e2e.predicted_call_s([], 8192) is None
+    assert bench_e2e.predicted_call_s([(8192, 0.1), (32768, 0.8)], 65536) == pytest.approx(3.2)
+    budget = bench_e2e.Budget(total_s=bench_e2e.Budget(0).elapsed() + 100.0)
+    assert bench_e2e.time_skip(50.0, budget, 0.0, "x") is None
+    skipped = bench_e2e.time_skip(50.0, budget, 60.0, "x")
+    assert skipped["status"] == "skipped" and skipped["reason"].startswith("over the time budget")
+
+
+def _forward(model, config, length, seconds=None, status="ok", **extra):
+    record = {"section": "forward", "model": model, "config": config, "length": length, "status": status, **extra}
+    if seconds is not None:
+        record.update(seconds=seconds, tokens_per_s=length / seconds, peak_bytes=2 ** 30)
+    return record
+
+
+def test_goal_verdicts():
+    records = [
+        _forward("llama-3.2-1b", "eager", 8192, 0.1),
+        _forward("llama-3.2-1b", "sdpa", 8192, 0.05),
+        _forward("llama-3.2-1b", "planner", 8192, 0.04),
+        _forward("llama-3.2-1b", "eager", 32768, status="skipped", reason="estimated OOM: ~260 GiB",
+                 estimated_bytes=260 * 2 ** 30),
+        _forward("llama-3.2-1b", "sdpa", 32768, 0.5),
+        _forward("llama-3.2-1b", "planner", 32768, 0.6),
+        _forward("mistral-1b-w4096", "sdpa", 32768, status="skipped", reason="over the time budget", predicted_s=40),
+        _forward("mistral-1b-w4096", "planner", 32768, 0.2),
+    ]
+    verdicts = "\n".join(bench_e2e.goals(records, (8192, 32768)))
+    assert "llama-3.2-1b 8k 1.25x sdpa" in verdicts and "llama-3.2-1b 32k 0.83x sdpa" in verdicts
+    speed, memory, window = verdicts.splitlines()[2:5]
+    assert speed.endswith("| no |")  # 0.83x at 32k
+    assert "llama-3.2-1b 32k (eager OOM)" in memory and memory.endswith("| yes |")
+    assert "not measured" in window and window.endswith("| no |")  # sdpa skipped, no known figure at 32k
+    table = "\n".join(bench_e2e.forward_table(records, (8192, 32768)))
+    assert "OOM (est. 260 GiB, skipped)" in table and "skipped (time: ~40 s predicted)" in table
+
+
+def test_known_figure_stands_in_for_a_skipped_sdpa_run_at_128k():
+    records = [_forward("mistral-1b-w4096", "sdpa", 131072, status="skipped", reason="over the time budget",
+                        predicted_s=11),
+               _forward("mistral-1b-w4096", "planner", 131072, 1.0)]
+    window = bench_e2e.goals(records, (131072,))[-1]
+    assert "10.8x (sdpa from the issue's 10.8 s figure)" in window and window.endswith("| yes |")
