@@ -64,9 +64,13 @@ def passkey_tables(linearize_steps: int, finetune_steps: int) -> None:
     calibrator = Calibrator(graph_module, sites, calibration, compare=("logits",), tap_inputs=False)
 
     def row(label: str, module) -> None:
-        accuracy = passkey.recall_accuracy(module, *data, batch_size=16)
-        with torch.no_grad():
-            outputs = [module(*args) for args, _ in calibrator.batches]
+        try:
+            accuracy = passkey.recall_accuracy(module, *data, batch_size=16)
+            with torch.no_grad():
+                outputs = [module(*args) for args, _ in calibrator.batches]
+        except Exception as failure:
+            print(f"| {label} | raised {type(failure).__name__}: {str(failure).splitlines()[0][:80]} | | | |")
+            return
         end_to_end = calibrator.compare_outputs(outputs)
         print(f"| {label} | {accuracy:.3f} | {end_to_end.kl_mean:.4f} | {end_to_end.kl_p99:.3f} | "
               f"{end_to_end.top1:.4f} |")

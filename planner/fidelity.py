@@ -715,8 +715,12 @@ def calibrate_plan(graph_module: torch.fx.GraphModule, plan: Plan, calibration: 
     final: Optional[EndToEnd] = None
     for trial, name in sorted(proposals, key=lambda item: sensitivity(tolerance, item[0].end_to_end)):
         switches = {**exact_switches, **accepted, name: trial.candidate}
-        end_to_end, _ = calibrator.run(switches)
-        broken = violations(tolerance, end_to_end)
+        try:
+            end_to_end, _ = calibrator.run(switches)
+            broken = violations(tolerance, end_to_end)
+        except Exception as failure:  # e.g. an exact rewrite that cannot run together with this one
+            end_to_end = EndToEnd(calibrator.positions, False)
+            broken = [f"the combination raised {type(failure).__name__}: {str(failure).strip()[:200]}"]
         passed = not broken
         reason = describe_end_to_end(end_to_end) + ("" if passed else ": " + "; ".join(broken))
         report.steps.append(Step(name, trial.candidate, tuple(accepted), end_to_end, passed, reason))
@@ -761,7 +765,12 @@ def _first_passing(calibrator: Calibrator, report: FidelityReport, name: str, op
         if reason is not None:
             report.trials.append(Trial(name, candidate, None, None, False, f"unmeasured: {reason}"))
             continue
-        end_to_end, error = calibrator.measure(name, candidate)
+        try:
+            end_to_end, error = calibrator.measure(name, candidate)
+        except Exception as failure:  # a candidate that cannot run here is refused with the reason, not fatal
+            report.trials.append(Trial(name, candidate, None, None, False,
+                                       f"raised {type(failure).__name__}: {str(failure).strip()[:200]}"))
+            continue
         broken = violations(tolerance, end_to_end, error)
         text = f"{describe_end_to_end(end_to_end)}; {describe_site_error(error)}"
         trial = Trial(name, candidate, error, end_to_end, not broken, text + ("" if not broken else ": " +

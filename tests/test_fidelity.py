@@ -244,3 +244,32 @@ def test_exact_plan_is_verified_end_to_end(tiny_model):
     assert new_plan.decisions == plan.decisions and not report.trials and not report.steps
     assert report.final.finite and report.final.kl_mean < 1e-9 and report.final.top1 == 1.0
     assert report.positions == 2 * 61 + 53
+
+
+def _raises_at_run_time(query):
+    raise RuntimeError("kernel cannot run here")
+
+
+def test_a_candidate_that_raises_is_refused_not_fatal(tiny_model):
+    _, graph_module, sites, calibration = tiny_model
+    plan = _window_plan(sites)
+
+    def emit_raising(graph, node, site, nodes, candidate=None):
+        with graph.inserting_before(node):
+            return graph.call_function(_raises_at_run_time, (nodes[site.query],))
+
+    registry.register(registry.Variant("raise_test", "raises", "backends.dense.cost", lambda site, context: None,
+                                       emit_raising))
+    try:
+        raising = make_candidate("raise_test")
+        plan = dataclasses.replace(plan, decisions=tuple(dataclasses.replace(d, choice=raising)
+                                                         for d in plan.decisions))
+        new_plan, report = calibrate_plan(graph_module, plan, calibration[:1], {"kl_mean": 100.0})
+    finally:
+        registry.VARIANTS.pop("raise_test", None)
+    # Each site: the raising choice is refused with its error, then the next approximate candidate (the window the
+    # planner also offered) is measured and, within this loose tolerance, taken.
+    raised = [trial for trial in report.trials if trial.candidate.variant == "raise_test"]
+    assert len(raised) == len(sites)
+    assert all(not trial.passed and "raised RuntimeError: kernel cannot run here" in trial.reason for trial in raised)
+    assert [decision.choice.variant for decision in new_plan.decisions] == ["sliding_window"] * len(sites)
