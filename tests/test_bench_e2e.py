@@ -147,10 +147,10 @@ def test_goal_verdicts():
         _forward("mistral-1b-w4096", "planner", 32768, 0.2),
     ]
     verdicts = "\n".join(bench_e2e.goals(records, (8192, 32768)))
-    assert "llama-3.2-1b 8k 1.25x sdpa" in verdicts and "llama-3.2-1b 32k 0.83x sdpa" in verdicts
+    assert "llama-3.2-1b: 8k 1.25x sdpa, 32k 0.83x sdpa" in verdicts
     speed, memory, window = verdicts.splitlines()[2:5]
     assert speed.endswith("| no |")  # 0.83x at 32k
-    assert "llama-3.2-1b 32k (eager OOM)" in memory and memory.endswith("| yes |")
+    assert "llama-3.2-1b: 32k (est. eager OOM)" in memory and memory.endswith("| yes |")
     assert "not measured" in window and window.endswith("| no |")  # sdpa skipped, no known figure at 32k
     table = "\n".join(bench_e2e.forward_table(records, (8192, 32768)))
     assert "OOM (est. 260 GiB, skipped)" in table and "skipped (time: ~40 s predicted)" in table
@@ -160,5 +160,16 @@ def test_known_figure_stands_in_for_a_skipped_sdpa_run_at_128k():
     records = [_forward("mistral-1b-w4096", "sdpa", 131072, status="skipped", reason="over the time budget",
                         predicted_s=11),
                _forward("mistral-1b-w4096", "planner", 131072, 1.0)]
-    window = bench_e2e.goals(records, (131072,))[-1]
+    verdicts = bench_e2e.goals(records, (131072,))
+    window = next(line for line in verdicts if line.startswith("| sliding-window model at 128k"))
     assert "10.8x (sdpa from the issue's 10.8 s figure)" in window and window.endswith("| yes |")
+    assert "mistral-1b-w4096 sdpa 128k: 10.8 s known, not measured here" in verdicts[-1]
+
+
+def test_a_length_where_both_run_out_of_memory_misses_the_memory_goal():
+    records = [_forward("llama-3.2-1b", "sdpa", 65536, status="oom", reason="OutOfMemoryError: ..."),
+               _forward("llama-3.2-1b", "planner", 65536, status="oom", reason="OutOfMemoryError: ..."),
+               _forward("llama-3.2-1b", "sdpa", 32768, status="oom", reason="OutOfMemoryError: ..."),
+               _forward("llama-3.2-1b", "planner", 32768, 0.5)]
+    memory = bench_e2e.goals(records, (32768, 65536))[3]
+    assert "32k (sdpa OOM)" in memory and "64k: planner did not run either" in memory and memory.endswith("| no |")
