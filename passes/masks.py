@@ -611,6 +611,8 @@ def _run_on_cpu(module: torch.fx.GraphModule) -> None:
             node.kwargs = {**node.kwargs, "device": cpu}
         elif isinstance(device, str) and not device.startswith("cpu"):
             node.kwargs = {**node.kwargs, "device": cpu}
+        elif isinstance(device, torch.fx.Node):  # the weights' device, read at run time (passes/capture.py)
+            node.kwargs = {**node.kwargs, "device": cpu}
     module.recompile()
 
 

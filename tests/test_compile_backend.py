@@ -26,6 +26,7 @@ from torch import nn
 
 import planner
 import planner.compile_backend as compile_backend
+import planner.pipeline as pipeline
 from planner.costs import SEQUENCE_LENGTH
 from planner.demo_model import DemoConfig, DemoLlama
 
@@ -330,7 +331,7 @@ def test_a_failure_leaves_the_graph_to_plain_inductor(failing, device, monkeypat
         def broken(*args, **kwargs):
             raise RuntimeError("matcher exploded")
 
-        monkeypatch.setattr(compile_backend, "plan_and_rewrite", broken)
+        monkeypatch.setattr(pipeline, "plan_and_rewrite", broken)
         expected_reason = "the planner's passes failed on this graph (RuntimeError: matcher exploded)"
     else:
         import torch._inductor.compile_fx as inductor_compile_fx
