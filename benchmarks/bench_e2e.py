@@ -409,16 +409,34 @@ def eager_attention_bytes(model: torch.nn.Module, length: int) -> int:
     return heads * length * length * (element + 4 + element) + length * length * element
 
 
+def materialized_mask_bytes(model: torch.nn.Module, length: int) -> int:
+    """transformers' sdpa path with a sliding window shorter than the sequence builds an L^2 boolean
+    mask, and SDPA converts a boolean mask to one of the query's dtype before its kernel: 1 + 2 bytes per pair."""
+    window = getattr(model.config, "sliding_window", None)
+    return 3 * length * length if window and length > window else 0
+
+
+def estimated_forward_bytes(model: torch.nn.Module, config: str, length: int) -> Optional[int]:
+    """Peak of a forward of transformers' `config` ("eager" or "sdpa") at B=1: weights, one layer's activations
+    (the MLP's three intermediate tensors and a few hidden-sized ones), and what the attention materializes."""
+    if config not in TRANSFORMERS_CONFIGS:
+        return None
+    element = next(model.parameters()).element_size()
+    activations = length * (3 * model.config.intermediate_size + 6 * model.config.hidden_size) * element
+    attention = eager_attention_bytes(model, length) if config == "eager" else materialized_mask_bytes(model, length)
+    return weights_bytes(model) + activations + attention
+
+
 def memory_skip(config: str, model: torch.nn.Module, length: int, settings: Settings) -> Optional[dict]:
-    free = free_bytes(settings.device)
-    if config != "eager" or free is None:
+    """Skip a transformers configuration whose estimated peak exceeds the device's memory (free + the weights)."""
+    free, estimate = free_bytes(settings.device), estimated_forward_bytes(model, config, length)
+    if free is None or estimate is None or estimate <= 0.97 * (free + weights_bytes(model)):
         return None
-    estimate = weights_bytes(model) + eager_attention_bytes(model, length)
-    if estimate <= 0.97 * (free + weights_bytes(model)):
-        return None
+    what = ("the H x L^2 scores in bf16, their fp32 softmax and its bf16 copy, an L^2 mask" if config == "eager" else
+            "an L^2 boolean sliding-window mask and SDPA's bf16 copy of it")
     return {"status": "skipped", "estimated_bytes": estimate,
-            "reason": f"estimated OOM: ~{estimate / GIB:.0f} GiB peak (the H x L^2 scores in bf16, their fp32 "
-                      f"softmax and its bf16 copy, an L^2 mask) > {(free + weights_bytes(model)) / GIB:.0f} GiB"}
+            "reason": f"estimated OOM: ~{estimate / GIB:.0f} GiB peak ({what}) > "
+                      f"{(free + weights_bytes(model)) / GIB:.0f} GiB"}
 
 
 def predicted_call_s(history: list[tuple[int, float]], length: int) -> Optional[float]:
@@ -514,9 +532,10 @@ def run_forward_config(spec: ModelSpec, model: torch.nn.Module, config: str, set
     history: list[tuple[int, float]] = []
     stop_reason: Optional[dict] = None
     for length in settings.lengths:
-        base = dict(section="forward", model=spec.name, config=config, length=length)
+        base = dict(section="forward", model=spec.name, config=config, length=length,
+                    estimated_bytes=estimated_forward_bytes(model, config, length))
         if stop_reason:
-            recorder.add(**base, **stop_reason)
+            recorder.add(**{**base, **stop_reason})
             continue
         skip = memory_skip(config, model, length, settings)
         predicted = predicted_call_s(history, length)
@@ -528,7 +547,7 @@ def run_forward_config(spec: ModelSpec, model: torch.nn.Module, config: str, set
                 calls = 1 if predicted > LONG_CALL_S and not runner.warm_per_length else 1 + timed_repeats(predicted)
                 skip = time_skip(predicted * calls, budget, reserve_s, f"{calls} call(s)")
         if skip:
-            recorder.add(**base, **skip)
+            recorder.add(**{**base, **skip})
             if skip["reason"].startswith("over the time budget") or "max-call-s" in skip["reason"]:
                 stop_reason = {**skip, "reason": skip["reason"] + " (at a shorter length)"}
             continue

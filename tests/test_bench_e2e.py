@@ -102,6 +102,9 @@ def test_planner_logits_equal_eager_at_the_smoke_lengths(smoke):
 
 class _Config:
     num_attention_heads = 32
+    hidden_size = 2048
+    intermediate_size = 8192
+    sliding_window = None
 
 
 class _Model(torch.nn.Module):
@@ -116,6 +119,16 @@ def test_eager_attention_estimate_matches_the_scores_it_materializes():
     # 32 heads x 32k^2 scores: bf16 + fp32 + bf16 = 8 bytes each, plus a bf16 L^2 mask
     assert bench_e2e.eager_attention_bytes(model, 32768) == 32 * 32768 ** 2 * 8 + 32768 ** 2 * 2
     assert bench_e2e.eager_attention_bytes(model, 32768) / 2 ** 30 == pytest.approx(258.0)
+
+
+def test_sdpa_estimate_counts_a_materialized_window_mask_only_past_the_window():
+    model = _Model()
+    activations = 131072 * (3 * 8192 + 6 * 2048) * 2
+    assert bench_e2e.estimated_forward_bytes(model, "sdpa", 131072) == 8 + activations  # causal: no mask
+    model.config.sliding_window = 4096
+    assert bench_e2e.estimated_forward_bytes(model, "sdpa", 131072) == 8 + activations + 3 * 131072 ** 2
+    assert bench_e2e.estimated_forward_bytes(model, "sdpa", 4096) == 8 + 4096 * (3 * 8192 + 6 * 2048) * 2
+    assert bench_e2e.estimated_forward_bytes(model, "planner", 131072) is None
 
 
 def test_time_rules():
