@@ -77,6 +77,9 @@ GUESS = {"inductor_compile": 75.0, "train_compile": 110.0, "first_call": 1.0, "t
 KNOWN_SECONDS = {("llama-3.2-1b", "sdpa", 131072): 3.1, ("mistral-1b-w4096", "sdpa", 131072): 10.8}
 
 
+ALARM_GRACE_S = 20  # the hard stop comes this long after the budget (a long call may run past the budget's checks)
+
+
 class BudgetExceeded(BaseException):
     """Raised by the alarm at the end of the time budget (a BaseException: no `except Exception` swallows it)."""
 
@@ -509,7 +512,7 @@ def run_forward_config(spec: ModelSpec, model: torch.nn.Module, config: str, set
         return
     compile_guess = GUESS["inductor_compile"] if config in ("inductor", "planner-compile") else 0.0
     skip = time_skip(compile_guess + 4 * GUESS["first_call"], budget, reserve_s,
-                     f"{config} setup + first length") if not settings.smoke else None
+                     f"{config} setup + first length")
     if skip:
         for length in settings.lengths:
             recorder.add(section="forward", model=spec.name, config=config, length=length, **skip)
@@ -539,7 +542,7 @@ def run_forward_config(spec: ModelSpec, model: torch.nn.Module, config: str, set
             continue
         skip = memory_skip(config, model, length, settings)
         predicted = predicted_call_s(history, length)
-        if skip is None and predicted is not None and not settings.smoke:
+        if skip is None and predicted is not None:
             if predicted > settings.max_call_s:
                 skip = {"status": "skipped", "predicted_s": round(predicted, 1),
                         "reason": f"one call predicted {predicted:.0f} s > --max-call-s {settings.max_call_s:.0f}"}
@@ -559,7 +562,8 @@ def run_forward_config(spec: ModelSpec, model: torch.nn.Module, config: str, set
         except Exception as error:  # noqa: BLE001
             fields = {"status": "oom" if is_oom(error) else "error", "reason": first_line(error)}
             if fields["status"] == "oom":
-                fields["free_bytes_after"] = free_bytes(settings.device)
+                # longer sequences need more: recorded as out of memory without trying (a late OOM costs a forward)
+                stop_reason = {"status": "oom", "reason": f"not run: out of memory at {fmt_length(length)} already"}
         finally:
             del ids
             free_memory(settings.device)
@@ -612,7 +616,7 @@ def run_train_config(spec: ModelSpec, model: torch.nn.Module, config: str, setti
         recorder.add(**base, status="skipped", reason="--smoke without --compile")
         return
     guess = (GUESS["train_compile"] if compiled else 0.0) + 4 * GUESS["train_step"]
-    skip = time_skip(guess, budget, 0.0, "compile + 4 steps") if not settings.smoke else None
+    skip = time_skip(guess, budget, 0.0, "compile + 4 steps")
     if skip:
         recorder.add(**base, **skip)
         return
@@ -949,7 +953,7 @@ def parse_arguments(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true", help="with --smoke: run the torch.compile configurations")
     parser.add_argument("--out", default=os.environ.get("OUT") or "/tmp/bench_e2e", help="output folder ($OUT)")
     parser.add_argument("--budget-s", type=float, default=None,
-                        help="seconds for the whole run from process start (default 525; smoke 600)")
+                        help="seconds for the whole run from process start (default 520, hard stop 20 s later; smoke 600)")
     parser.add_argument("--max-call-s", type=float, default=15.0, help="skip a call predicted longer than this")
     parser.add_argument("--train-reserve-s", type=float, default=240.0,
                         help="seconds kept for the training step while the first forward configurations run")
@@ -1000,7 +1004,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     settings = settings_from(arguments)
     out = Path(arguments.out)
     out.mkdir(parents=True, exist_ok=True)
-    budget = Budget(arguments.budget_s or (600.0 if settings.smoke else 525.0))
+    budget = Budget(arguments.budget_s or (600.0 if settings.smoke else 520.0))
     recorder = Recorder(out / "e2e.jsonl")
     wanted = set(arguments.models.split(","))
     specs = [spec for spec in model_specs(settings.smoke) if spec.name.split("-")[0] in wanted]
@@ -1013,7 +1017,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         raise BudgetExceeded()
 
     signal.signal(signal.SIGALRM, on_alarm)
-    signal.alarm(max(int(budget.left()) + 30, 1))
+    signal.alarm(max(int(budget.left()) + ALARM_GRACE_S, 1))
     reports: list = []
     saved_logits: dict = {}
     references: dict = {}

@@ -186,3 +186,18 @@ def test_a_length_where_both_run_out_of_memory_misses_the_memory_goal():
                _forward("llama-3.2-1b", "planner", 32768, 0.5)]
     memory = bench_e2e.goals(records, (32768, 65536))[3]
     assert "32k (sdpa OOM)" in memory and "64k: planner did not run either" in memory and memory.endswith("| no |")
+
+
+def test_an_exhausted_budget_skips_what_does_not_fit_and_still_prints_the_tables(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_e2e.py"), "--smoke", "--no-cli",
+                           "--budget-s", "1", "--models", "llama", "--out", str(tmp_path)], capture_output=True,
+                          text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert done.returncode == 0, done.stderr[-4000:]
+    records = [json.loads(line) for line in (tmp_path / "e2e.jsonl").read_text().splitlines()]
+    measured = [r for r in records if r["section"] in ("forward", "train")]
+    assert len(measured) == 4 * 2 + 3
+    assert all(r["status"] == "skipped" for r in measured)
+    uncompiled = [r for r in measured if r["config"] in ("sdpa", "eager", "planner")]
+    assert len(uncompiled) == 3 * 2 + 1
+    assert all(r["reason"].startswith("over the time budget") for r in uncompiled)
+    assert "| llama-3.2-1b | sdpa | skipped (time: ~4 s predicted) | skipped (time: ~4 s predicted) |" in done.stdout
