@@ -41,6 +41,7 @@ _LAZY = {
     "Report": "planner.report",
     "backend": "planner.compile_backend",
     "last_report": "planner.compile_backend",
+    "linearize": "planner.linearize",
 }
 
 __all__ = sorted(list(_LAZY) + ["BackendError", "CaptureError", "InvalidArgumentError", "PlanError", "PlannerError",

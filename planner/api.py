@@ -1,7 +1,7 @@
 """The public front door: `optimize` and `find_attention`. The torch.compile backend runs the same passes."""
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 
@@ -45,6 +45,11 @@ def optimize(
     world_size: int = 1,
     group: Optional[Any] = None,
     layout: str = "zigzag",
+    window: Optional[int] = None,
+    sinks: int = 0,
+    tolerance: Optional[Mapping[str, float]] = None,
+    calibration: Any = None,
+    output: Optional[Callable[[Any], torch.Tensor]] = None,
 ) -> torch.nn.Module:
     """Find every softmax attention in `model`, plan each for `max_len` tokens on `device`, and rewrite it.
 
@@ -66,6 +71,15 @@ def optimize(
             (planner.gather_outputs reassembles them).
         group: the process group of the ring (default: the whole world). layout: "zigzag" (balanced causal work)
             or "contiguous".
+        window, sinks: a sliding window (keys per query, plus sink tokens kept visible) to offer at sites without
+            one: exact where it covers max_len, else approximate (needs policy="approximate").
+        tolerance, calibration: required by policy "approximate" and "any": nothing approximate is used unmeasured.
+            calibration is a list of input batches (a tensor, tuple or dict each) at the deployment length;
+            tolerance bounds the measured change, e.g. {"kl_mean": 0.01, "top1": 0.99} for logits or
+            {"cosine_mean": 0.99} for embeddings (planner/fidelity.py lists the keys). Each approximate site is
+            measured alone, switched greedily (least sensitive first), and the combination verified end to end;
+            a site that breaks the tolerance keeps exact attention, and report.fidelity has the numbers.
+        output: picks the tensor to compare from the model's output (default: its first tensor).
 
     Returns:
         An nn.Module computing the same outputs, with `.report` (a planner.Report). It runs on whatever device its
@@ -76,6 +90,9 @@ def optimize(
     spec = device_spec(device)
     if policy not in POLICIES:
         raise InvalidArgumentError(f"policy={policy!r} is not a policy; accepted: {', '.join(POLICIES)}")
+    from planner.fidelity import require_calibration
+
+    require_calibration(policy, tolerance, calibration)  # before the capture: a missing tolerance fails at once
     if world_size != 1:
         if variant not in (None, "ring"):
             raise InvalidArgumentError(f"variant={variant!r} with world_size={world_size}: a sharded sequence runs "
@@ -87,7 +104,8 @@ def optimize(
                                     train=train, layout=layout)
     captured = capture(model, _as_tuple(example_inputs), example_kwargs)
     report = plan_and_rewrite(captured.graph_module, spec, policy, tokens, model_name=captured.model_name,
-                              train=train, variant=variant)
+                              train=train, variant=variant, window=window, sinks=sinks, tolerance=tolerance,
+                              calibration=calibration, output=output)
     if not report.decisions and isinstance(model, torch.nn.Module):
         _attach_report(model, report)
         return model

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 
@@ -31,6 +31,11 @@ def plan_and_rewrite(
     *,
     train: bool = False,
     variant: Optional[str] = None,
+    window: Optional[int] = None,
+    sinks: int = 0,
+    tolerance: Optional[Mapping[str, float]] = None,
+    calibration: Any = None,
+    output: Optional[Callable[[Any], torch.Tensor]] = None,
 ) -> Report:
     """Find every attention site in `graph_module` (an ATen graph whose nodes carry meta["val"]), plan each for
     `max_len` tokens on `device` under `policy`, and rewrite the graph in place. Returns the report; a graph with no
@@ -38,14 +43,24 @@ def plan_and_rewrite(
 
     variant: overrides the planner's choice with this variant wherever it applies (the cost model still runs, and
     the report keeps its estimates and says that the choice was forced).
+    window, sinks: a sliding window to offer where sites have none (approximate unless it covers max_len).
+    tolerance, calibration, output: under policy "approximate" or "any", every approximate choice is measured on the
+    calibration batches and kept only within the tolerance (planner.fidelity.calibrate_plan).
     """
+    from planner.fidelity import calibrate_plan, require_calibration
+
     tokens = parse_length(max_len)
     spec = device_spec(device)
+    require_calibration(policy, tolerance, calibration)
     sites = find_sites(graph_module)
-    plan = make_plan(sites, spec, policy, tokens, train=train, graph_module=graph_module)
+    plan = make_plan(sites, spec, policy, tokens, train=train, window=window, sinks=sinks,
+                     graph_module=graph_module)
     if variant is not None:
         plan = force_variant(plan, variant)
-    report = Report(plan=plan, model=model_name)
+    fidelity = None
+    if policy != "exact" and sites:
+        plan, fidelity = calibrate_plan(graph_module, plan, calibration, tolerance, output=output)
+    report = Report(plan=plan, model=model_name, fidelity=fidelity)
     if not sites:
         report.notes.append(NO_ATTENTION_NOTE)
         return report

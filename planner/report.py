@@ -119,6 +119,7 @@ class Report:
     plan: Plan
     model: str = "model"
     notes: list[str] = field(default_factory=list)
+    fidelity: Any = None  # planner.fidelity.FidelityReport when approximate choices were measured
 
     @property
     def decisions(self) -> tuple[SiteDecision, ...]:
@@ -172,6 +173,9 @@ class Report:
         if memory is not None:
             lines.append("")
             lines.append(f"memory: {memory.verdict}")
+        if self.fidelity is not None:
+            lines.append("")
+            lines.append(self.fidelity.summary())
         for note in self.all_notes():
             lines.append(f"note: {note}")
         return "\n".join(lines)
@@ -265,6 +269,7 @@ class Report:
             "window": getattr(plan, "window", None),
             "sinks": int(getattr(plan, "sinks", 0)),
             "notes": self.all_notes(),
+            "fidelity": None if self.fidelity is None else self.fidelity.to_dict(),
             "memory": None if memory is None else {
                 "usable_bytes": memory.usable_bytes, "weights_bytes": memory.weights,
                 "activations_bytes": memory.activations, "masks_bytes": memory.masks,

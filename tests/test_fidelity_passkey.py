@@ -99,3 +99,25 @@ def test_calibration_refuses_the_window_under_a_strict_tolerance(trained):
     assert report.final.kl_mean < 1e-6 and report.final.top1 == 1.0
     final = rewrite_copy(graph_module, {d.site.name: d.choice for d in new_plan.decisions if d.rewritten}, sites)[0]
     assert recall(final, data) == recall(model, data)
+
+
+def test_optimize_with_policy_approximate_measures_and_refuses_the_window(trained):
+    """The public front door: optimize(policy="approximate", window=, tolerance=, calibration=) measures the window
+    on the calibration batches, refuses it under a strict tolerance, and the report carries the numbers."""
+    model, _, _, data = trained
+    ids, _, _ = data
+    with pytest.raises(planner.InvalidArgumentError, match="tolerance"):
+        planner.optimize(model, ids.shape[1], device="h200", example_inputs=(ids[:2],), policy="approximate",
+                         window=32)
+    optimized = planner.optimize(model, ids.shape[1], device="h200", example_inputs=(ids[:2],),
+                                 policy="approximate", window=32, tolerance=STRICT, calibration=[ids[:8]])
+    report = optimized.report
+    assert report.fidelity is not None and "fidelity" in report.to_dict()
+    trials = report.to_dict()["fidelity"]["trials"]
+    assert {trial["site"] for trial in trials} == {decision.site.name for decision in report.decisions}
+    assert all(trial["candidate"].startswith("sliding_window") and not trial["passed"] for trial in trials)
+    assert all(decision.choice.exactness == "exact" for decision in report.decisions)
+    assert "tolerance" in report.summary()
+    with torch.no_grad():
+        torch.testing.assert_close(optimized(ids[:4]), model(ids[:4]), atol=1e-4, rtol=1e-4)
+    assert recall(optimized, data) == pytest.approx(recall(model, data), abs=0.01)
