@@ -16,6 +16,8 @@ were added after the first release of version 1 and may be absent from older fil
   "max_len": int, "world_size": int,
   (+) "train": bool, (+) "window": int | null, (+) "sinks": int,
   "notes": [str],                    # plan-wide remarks (e.g. no attention found, layers represented)
+  "fidelity": null | {...},          # planner.fidelity.FidelityReport.to_dict(): tolerance, per-candidate trials
+                                     # (site and end-to-end errors, passed), the final plan's end-to-end check
   (+) "memory": {"usable_bytes", "weights_bytes", "activations_bytes", "masks_bytes", "attention_bytes",
                  "total_bytes", "fits": bool, "ring_devices": int | null, "verdict": str, "method": str} | null,
   (+) "groups": [{"label": str, "sites": [site name]}],   # sites with identical decisions, as summary() groups them

@@ -19,7 +19,7 @@ from planner.report import Report, compress_names
 S = sympy.Symbol("s0", positive=True, integer=True)
 
 TOP_KEYS = {"schema_version", "model", "device", "policy", "max_len", "world_size", "train", "window", "sinks",
-            "notes", "memory", "groups", "sites"}
+            "notes", "fidelity", "memory", "groups", "sites"}
 DEVICE_KEYS = {"name", "memory_bytes", "memory_bandwidth", "matrix_flops", "source", "key", "family", "usable_bytes",
                "interconnect_bandwidth", "launch_overhead_s", "efficiency"}
 MEMORY_KEYS = {"usable_bytes", "weights_bytes", "activations_bytes", "masks_bytes", "attention_bytes", "total_bytes",
