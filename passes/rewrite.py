@@ -207,9 +207,11 @@ DROPPABLE = {aten._assert_tensor_metadata.default, aten.dropout.default, aten.na
 def erase_dead_inputs(graph: torch.fx.Graph, nodes: list) -> None:
     """Erase what only the replaced node used (its scores, softmax, mask building), up the graph."""
     work = list(nodes)
+    erased: set = set()
     while work:
         node = work.pop()
-        if node.op != "call_function" or node.graph is not graph:
+        # A node reached along two paths may already be gone (erased nodes keep their graph attribute).
+        if node in erased or node.op != "call_function" or node.graph is not graph:
             continue
         for user in list(node.users):
             if user.target == aten._assert_tensor_metadata.default and not user.users:
@@ -218,6 +220,7 @@ def erase_dead_inputs(graph: torch.fx.Graph, nodes: list) -> None:
             continue
         inputs = node.all_input_nodes
         graph.erase_node(node)
+        erased.add(node)
         work.extend(inputs)
 
 
