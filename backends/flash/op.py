@@ -11,21 +11,17 @@ The backward is a custom op too, so aot_autograd and torch.export see our backwa
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 
 from backends.flash.blockwise import blockwise_attention_backward, blockwise_attention_forward
 from backends.flash.naive import attention_reference
+from backends.common import triton_usable
 from planner.errors import BackendError
 
 IMPLEMENTATIONS = ("triton", "blockwise", "reference", "auto")
 NO_WINDOW = -1  # the op's encoding of "no window" (custom ops take no Optional[int] defaults cleanly across versions)
-
-
-def _triton_usable(q: torch.Tensor) -> bool:
-    return q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _resolve_impl(impl: Optional[str], q: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> str:
@@ -35,7 +31,7 @@ def _resolve_impl(impl: Optional[str], q: torch.Tensor, attn_mask: Optional[torc
         return "triton" if q.is_cuda and attn_mask is None and q.dtype != torch.float64 else "blockwise"
     if impl not in IMPLEMENTATIONS:
         raise BackendError(f"impl={impl!r} is not an implementation; accepted: {', '.join(IMPLEMENTATIONS)} or None")
-    if impl == "triton" and not _triton_usable(q):
+    if impl == "triton" and not triton_usable(q):
         raise BackendError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU); got tensors on "
                            f"{q.device}")
     if impl == "triton" and attn_mask is not None:

@@ -7,7 +7,6 @@ elsewhere they run the float64 recurrence of naive.py (correct, slow: a CPU fall
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -16,19 +15,12 @@ from backends.linear.chunk import accumulator_dtype, chunk_backward, chunk_forwa
 from backends.linear.naive import (Decay, FeatureMap, apply_feature_map, linear_attention_naive,
                                    linear_attention_naive_backward, log_decay_per_position)
 from backends.linear.recurrent import recurrent_forward
+from backends.common import contiguous_or_none, triton_usable
 from planner.errors import BackendError
 
 CHUNK_SIZE = 64
 RECURRENT_MAX_LEN = 16  # without gradients, sequences up to this long (decoding steps) take the recurrent form
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _triton_usable(tensor: torch.Tensor) -> bool:
-    return tensor.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _contiguous(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return None if tensor is None else tensor.contiguous()
 
 
 def _naive_forward(q, k, v, log_decay, initial_state):
@@ -47,8 +39,8 @@ def linear_attention_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal linear attention, chunked. Returns (out like v, final state (batch, heads, key_dim, value_dim), float32
     or float64 for float64 inputs). log_decay: None, (batch, heads, seq) or (batch, heads, seq, key_dim)."""
-    q, k, v, log_decay, initial_state = map(_contiguous, (q, k, v, log_decay, initial_state))
-    if not _triton_usable(q):
+    q, k, v, log_decay, initial_state = map(contiguous_or_none, (q, k, v, log_decay, initial_state))
+    if not triton_usable(q):
         return _naive_forward(q, k, v, log_decay, initial_state)
     out, final = chunk_forward(q, k, v, log_decay, initial_state, chunk_size)
     return out, final
@@ -75,8 +67,8 @@ def linear_attention_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dq, dk, dv, d_log_decay, d_initial_state); the last two are empty when there is no such input."""
     q, k, v, log_decay, initial_state, grad_out, grad_final = map(
-        _contiguous, (q, k, v, log_decay, initial_state, grad_out, grad_final))
-    if _triton_usable(q):
+        contiguous_or_none, (q, k, v, log_decay, initial_state, grad_out, grad_final))
+    if triton_usable(q):
         grads = chunk_backward(grad_out, grad_final, q, k, v, log_decay, initial_state, final_state, chunk_size)
     else:
         grads = linear_attention_naive_backward(grad_out, grad_final, q, k, v, log_decay, initial_state)
@@ -122,8 +114,8 @@ def linear_attention_recurrent_op(
     initial_state: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The step form (recurrent.py): same results as linear_attention_op, no gradients (decoding)."""
-    q, k, v, log_decay, initial_state = map(_contiguous, (q, k, v, log_decay, initial_state))
-    if not _triton_usable(q):
+    q, k, v, log_decay, initial_state = map(contiguous_or_none, (q, k, v, log_decay, initial_state))
+    if not triton_usable(q):
         return _naive_forward(q, k, v, log_decay, initial_state)
     return recurrent_forward(q, k, v, log_decay, initial_state)
 

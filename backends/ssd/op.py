@@ -6,7 +6,6 @@ recurrent.py; elsewhere they run the float64 quadratic form of naive.py (a corre
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -16,18 +15,11 @@ from backends.linear.naive import linear_attention_naive_backward
 from backends.ssd.chunk import ssd_chunk_backward, ssd_chunk_forward
 from backends.ssd.naive import ssd_naive
 from backends.ssd.recurrent import ssd_recurrent_forward
+from backends.common import contiguous_or_none, triton_usable
 from planner.errors import BackendError
 
 RECURRENT_MAX_LEN = 16  # without gradients, sequences up to this long (decoding steps) take the recurrent form
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _triton_usable(tensor: torch.Tensor) -> bool:
-    return tensor.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _contiguous(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return None if tensor is None else tensor.contiguous()
 
 
 def _naive_forward(x, dt, A, B, C, initial_state):
@@ -46,8 +38,8 @@ def ssd_op(
     chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (y like x, final state (batch, heads, head_dim, state_dim), float32; float64 for float64 x)."""
-    x, dt, A, B, C, initial_state = map(_contiguous, (x, dt, A, B, C, initial_state))
-    if not _triton_usable(x):
+    x, dt, A, B, C, initial_state = map(contiguous_or_none, (x, dt, A, B, C, initial_state))
+    if not triton_usable(x):
         return _naive_forward(x, dt, A, B, C, initial_state)
     y, final = ssd_chunk_forward(x, dt, A, B, C, initial_state, chunk_size)
     return y, final.contiguous()
@@ -75,8 +67,8 @@ def ssd_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dx, d_dt, dA, dB, dC, d_initial_state); the last is empty without an initial state."""
     x, dt, A, B, C, initial_state, grad_y, grad_final = map(
-        _contiguous, (x, dt, A, B, C, initial_state, grad_y, grad_final))
-    if _triton_usable(x):
+        contiguous_or_none, (x, dt, A, B, C, initial_state, grad_y, grad_final))
+    if triton_usable(x):
         grads = ssd_chunk_backward(grad_y, grad_final, x, dt, A, B, C, initial_state, final_state, chunk_size)
     else:
         grads = _naive_backward(grad_y, grad_final, x, dt, A, B, C, initial_state)
@@ -135,8 +127,8 @@ def ssd_recurrent_op(
     initial_state: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The step form (recurrent.py): same results as ssd_op, no gradients (decoding)."""
-    x, dt, A, B, C, initial_state = map(_contiguous, (x, dt, A, B, C, initial_state))
-    if not _triton_usable(x):
+    x, dt, A, B, C, initial_state = map(contiguous_or_none, (x, dt, A, B, C, initial_state))
+    if not triton_usable(x):
         return _naive_forward(x, dt, A, B, C, initial_state)
     y, final = ssd_recurrent_forward(x, dt, A, B, C, initial_state)
     return y, final.contiguous()
