@@ -55,6 +55,18 @@ def test_inference_path_matches_autograd_path(causal):
                                rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_transposed_inputs_give_the_same_output(causal):
+    """Models hand (B, L, H, D) tensors seen as (B, H, L, D): non-contiguous inputs must work and agree."""
+    q, k, v = make_inputs(queries=33)
+    transposed = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v)]
+    assert not transposed[0].is_contiguous()
+    options = dict(SMALL, min_seq_len=4)
+    expected = backends.hyper_attention(q, k, v, causal=causal, seed=3, **options)
+    torch.testing.assert_close(backends.hyper_attention(*transposed, causal=causal, seed=3, **options), expected,
+                               rtol=1e-12, atol=1e-12)
+
+
 def test_non_causal_with_fewer_keys_and_grouped_heads():
     q, k, v = make_inputs(heads=4, kv_heads=2, queries=40, keys=29)
     out = backends.hyper_attention(q, k, v, seed=1, **SMALL)

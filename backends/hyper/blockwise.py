@@ -135,6 +135,9 @@ def non_causal_hyper(q, k, v, key_valid: Optional[torch.Tensor], *, block_size: 
 def causal_hyper(q, k, v, *, block_size: int, sample_size: int, num_projections: int, min_seq_len: int, seed: int):
     """The causal estimator by recursive halving. Returns out and lse in merge_dtype, both unpadded."""
     batch, heads, seq_len, head_dim = q.shape
+    # The halving below folds segments into the heads dim with views: a transposed q (the usual (B, L, H, D) model
+    # layout seen as (B, H, L, D)) must be made contiguous first.
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     levels, leaf = causal_levels(seq_len, min_seq_len)
     padded = leaf * 2 ** levels
     if padded > seq_len:
