@@ -58,7 +58,7 @@ def test_inference_path_matches_autograd_path(causal):
 @pytest.mark.parametrize("causal", [False, True])
 def test_transposed_inputs_give_the_same_output(causal):
     """Models hand (B, L, H, D) tensors seen as (B, H, L, D): non-contiguous inputs must work and agree."""
-    q, k, v = make_inputs(queries=33)
+    q, k, v = make_inputs(queries=32)  # a length the halving needs no padding for (padding copies)
     transposed = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v)]
     assert not transposed[0].is_contiguous()
     options = dict(SMALL, min_seq_len=4)
