@@ -8,9 +8,9 @@ import torch
 from passes.capture import capture
 from passes.match import find_sites
 from planner.devices import DeviceSpec, device_spec
+from planner.errors import InvalidArgumentError
 from planner.lengths import parse_length
 from planner.pipeline import plan_and_rewrite
-from planner.errors import InvalidArgumentError
 from planner.records import POLICIES, AttentionSite
 from planner.report import Report
 

@@ -12,7 +12,7 @@ _PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmM]?)\s*$")
 
 def parse_length(value: Union[int, str], *, name: str = "max_len") -> int:
     """Return the number of tokens that `value` names; raise InvalidArgumentError with what is accepted."""
-    accepted = f"accepted: a positive int, or a string such as '4096', '32k', '128k', '1M' (k = 1024, M = 1024²)"
+    accepted = "accepted: a positive int, or a string such as '4096', '32k', '128k', '1M' (k = 1024, M = 1024²)"
     if isinstance(value, bool):
         raise InvalidArgumentError(f"{name}={value!r} is not a length; {accepted}")
     if isinstance(value, int):

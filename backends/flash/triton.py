@@ -22,7 +22,6 @@ Scores are kept in the log2 domain: log2(e) is folded into the scale so the soft
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Callable, Optional
 
