@@ -43,6 +43,18 @@ def main() -> None:
     with torch.no_grad():
         whole = bench(lambda: backends.hyper_attention(q, k, v, causal=True))
         lines.append(f"hyper causal {seq_len}: {whole:.2f} ms")
+        if args.device == "cuda":
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            sdpa = torch.nn.functional.scaled_dot_product_attention
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                cudnn = bench(lambda: sdpa(q, k, v, is_causal=True))
+                lines.append(f"SDPA cuDNN causal {seq_len}: {cudnn:.2f} ms -> hyper is {cudnn / whole:.2f}x faster")
+                for scale in (1.0, 2.0):  # relative L2 error against the exact output
+                    exact = sdpa(q * scale, k * scale, v, is_causal=True).float()
+                    approx = backends.hyper_attention(q * scale, k * scale, v, causal=True).float()
+                    error = ((approx - exact).norm() / exact.norm()).item()
+                    lines.append(f"  relative error, q and k scaled by {scale:g}: {error:.3f}")
+                    del exact, approx
         leaf = 4096
         view = (1, heads * seq_len // leaf, leaf, head_dim)
         leaves = bench(lambda: backends.flash_attention(q.view(view), k.view(view), v.view(view), causal=True,

@@ -133,3 +133,36 @@ def test_bad_inputs_are_named():
         backends.hyper_attention(q, k, v, num_projections=40)
     with pytest.raises(BackendError, match="4 dims"):
         backends.hyper_attention(q[0], k[0], v[0])
+
+
+def test_triton_gathers_and_ranks_match_torch():
+    """The inference path's kernels (gather.py, lsh_kernel.py) against torch.gather and lsh.bucket_ranks, on
+    strided (transposed) float32 rows, with padding rows and output heads reading a shared source head."""
+    from backends.hyper.blockwise import as_heads
+    from backends.hyper.gather import gather_rows
+    from backends.hyper.lsh import bucket_ranks, gray_rank_table, projection_directions
+    from backends.hyper.lsh_kernel import bucket_ranks_fused
+
+    source = torch.randn(1, 37, 3, 24).transpose(1, 2)  # (1, 3, 37, 24), row stride 72
+    rows = as_heads(source)
+    index = torch.stack([torch.randperm(37)[:29] for _ in range(3)])
+    out = gather_rows(rows, index, 32, 6)  # 6 output heads: head h reads source head and index row h // 2
+    for head in range(6):
+        expected = source[0, head // 2][index[head // 2]]
+        torch.testing.assert_close(out[head, :29], expected, rtol=0, atol=0)
+        assert out[head, 29:].abs().sum() == 0
+    directions = projection_directions(4, 24, 5, "cpu", torch.float32)
+    table = gray_rank_table(5, "cpu")
+    torch.testing.assert_close(bucket_ranks_fused(rows, directions, table).long(),
+                               bucket_ranks(source, directions, table)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_float32_inference_path_with_triton_gathers_matches_autograd_path(causal):
+    q, k, v = make_inputs(queries=45, dtype=torch.float32)
+    options = dict(SMALL, min_seq_len=10)
+    with torch.no_grad():
+        fast = backends.hyper_attention(q, k, v, causal=causal, seed=4, **options)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    composed = backends.hyper_attention(*leaves, causal=causal, seed=4, **options)
+    torch.testing.assert_close(fast, composed.detach(), rtol=1e-5, atol=1e-5)

@@ -71,6 +71,61 @@ def _inverse_permutation(order: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(order).scatter_(-1, order, positions)
 
 
+FAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def as_heads(tensor: torch.Tensor) -> Optional[torch.Tensor]:
+    """(batch, heads, n, d) as (batch * heads, n, d) without a copy where the strides allow, else None."""
+    batch, heads = tensor.shape[:2]
+    if tensor.stride(-1) != 1 or (batch > 1 and tensor.stride(0) != heads * tensor.stride(1)):
+        return None
+    return tensor.as_strided((batch * heads, tensor.shape[2], tensor.shape[3]), (tensor.stride(1), tensor.stride(2), 1))
+
+
+def fast_path_usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Inference on CUDA (or the interpreter): Triton gathers and sortLSH ranks (gather.py, lsh_kernel.py) and the
+    fused merge, for dtypes whose tl.dot exists and tensors viewable as (batch * heads, n, d) without a copy."""
+    return (fused_merge_usable(q, k, v) and q.dtype in FAST_DTYPES
+            and all(as_heads(tensor) is not None for tensor in (q, k, v)))
+
+
+def _sort_order(tensor, directions, table, fast: bool) -> torch.Tensor:
+    """(batch, heads, n, d) -> (batch, heads, n) int64 positions in sortLSH order."""
+    if not fast:
+        return lsh_sort_order(tensor, directions, table)
+    from backends.hyper.lsh_kernel import bucket_ranks_fused
+
+    ranks = bucket_ranks_fused(as_heads(tensor), directions, table)
+    return torch.sort(ranks, dim=-1, stable=True).indices.view(tensor.shape[:3])
+
+
+def _gather_sorted(tensor, order, padded_len: int, fast: bool) -> torch.Tensor:
+    """tensor's rows in order, zero-padded to padded_len rows: (batch, heads, padded_len, d)."""
+    if not fast:
+        return _gather_rows(tensor, order, padded_len)
+    from backends.hyper.gather import gather_rows
+
+    batch, heads, _, head_dim = tensor.shape
+    rows = gather_rows(as_heads(tensor), order.reshape(batch * heads, -1), padded_len, batch * heads)
+    return rows.view(batch, heads, padded_len, head_dim)
+
+
+def _gather_sample(tensor, key_order, sampled, blocks: int, fast: bool) -> torch.Tensor:
+    """The sampled keys (positions `sampled` of the sorted order) repeated for every query block:
+    (batch * heads * blocks, 1, count, d)."""
+    batch, heads, _, head_dim = tensor.shape
+    count = sampled.numel()
+    index = key_order[:, :, sampled]
+    if fast:  # straight from the unsorted rows, every block's copy written once
+        from backends.hyper.gather import gather_rows
+
+        rows = gather_rows(as_heads(tensor), index.reshape(batch * heads, count), count, batch * heads * blocks)
+        return rows.view(batch * heads * blocks, 1, count, head_dim)
+    rows = tensor.gather(2, index[..., None].expand(batch, heads, count, head_dim))
+    return rows[:, :, None].expand(batch, heads, blocks, count, head_dim).reshape(
+        batch * heads * blocks, 1, count, head_dim)
+
+
 def non_causal_hyper(q, k, v, key_valid: Optional[torch.Tensor], *, block_size: int, sample_size: int,
                      num_projections: int, seed: int, destination=None):
     """The non-causal estimator. q (batch, heads, nq, d), k/v (batch, heads, nk, d); key_valid None or bool
@@ -82,15 +137,16 @@ def non_causal_hyper(q, k, v, key_valid: Optional[torch.Tensor], *, block_size: 
     batch, heads, queries, head_dim = q.shape
     keys = k.shape[2]
     blocks, query_block, key_block = block_counts(queries, keys, block_size)
+    fast = fast_path_usable(q, k, v)
     directions = projection_directions(seed, head_dim, num_projections, q.device, q.dtype)
     table = gray_rank_table(num_projections, q.device)
-    query_order = lsh_sort_order(q, directions, table)
-    key_order = lsh_sort_order(k, directions, table)
+    query_order = _sort_order(q, directions, table, fast)
+    key_order = _sort_order(k, directions, table, fast)
     folded = batch * heads * blocks
 
-    q_blocks = _gather_rows(q, query_order, blocks * query_block).view(folded, 1, query_block, head_dim)
-    k_sorted = _gather_rows(k, key_order, blocks * key_block)
-    v_sorted = _gather_rows(v, key_order, blocks * key_block)
+    q_blocks = _gather_sorted(q, query_order, blocks * query_block, fast).view(folded, 1, query_block, head_dim)
+    k_sorted = _gather_sorted(k, key_order, blocks * key_block, fast)
+    v_sorted = _gather_sorted(v, key_order, blocks * key_block, fast)
     # Which sorted key positions hold a real key: not the padding to whole blocks, not a padded sequence position.
     key_real = (torch.arange(blocks * key_block, device=q.device) < keys).expand(batch, heads, -1)
     if key_valid is not None:
@@ -100,14 +156,15 @@ def non_causal_hyper(q, k, v, key_valid: Optional[torch.Tensor], *, block_size: 
     out_block, lse_block = _tiled_attention(
         q_blocks, k_sorted.view(folded, 1, key_block, head_dim), v_sorted.view(folded, 1, key_block, head_dim),
         key_padding_mask=key_real.reshape(folded, key_block) if padding_needed else None)
+    del k_sorted, v_sorted
 
     sampled = sample_positions(seed, keys, sample_size, q.device)
     count = sampled.numel()
     outside_own_block = (sampled // key_block)[None, :] != torch.arange(blocks, device=q.device)[:, None]
     sample_mask = outside_own_block & key_real[:, :, None, sampled]  # (batch, heads, blocks, m)
-    repeat = lambda sorted_rows: sorted_rows[:, :, None, sampled].expand(  # noqa: E731
-        batch, heads, blocks, count, head_dim).reshape(folded, 1, count, head_dim)
-    out_sample, lse_sample = _tiled_attention(q_blocks, repeat(k_sorted), repeat(v_sorted),
+    k_sample = _gather_sample(k, key_order, sampled, blocks, fast)
+    v_sample = _gather_sample(v, key_order, sampled, blocks, fast)
+    out_sample, lse_sample = _tiled_attention(q_blocks, k_sample, v_sample,
                                               key_padding_mask=sample_mask.reshape(folded, count))
     # Each sampled key stands for keys / count keys of the row: its weight, added in log space.
     log_weight = math.log(keys / count)
