@@ -39,6 +39,8 @@ def cases(world_size: int) -> list[dict]:
     # A tiny pass budget: kv heads go round one at a time (backends.ring.op.head_passes).
     found.append(make_case("zigzag-causal-window-head-passes", causal=True, window=7, kv_heads=4, heads=8,
                            pass_bytes=1))
+    found.append(make_case("contiguous-full-head-passes", causal=False, layout="contiguous", kv_heads=2, heads=4,
+                           pass_bytes=1))
     found.append(make_case("zigzag-causal-float32", causal=True, dtype="float32", chunk=7, head_dim=16))
     if world_size == 4:
         found.append(make_case("zigzag-causal-subgroup", causal=True, subgroup=[1, 3]))

@@ -71,3 +71,22 @@ class Ring:
     def shift(self, sends: Sequence[torch.Tensor], receives: Sequence[torch.Tensor]) -> PendingTransfer:
         """Post one hop along the ring: send to the next rank, receive from the previous one."""
         return self.exchange(sends, (self.rank + 1) % self.size, receives, (self.rank - 1) % self.size)
+
+    def exchange_in_place(self, tensor: torch.Tensor, send_to: int, receive_from: int, chunks: int = 8) -> None:
+        """Send `tensor` to `send_to` and overwrite it with the one received from `receive_from` (same shape), a
+        chunk at a time through one chunk-sized buffer: a hop then needs 1/chunks of the tensor in extra memory
+        instead of a second copy. Blocking: no overlap with compute (the price of the memory)."""
+        if send_to == self.rank and receive_from == self.rank:
+            return
+        flat = tensor.view(-1)
+        size = -(-flat.numel() // chunks)
+        buffer = flat.new_empty(size)
+        for start in range(0, flat.numel(), size):
+            piece = flat[start:start + size]
+            incoming = buffer[:piece.numel()]
+            self.exchange([piece], send_to, [incoming], receive_from).wait()
+            piece.copy_(incoming)
+
+    def shift_in_place(self, tensor: torch.Tensor, chunks: int = 8) -> None:
+        """One hop along the ring in place (see exchange_in_place)."""
+        self.exchange_in_place(tensor, (self.rank + 1) % self.size, (self.rank - 1) % self.size, chunks)

@@ -147,8 +147,9 @@ def _ring_backward(grad_out, q, k, v, out, lse, group_name, causal, window, layo
     # alive; when passes are down to one kv head, memory is what is short, and each pass finishes on its own.
     overlap_passes = passes[0][1].stop - passes[0][1].start > 1
     unfinished = None
+    backward_pass = _ring_backward_pass if overlap_passes else _lean_ring_backward_pass
     for q_heads, kv_heads in passes:
-        grad_q[:, q_heads], finish = _ring_backward_pass(
+        grad_q[:, q_heads], finish = backward_pass(
             grad_out[:, q_heads], q[:, q_heads], k[:, kv_heads], v[:, kv_heads], out[:, q_heads], lse[:, q_heads],
             ring, schedule, steps, causal, window, scale, impl)
         if unfinished is not None:
@@ -211,6 +212,40 @@ def _ring_backward_pass(grad_out, q, k, v, out, lse, ring, schedule, steps, caus
         return _unpack(accumulator, k.shape, v.shape)
 
     return grad_q, finish
+
+
+def _lean_ring_backward_pass(grad_out, q, k, v, out, lse, ring, schedule, steps, causal, window, scale, impl):
+    """As _ring_backward_pass, for when memory is what is short (passes down to one kv head): block gradients are
+    added as soon as each block is done, and the visiting K/V and the fp32 dK/dV accumulator each hop in place, a
+    chunk at a time, after the step's compute. About 1.5 KiB less per local token and head (no second accumulator,
+    no second K/V buffer, no list of block gradients); the hops no longer overlap compute, which at the lengths
+    where memory is short costs well under 1% (a hop of one head's shard against a step of quadratic work)."""
+    accumulation = _accumulation_dtype(q.dtype)
+    grad_q = torch.zeros(q.shape, dtype=accumulation, device=q.device)
+    accumulator = torch.zeros(k.numel() + v.numel(), dtype=accumulation, device=q.device)
+    accumulated_k, accumulated_v = _unpack(accumulator, k.shape, v.shape)
+    visiting, (visiting_k, visiting_v) = None, (k.contiguous(), v.contiguous())
+    for step in range(steps):
+        for block in schedule[step].blocks:
+            record_block("backward", step, block)
+            block_grad_q, block_grad_k, block_grad_v = block_backward(
+                grad_out, q, visiting_k, visiting_v, out, lse, block, causal=causal, window=window, scale=scale,
+                impl=impl)
+            grad_q[:, :, block.q_start:block.q_end] += block_grad_q
+            accumulated_k[:, :, block.k_start:block.k_end] += block_grad_k
+            accumulated_v[:, :, block.k_start:block.k_end] += block_grad_v
+            del block_grad_q, block_grad_k, block_grad_v
+        if step + 1 < steps:
+            if visiting is None:  # the rank's own k, v are never overwritten: the first hop takes a copy
+                visiting = torch.cat([visiting_k.reshape(-1), visiting_v.reshape(-1)])
+                visiting_k, visiting_v = _unpack(visiting, k.shape, v.shape)
+            ring.shift_in_place(visiting)
+            ring.shift_in_place(accumulator)
+        else:  # the last hop hands each shard's finished dK/dV to its owner
+            owner, sender = (ring.rank - step) % ring.size, (ring.rank + step) % ring.size
+            ring.exchange_in_place(accumulator, owner, sender)
+    del visiting, visiting_k, visiting_v
+    return grad_q, lambda: (accumulated_k, accumulated_v)
 
 
 @torch.library.custom_op("attention_planner::ring_attention", mutates_args=())
