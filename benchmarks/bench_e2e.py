@@ -272,9 +272,15 @@ def first_line(error: BaseException) -> str:
 LONG_CALL_S = 2.0  # a configuration already warm at a shorter length is timed without a warm-up above this
 
 
+MIN_REPEATS = [3]  # --min-repeats: timed calls of a call up to LONG_CALL_S, for a closer comparison
+
+
 def timed_repeats(seconds: float) -> int:
-    """Timed calls after the warm-up: 3 for short calls, fewer for long ones (the budget is one device call)."""
-    return 3 if seconds <= 0.5 else 2 if seconds <= 2.0 else 1
+    """Timed calls after the warm-up: 3 (or --min-repeats) for short calls, fewer for long ones (the budget is one
+    device call)."""
+    if seconds <= 0.5:
+        return MIN_REPEATS[0]
+    return max(2, MIN_REPEATS[0] // 2) if seconds <= LONG_CALL_S else 1
 
 
 class Budget:
@@ -928,7 +934,7 @@ def tables(records: list[dict], settings: Settings) -> str:
              f"`PYTHONPATH=. {env.get('command')}`.",
              "Models: " + "; ".join(f"**{name}**: {facts['description']} ({fmt_count(facts.get('parameters', 0))} "
                                      f"parameters)" for name, facts in env.get("models", {}).items()) + ".",
-             "", f"**Forward (prefill)**: logits of the last position only ("
+             "", "**Forward (prefill)**: logits of the last position only ("
              + ("`logits_to_keep=1`: " if keep else "NOT: this transformers has no `logits_to_keep`, so all ")
              + "the LM head over 128k positions would be 32 GiB in bf16). Median of 1-3 timed calls after a "
              "warm-up; peak = torch.cuda.max_memory_allocated during the timed calls, weights included. "
@@ -962,6 +968,8 @@ def parse_arguments(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--budget-s", type=float, default=None,
                         help="seconds for the whole run from process start (default 520, hard stop 20 s "
                              "later; smoke 600)")
+    parser.add_argument("--min-repeats", type=int, default=3, help="timed calls of a call under 0.5 s (half that "
+                        "up to 2 s)")
     parser.add_argument("--max-call-s", type=float, default=20.0, help="skip a call predicted longer than this")
     parser.add_argument("--train-reserve-s", type=float, default=240.0,
                         help="seconds kept for the training step while the first forward configurations run")
@@ -1016,6 +1024,7 @@ def plan_of_work(arguments: argparse.Namespace, settings: Settings, specs: list[
 def main(argv: Optional[list[str]] = None) -> int:
     arguments = parse_arguments(argv)
     settings = settings_from(arguments)
+    MIN_REPEATS[0] = arguments.min_repeats
     out = Path(arguments.out)
     out.mkdir(parents=True, exist_ok=True)
     budget = Budget(arguments.budget_s or (600.0 if settings.smoke else 520.0))
