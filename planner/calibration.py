@@ -53,7 +53,12 @@ H200_KERNELS: tuple = (
     # 256), HyperAttention causal with its defaults (run 1, PyTorch merges).
     ("linear", "backends.linear.cost", "triton", True, None, 131072, 3.01e-3),
     ("ssd", "backends.ssd.cost", "triton", True, None, 131072, 2.92e-3),
-    ("hyper", "backends.hyper.cost", "triton", True, None, 131072, 91.1e-3),
+    # HyperAttention causal, inference path with Triton gathers and ranks (RESULTS.md, issue 8, revision 5554c1b).
+    ("hyper", "backends.hyper.cost", "triton", True, None, 131072, 39.49e-3),
+    # benchmarks/calibrate_h200.py, session 2 (RESULTS.md, issue 4, revision 52cb1f7).
+    ("sdpa-cudnn", "backends.dense.cost", "sdpa-cudnn", True, None, 131072, 261.91e-3),
+    ("flash", "backends.flash.cost", "triton", True, None, 131072, 277.32e-3),
+    ("sliding_window", "backends.sliding_window.cost", "triton", True, 4096, 131072, 21.39e-3),
     # Ring of 2 H200s, Triton blocks, causal zigzag at 256k, forward (RESULTS.md, issue 7): per-rank time.
     ("ring", "backends.ring.cost", "triton", True, None, 262144, 597e-3, 2),
 )
