@@ -283,13 +283,12 @@ def _emit_sliding_window(graph, node, site, nodes, candidate=None) -> torch.fx.N
 def sdpa_preferring_cudnn(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, is_causal: bool,
                           scale: float) -> torch.Tensor:
     """SDPA with cuDNN's kernel first on CUDA (then flash, memory-efficient, math); plain SDPA elsewhere, so a
-    module planned for an H200 still runs on the CPU. Grouped k/v heads are repeated to the query heads (cuDNN
-    takes equal heads)."""
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:
-        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    module planned for an H200 still runs on the CPU. Grouped k/v heads go in as they are (enable_gqa: cuDNN takes
+    them in torch >= 2.11, our floor; repeating them cost a copy of k and v per call)."""
+    grouped = query.shape[1] != key.shape[1]
     if not query.is_cuda:
-        return torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=is_causal, scale=scale)
+        return torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=is_causal, scale=scale,
+                                                                enable_gqa=grouped)
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
@@ -299,7 +298,8 @@ def sdpa_preferring_cudnn(query: torch.Tensor, key: torch.Tensor, value: torch.T
     except TypeError:  # torch without set_priority: restrict to cuDNN, which is then the only choice
         context = sdpa_kernel([SDPBackend.CUDNN_ATTENTION])
     with context:
-        return torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=is_causal, scale=scale)
+        return torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=is_causal, scale=scale,
+                                                                enable_gqa=grouped)
 
 
 def _emit_sdpa_cudnn(graph, node, site, nodes, candidate=None) -> torch.fx.Node:

@@ -75,7 +75,10 @@ def test_json_values_follow_the_plan(report):
     first = document["sites"][0]
     assert first["choice"]["variant"] == "sliding_window" and first["choice"]["exactness"] == "exact"
     second = document["sites"][1]
-    assert second["choice"]["variant"] == "sliding_window" and second["choice"]["exactness"] == "approximate"
+    # An imposed window and HyperAttention are both approximate here: the choice is the faster one that fits.
+    assert second["choice"]["exactness"] == "approximate"
+    feasible = [c for c in second["candidates"] if c["feasible"] and c["time_s"] is not None]
+    assert second["choice"]["variant"] == min(feasible, key=lambda c: c["time_s"])["variant"]
     window = next(c for c in second["candidates"] if c["variant"] == "sliding_window")
     assert window["parameters"] == {"window": 8192, "sinks": 0, "imposed": True}
     assert sympy.sympify(window["time_expr"]).free_symbols == {sympy.Symbol("L")}

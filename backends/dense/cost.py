@@ -48,22 +48,18 @@ def _materialized_costs(shape: CostShape) -> Costs:
 def _fused_costs(shape: CostShape) -> Costs:
     """FLOPs: 2·(D + Dv) per computed pair. Fused kernels skip the blocks that is_causal hides; a mask tensor is
     arbitrary to them, so every pair is computed and the mask is read once per head.
-    Memory: the fp32 log-sum-exp per query and head (kept for the backward), nothing quadratic; for "sdpa-cudnn"
-    on grouped-query heads, also k and v repeated to the query heads (cuDNN takes equal heads)."""
+    Memory: the fp32 log-sum-exp per query and head (kept for the backward), nothing quadratic (grouped k/v heads
+    go in as they are: enable_gqa)."""
     if shape.mask_tensor:
         pairs = shape.q_len * shape.kv_len
     else:
         pairs = visible_pairs(shape.q_len, shape.kv_len, shape.causal, shape.window, shape.sinks)
     flops = 2 * shape.batch * shape.heads * pairs * (shape.head_dim + shape.value_dim)
     lse = shape.batch * shape.heads * shape.q_len * 4
-    repeated = 0
-    if shape.implementation == "sdpa-cudnn" and shape.kv_heads != shape.heads:
-        repeated = (shape.batch * shape.heads * shape.kv_len * (shape.head_dim + shape.value_dim)
-                    * shape.dtype_bytes)
     return Costs(
         flops=flops,
-        bytes=qkvo_bytes(shape) + lse + mask_read_bytes(shape, per_head=True) + 2 * repeated,
-        memory=lse + repeated,
+        bytes=qkvo_bytes(shape) + lse + mask_read_bytes(shape, per_head=True),
+        memory=lse,
         work=shape.implementation,
         launches=1,
         saved=lse,
