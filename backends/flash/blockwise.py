@@ -77,8 +77,22 @@ def _tile_key_values(k, v, k_start, k_end, group):
     return keys, values
 
 
-def _masked_scores(q_tile, keys, scale, visible, bias):
+def _capped_scores(q_tile, keys, scale, softcap):
+    """(scores, t): scaled scores, soft-capped to softcap * t with t = tanh(s / softcap) when softcap is set (t is
+    what the backward needs: d capped / d s = 1 - t^2); t is None without soft-capping."""
     scores = (q_tile @ keys.transpose(-1, -2)) * scale
+    if softcap is None:
+        return scores, None
+    tanh = torch.tanh(scores / softcap)
+    return softcap * tanh, tanh
+
+
+def _masked_scores(q_tile, keys, scale, visible, bias, softcap=None):
+    scores, _ = _capped_scores(q_tile, keys, scale, softcap)
+    return _mask_scores(scores, visible, bias)
+
+
+def _mask_scores(scores, visible, bias):
     if bias is not None:
         scores = scores + bias
     if visible is not None:
@@ -123,9 +137,9 @@ def _fused_cpu_tile(q_tile, k, v, k_start, k_end, scale, causal, compute_dtype):
     return out.to(lse.dtype), lse
 
 
-def _torch_tile(q_tile, keys, values, scale, visible, bias, compute_dtype):
+def _torch_tile(q_tile, keys, values, scale, visible, bias, compute_dtype, softcap=None):
     """(out, lse) of one tile in plain PyTorch, in compute_dtype; rows with no visible key give out 0, lse -inf."""
-    scores = _masked_scores(q_tile.to(compute_dtype), keys.to(compute_dtype), scale, visible, bias)
+    scores = _masked_scores(q_tile.to(compute_dtype), keys.to(compute_dtype), scale, visible, bias, softcap)
     lse = torch.logsumexp(scores, dim=-1)
     # exp(-inf - -inf) is NaN: shift empty rows by 0 instead, which leaves their probabilities at exactly 0.
     probabilities = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
@@ -169,18 +183,26 @@ def blockwise_attention_forward(
     scale: float,
     key_padding_mask: Optional[torch.Tensor],
     attn_mask: Optional[torch.Tensor],
+    softcap: Optional[float] = None,
+    sink_logits: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (out in q.dtype, lse in float32, or float64 for float64 inputs).
 
     On the CPU, tiles that need no mask (or only a top-left causal diagonal) run through PyTorch's fused flash
-    kernel, which returns the lse we merge with; masked tiles run in plain PyTorch.
+    kernel, which returns the lse we merge with; masked tiles run in plain PyTorch. softcap: scores become
+    softcap * tanh(s / softcap) before the masks. sink_logits (q_heads,): merged last as one more partial result
+    with out 0 and lse = the sink logit (a logit with no value); the returned lse includes it.
     """
     batch, q_heads, q_len, _ = q.shape
     kv_len, value_dim = k.shape[2], v.shape[3]
     group = q_heads // k.shape[1]
     compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     attn_mask = _broadcast_mask(attn_mask, batch, q_heads, q_len, kv_len)
-    fused = q.device.type == "cpu" and key_padding_mask is None and attn_mask is None
+    # SDPA's fused kernel has no soft-capping; the sink logits are merged after the tiles, so they do not matter here.
+    fused = q.device.type == "cpu" and key_padding_mask is None and attn_mask is None and softcap is None
+    sink = None
+    if sink_logits is not None:
+        sink = sink_logits.to(device=q.device, dtype=compute_dtype)[None, :, None].expand(batch, q_heads, QUERY_BLOCK)
     out = q.new_empty(batch, q_heads, q_len, value_dim)
     lse = torch.empty(batch, q_heads, q_len, dtype=compute_dtype, device=q.device)
 
@@ -201,14 +223,16 @@ def blockwise_attention_forward(
                     q_start, q_end, k_start, k_end, causal=causal, window=window, sinks=sinks,
                     key_padding_mask=key_padding_mask, attn_mask=attn_mask, device=q.device,
                 )
-                part = _torch_tile(q_tile, keys, values, scale, visible, bias, compute_dtype)
+                part = _torch_tile(q_tile, keys, values, scale, visible, bias, compute_dtype, softcap)
             tile_out, tile_lse = _merge(tile_out, tile_lse, *part)
         if tile_out is None:  # no key block is visible from this query block
-            out[:, :, q_start:q_end] = 0
-            lse[:, :, q_start:q_end] = float("-inf")
-            continue
-        empty_rows = torch.isinf(tile_lse)[..., None]
-        out[:, :, q_start:q_end] = torch.where(empty_rows, 0.0, tile_out).to(q.dtype)
+            tile_out = torch.zeros(batch, q_heads, q_end - q_start, value_dim, dtype=compute_dtype, device=q.device)
+            tile_lse = torch.full(tile_out.shape[:-1], float("-inf"), dtype=compute_dtype, device=q.device)
+        tile_out = torch.where(torch.isinf(tile_lse)[..., None], 0.0, tile_out)
+        if sink is not None:
+            row_sink = sink[..., : q_end - q_start]
+            tile_out, tile_lse = _merge(tile_out, tile_lse, torch.zeros_like(tile_out), row_sink)
+        out[:, :, q_start:q_end] = tile_out.to(q.dtype)
         lse[:, :, q_start:q_end] = tile_lse
     return out, lse
 
@@ -229,8 +253,12 @@ def blockwise_attention_backward(
     key_padding_mask: Optional[torch.Tensor],
     attn_mask: Optional[torch.Tensor],
     mask_needs_grad: bool,
+    softcap: Optional[float] = None,
 ):
-    """Gradients (dq, dk, dv, d_attn_mask or None) by recomputing each tile's probabilities from the saved lse."""
+    """Gradients (dq, dk, dv, d_attn_mask or None) by recomputing each tile's probabilities from the saved lse.
+
+    With sink logits the saved lse includes them, and the key probabilities need no other change; their own
+    gradient is `sink_logits_gradient`."""
     batch, q_heads, q_len, _ = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     group = q_heads // kv_heads
@@ -263,11 +291,14 @@ def blockwise_attention_backward(
                 q_start, q_end, k_start, k_end, causal=causal, window=window, sinks=sinks,
                 key_padding_mask=key_padding_mask, attn_mask=attn_mask, device=q.device,
             )
-            scores = _masked_scores(q_tile, keys, scale, visible, bias)
+            scores, tanh = _capped_scores(q_tile, keys, scale, softcap)
+            scores = _mask_scores(scores, visible, bias)
             probabilities = torch.exp(scores - safe_lse[:, :, q_start:q_end])
             grad_v[:, :, k_start:k_end] += probabilities.transpose(-1, -2) @ grad_out_tile
             grad_probabilities = grad_out_tile @ values.transpose(-1, -2)
             grad_scores = probabilities * (grad_probabilities - delta[:, :, q_start:q_end])
+            if tanh is not None:  # through the cap: d (c * tanh(s / c)) / ds = 1 - tanh^2
+                grad_scores = grad_scores * (1 - tanh * tanh)
             grad_q[:, :, q_start:q_end] += (grad_scores @ keys) * scale
             grad_k[:, :, k_start:k_end] += (grad_scores.transpose(-1, -2) @ q_tile) * scale
             if grad_mask is not None:
@@ -279,6 +310,29 @@ def blockwise_attention_backward(
     if grad_mask is not None:
         grad_mask = _sum_to_shape(grad_mask, original_mask.shape).to(original_mask.dtype)
     return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), grad_mask
+
+
+def sink_logits_gradient(
+    grad_out: torch.Tensor,
+    grad_lse: Optional[torch.Tensor],
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    sink_logits: torch.Tensor,
+) -> torch.Tensor:
+    """d loss / d sink_logits, (q_heads,) in float32 (float64 for float64 inputs), for every implementation.
+
+    The sink logit of head h is one more score of each row, with no value (dP = 0), so its score gradient is
+    p_sink * (0 - delta) with p_sink = exp(sink_h - lse_i) (lse includes the sink) and delta_i = rowsum(dO_i * O_i)
+    - dlse_i; the logit is shared by every row and batch: d sink_h = -sum_(b, i) p_sink * delta."""
+    compute_dtype = torch.float64 if out.dtype == torch.float64 else torch.float32
+    delta = (grad_out.to(compute_dtype) * out.to(compute_dtype)).sum(dim=-1)
+    if grad_lse is not None:
+        delta = delta - grad_lse.to(compute_dtype)
+    lse = lse.to(compute_dtype)
+    sink = sink_logits.to(device=out.device, dtype=compute_dtype)[None, :, None]
+    # lse = -inf only where the sink itself is -inf: its probability is 0 there (not exp(-inf + inf) = NaN).
+    sink_probabilities = torch.where(torch.isinf(lse), 0.0, torch.exp(sink - lse))
+    return -(sink_probabilities * delta).sum(dim=(0, 2))
 
 
 def _sum_to_shape(tensor: torch.Tensor, shape) -> torch.Tensor:

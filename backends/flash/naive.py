@@ -3,6 +3,10 @@ exact variant, and of the approximate ones' error measurements.
 
 Layout (batch, heads, sequence, head_dim). K and V may have fewer heads than Q (grouped-query attention): query head
 h reads kv head h // (q_heads // kv_heads).
+
+Two score modifiers of real models: tanh soft-capping (Gemma-2: s = cap * tanh(s / cap), before any mask) and
+attention-sink logits (gpt-oss: one learned logit per query head that joins every row's softmax without a value, so
+it only enlarges the denominator).
 """
 from __future__ import annotations
 
@@ -57,8 +61,14 @@ def attention_reference(
     key_padding_mask: Optional[torch.Tensor] = None,
     attn_mask: Optional[torch.Tensor] = None,
     return_lse: bool = False,
+    softcap: Optional[float] = None,
+    sink_logits: Optional[torch.Tensor] = None,
 ):
     """Dense softmax attention, computed in float32 at least (float64 stays float64).
+
+    softcap c: the scaled scores become c * tanh(s / c) before the masks. sink_logits: (q_heads,) one extra logit per
+    query head in every row's softmax, with no value: it adds exp(sink) to the denominator (and to the lse). A row
+    with no visible key gives zeros; its lse is the sink logit (-inf without sinks).
 
     key_padding_mask: (batch, keys) bool, True where a key is real. attn_mask: broadcastable to
     (batch, q_heads, queries, keys), bool (True = may attend) or additive float. Rows with no visible key give zeros
@@ -72,6 +82,8 @@ def attention_reference(
     keys = expand_kv_heads(k, q_heads).to(compute_dtype)
     values = expand_kv_heads(v, q_heads).to(compute_dtype)
     scores = (q.to(compute_dtype) @ keys.transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
 
     visible = visible_keys(
         torch.arange(q_len, device=q.device),
@@ -90,6 +102,9 @@ def attention_reference(
     scores = scores.masked_fill(~visible, float("-inf"))
 
     lse = torch.logsumexp(scores, dim=-1)
+    if sink_logits is not None:
+        sink = sink_logits.to(device=q.device, dtype=compute_dtype)[None, :, None].expand_as(lse)
+        lse = torch.logaddexp(lse, sink)
     # exp(-inf - -inf) is NaN: rows with no visible key subtract 0 instead, which gives exp(-inf) = 0.
     probabilities = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
     out = (probabilities @ values).to(q.dtype)

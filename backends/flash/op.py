@@ -1,7 +1,7 @@
 """The exact tiled attention op: `attention_planner::flash_attention`, and the public `flash_attention`.
 
-One custom op serves every exact tiled variant (full, causal, sliding window, sinks, padding, arbitrary mask): the
-window is a parameter of the tiling, not another kernel. Implementations:
+One custom op serves every exact tiled variant (full, causal, sliding window, sinks, padding, arbitrary mask, tanh
+soft-capping, attention-sink logits): the window is a parameter of the tiling, not another kernel. Implementations:
   "triton"     the fused kernel in backends/flash/triton.py (CUDA; on the CPU only under TRITON_INTERPRET=1)
   "blockwise"  the online-softmax PyTorch loop in backends/flash/blockwise.py (any device, linear extra memory)
   "reference"  the dense oracle in backends/flash/naive.py (quadratic memory; for tests)
@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from backends.flash.blockwise import blockwise_attention_backward, blockwise_attention_forward
+from backends.flash.blockwise import blockwise_attention_backward, blockwise_attention_forward, sink_logits_gradient
 from backends.flash.naive import attention_reference
 from backends.common import triton_usable
 from planner.errors import BackendError
@@ -60,10 +60,13 @@ def flash_attention_op(
     sinks: int,
     scale: float,
     impl: str,
+    softcap: Optional[float] = None,
+    sink_logits: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (out, lse): out like q with v's head dim; lse (batch, q_heads, queries), natural log, float32."""
+    """Returns (out, lse): out like q with v's head dim; lse (batch, q_heads, queries), natural log, float32 (it
+    includes the sink logits). softcap and sink_logits come last, with defaults, so that older callers keep working."""
     arguments = dict(causal=causal, window=_window_or_none(window), sinks=sinks, scale=scale,
-                     key_padding_mask=key_padding_mask)
+                     key_padding_mask=key_padding_mask, softcap=softcap, sink_logits=sink_logits)
     impl = _resolve_impl(impl, q, attn_mask)
     if impl == "triton":
         from backends.flash.triton import flash_forward
@@ -77,7 +80,7 @@ def flash_attention_op(
 
 
 @flash_attention_op.register_fake
-def _(q, k, v, key_padding_mask, attn_mask, causal, window, sinks, scale, impl):
+def _(q, k, v, key_padding_mask, attn_mask, causal, window, sinks, scale, impl, softcap=None, sink_logits=None):
     batch, heads, queries, _ = q.shape
     out = q.new_empty(batch, heads, queries, v.shape[-1])
     lse = q.new_empty(batch, heads, queries, dtype=lse_dtype(q.dtype))
@@ -101,10 +104,13 @@ def flash_attention_backward_op(
     scale: float,
     impl: str,
     mask_needs_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (dq, dk, dv, d_attn_mask); d_attn_mask is an empty tensor unless mask_needs_grad."""
+    softcap: Optional[float] = None,
+    sink_logits: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (dq, dk, dv, d_attn_mask, d_sink_logits); d_attn_mask is an empty tensor unless mask_needs_grad,
+    d_sink_logits (q_heads,) float32 (float64 for float64 inputs) is empty without sink logits."""
     arguments = dict(causal=causal, window=_window_or_none(window), sinks=sinks, scale=scale,
-                     key_padding_mask=key_padding_mask)
+                     key_padding_mask=key_padding_mask, softcap=softcap)
     impl = _resolve_impl(impl, q, attn_mask)
     if impl == "triton":
         from backends.flash.triton import flash_backward
@@ -119,40 +125,66 @@ def flash_attention_backward_op(
         )
     if grad_mask is None:
         grad_mask = q.new_empty(0)
-    return grad_q.contiguous(), grad_k.contiguous(), grad_v.contiguous(), grad_mask
+    if sink_logits is None:
+        grad_sink = q.new_empty(0, dtype=lse_dtype(q.dtype))
+    else:  # an O(rows) reduction from the saved lse and delta, the same for every implementation
+        grad_sink = sink_logits_gradient(grad_out, grad_lse, out, lse, sink_logits)
+    return grad_q.contiguous(), grad_k.contiguous(), grad_v.contiguous(), grad_mask, grad_sink
 
 
 @flash_attention_backward_op.register_fake
 def _(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, attn_mask, causal, window, sinks, scale, impl,
-      mask_needs_grad):
+      mask_needs_grad, softcap=None, sink_logits=None):
     grad_mask = attn_mask.new_empty(attn_mask.shape) if (mask_needs_grad and attn_mask is not None) else q.new_empty(0)
+    heads = 0 if sink_logits is None else sink_logits.shape[0]
+    grad_sink = q.new_empty(heads, dtype=lse_dtype(q.dtype))
     # Contiguous, as the real outputs are (empty_like would copy a transposed input's strides and fail Inductor's
     # stride checks in compiled backwards).
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), grad_mask
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), grad_mask, grad_sink
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, key_padding_mask, attn_mask, causal, window, sinks, scale, impl = inputs
+    q, k, v, key_padding_mask, attn_mask, causal, window, sinks, scale, impl, softcap, sink_logits = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, attn_mask)
-    ctx.options = (causal, window, sinks, scale, impl)
+    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, attn_mask, sink_logits)
+    ctx.options = (causal, window, sinks, scale, impl, softcap)
     ctx.mask_needs_grad = attn_mask is not None and attn_mask.requires_grad
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, key_padding_mask, attn_mask = ctx.saved_tensors
-    causal, window, sinks, scale, impl = ctx.options
+    q, k, v, out, lse, key_padding_mask, attn_mask, sink_logits = ctx.saved_tensors
+    causal, window, sinks, scale, impl, softcap = ctx.options
     backward_impl = "blockwise" if impl == "reference" else impl
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    grad_q, grad_k, grad_v, grad_mask = flash_attention_backward_op(
+    grad_q, grad_k, grad_v, grad_mask, grad_sink = flash_attention_backward_op(
         grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, attn_mask, causal, window, sinks, scale,
-        backward_impl, ctx.mask_needs_grad,
+        backward_impl, ctx.mask_needs_grad, softcap, sink_logits,
     )
-    return grad_q, grad_k, grad_v, None, (grad_mask if ctx.mask_needs_grad else None), None, None, None, None, None
+    grad_sink = grad_sink.to(sink_logits.dtype) if sink_logits is not None else None
+    return (grad_q, grad_k, grad_v, None, (grad_mask if ctx.mask_needs_grad else None), None, None, None, None, None,
+            None, grad_sink)
 
 
 flash_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def validate_score_modifiers(q: torch.Tensor, softcap: Optional[float], sink_logits: Optional[torch.Tensor]) -> None:
+    """Raise BackendError for a soft-cap that is not a positive finite number or sink logits that are not one float
+    per query head."""
+    if softcap is not None and not (isinstance(softcap, (int, float)) and not isinstance(softcap, bool)
+                                    and 0 < float(softcap) < float("inf")):
+        raise BackendError(f"softcap must be a positive finite number (scores become softcap * tanh(s / softcap)) or "
+                           f"None; got {softcap!r}")
+    if sink_logits is not None:
+        if not isinstance(sink_logits, torch.Tensor) or not sink_logits.is_floating_point():
+            raise BackendError("sink_logits must be a floating-point tensor of shape (q_heads,); got "
+                               f"{type(sink_logits).__name__} {getattr(sink_logits, 'dtype', '')}")
+        if tuple(sink_logits.shape) != (q.shape[1],):
+            raise BackendError(f"sink_logits must have shape (q_heads,) = ({q.shape[1]},); got "
+                               f"{tuple(sink_logits.shape)}")
+        if sink_logits.device != q.device:
+            raise BackendError(f"sink_logits are on {sink_logits.device}, q on {q.device}: they must share a device")
 
 
 def validate_attention_inputs(q, k, v, key_padding_mask=None, attn_mask=None) -> None:
@@ -199,9 +231,12 @@ def tiled_attention(
     attn_mask: Optional[torch.Tensor] = None,
     return_lse: bool = False,
     impl: Optional[str] = None,
+    softcap: Optional[float] = None,
+    sink_logits: Optional[torch.Tensor] = None,
 ):
     """The one entry to the op, shared by `flash_attention` and `sliding_window_attention`."""
     validate_attention_inputs(q, k, v, key_padding_mask, attn_mask)
+    validate_score_modifiers(q, softcap, sink_logits)
     if window is not None and window < 1:
         raise BackendError(f"window must be a positive number of keys; got {window}")
     if sinks < 0:
@@ -209,7 +244,8 @@ def tiled_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     impl = _resolve_impl(impl, q, attn_mask)
     out, lse = flash_attention_op(
-        q, k, v, key_padding_mask, attn_mask, causal, NO_WINDOW if window is None else int(window), sinks, scale, impl
+        q, k, v, key_padding_mask, attn_mask, causal, NO_WINDOW if window is None else int(window), sinks, scale, impl,
+        None if softcap is None else float(softcap), sink_logits,
     )
     return (out, lse) if return_lse else out
 
@@ -225,6 +261,8 @@ def flash_attention(
     attn_mask: Optional[torch.Tensor] = None,
     return_lse: bool = False,
     impl: Optional[str] = None,
+    softcap: Optional[float] = None,
+    sink_logits: Optional[torch.Tensor] = None,
 ):
     """Exact softmax attention, tiled: the scores are never materialized.
 
@@ -237,8 +275,14 @@ def flash_attention(
             additive; kept exactly (runs the blockwise implementation).
         return_lse: also return the natural-log log-sum-exp per query, float32 (batch, q_heads, queries).
         impl: "triton", "blockwise", "reference", or None (Triton on CUDA, blockwise elsewhere).
+        softcap: tanh soft-capping (Gemma-2): the scaled scores s become softcap * tanh(s / softcap) before the
+            masks.
+        sink_logits: (q_heads,) float tensor, one learned logit per query head (gpt-oss) in every row's softmax,
+            with no value: it enlarges the denominator only. Differentiable (the gradient is float32 math); the lse
+            includes it.
 
-    Rows with no visible key give zeros (lse = -inf), not NaN.
+    Rows with no visible key give zeros (lse = -inf, or the sink logit with sink_logits), not NaN.
     """
     return tiled_attention(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
-                           attn_mask=attn_mask, return_lse=return_lse, impl=impl)
+                           attn_mask=attn_mask, return_lse=return_lse, impl=impl, softcap=softcap,
+                           sink_logits=sink_logits)

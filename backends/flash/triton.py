@@ -149,6 +149,19 @@ def _query_ranges(n_first, n_last, q_len, window, sinks, BLOCK_M: tl.constexpr, 
     return q_lo, full_lo, full_hi, q_hi
 
 
+@triton.jit
+def _soft_cap(scores, softcap_log2):
+    """(capped, t): tanh soft-capping of log2-domain scores, in fp32, and t = tanh(s / softcap) for the backward.
+
+    LOG2E * c * tanh(s / c) = c2 * tanh(s2 / c2) with c2 = c * LOG2E and s2 = s * LOG2E, so the cap applies to the
+    log2-domain scores as it is. tanh(x) = 1 - 2 / (exp(2x) + 1) through exp2: one form for every Triton version
+    and the interpreter (no libdevice); exp2 overflowing to inf gives 1 and underflowing to 0 gives -1, never NaN;
+    its absolute error stays ~1e-7 in fp32 (FlashAttention uses the ~1e-3 hardware tanh.approx).
+    """
+    t = 1.0 - 2.0 / (tl.math.exp2(scores * (2.8853900817779268 / softcap_log2)) + 1.0)
+    return softcap_log2 * t, t
+
+
 # Sizes and counts vary per call: no recompile for values that happen to be 1 or multiples of 16 (strides keep it).
 _RUNTIME_INTS = ["heads", "kv_heads", "group", "q_len", "kv_len", "window", "sinks"]
 
@@ -164,9 +177,9 @@ def _jit_runtime_ints(fn):
 
 @triton.jit
 def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, bias_base, stride_kn, stride_vn, start_n, offs_m, kv_len, window,
-              sinks, qk_scale, D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-              CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_PAD: tl.constexpr,
-              INPUT_PRECISION: tl.constexpr):
+              sinks, qk_scale, softcap_log2, D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_N: tl.constexpr,
+              MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr,
+              HAS_PAD: tl.constexpr, HAS_SOFTCAP: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """One key block of the online softmax: scores, running max/sum update, accumulate P @ V."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_dqk = tl.arange(0, D_QK)
@@ -178,6 +191,8 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, bias_base, stride_kn, stride_vn,
     else:  # an unmasked block lies wholly inside the keys
         k = tl.load(k_ptrs)
     scores = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+    if HAS_SOFTCAP:  # before the padding and the masks, as the models do
+        scores, _ = _soft_cap(scores, softcap_log2)
     if HAS_PAD:
         scores += tl.load(bias_base + offs_n, mask=offs_n < kv_len, other=float("-inf"))[None, :]
     if MASKED:
@@ -198,13 +213,13 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, bias_base, stride_kn, stride_vn,
 
 
 @_jit_runtime_ints
-def _attn_fwd(Q, K, V, Out, LSE, Bias,
+def _attn_fwd(Q, K, V, Out, LSE, Bias, SinkLogits,
               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
               stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om, stride_bias_b,
-              heads, group, q_len, kv_len, window, sinks, qk_scale,
+              heads, group, q_len, kv_len, window, sinks, qk_scale, softcap_log2,
               D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_PAD: tl.constexpr,
-              INPUT_PRECISION: tl.constexpr):
+              HAS_SOFTCAP: tl.constexpr, HAS_SINK_LOGITS: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     # Heaviest query blocks first (under causality the last block sees the most keys): the grid's tail is short work.
     block_m = tl.num_programs(0) - 1 - tl.program_id(0)
     batch_head = tl.program_id(1)
@@ -228,6 +243,12 @@ def _attn_fwd(Q, K, V, Out, LSE, Bias,
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D_V], dtype=tl.float32)
+    if HAS_SINK_LOGITS:
+        # The sink logit is each row's first score, with no value: the running max and sum start from it (acc from
+        # 0), so the online softmax counts it once in the denominator and the lse. A -inf sink leaves l_i = 0.
+        sink_log2 = tl.load(SinkLogits + head).to(tl.float32) * 1.4426950408889634
+        m_i = tl.maximum(m_i, sink_log2)
+        l_i = tl.math.exp2(sink_log2 - m_i)
 
     sink_blocks, key_lo, full_lo, full_hi, key_hi = _key_ranges(
         m_first, m_last, kv_len, window, sinks, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_SINKS)
@@ -236,20 +257,20 @@ def _attn_fwd(Q, K, V, Out, LSE, Bias,
     for index in range(0, masked_head_blocks):
         start_n = tl.where(index < sink_blocks, index * BLOCK_N, key_lo + (index - sink_blocks) * BLOCK_N)
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, bias_base, stride_kn, stride_vn, start_n, offs_m,
-                                  kv_len, window, sinks, qk_scale, D_QK, D_V, BLOCK_N, True, CAUSAL, HAS_WINDOW,
-                                  HAS_SINKS, HAS_PAD, INPUT_PRECISION)
+                                  kv_len, window, sinks, qk_scale, softcap_log2, D_QK, D_V, BLOCK_N, True, CAUSAL,
+                                  HAS_WINDOW, HAS_SINKS, HAS_PAD, HAS_SOFTCAP, INPUT_PRECISION)
     # Interior: every query sees every key, no mask.
     for start_n in range(full_lo, full_hi, BLOCK_N):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, bias_base, stride_kn, stride_vn, start_n, offs_m,
-                                  kv_len, window, sinks, qk_scale, D_QK, D_V, BLOCK_N, False, CAUSAL, HAS_WINDOW,
-                                  HAS_SINKS, HAS_PAD, INPUT_PRECISION)
+                                  kv_len, window, sinks, qk_scale, softcap_log2, D_QK, D_V, BLOCK_N, False, CAUSAL,
+                                  HAS_WINDOW, HAS_SINKS, HAS_PAD, HAS_SOFTCAP, INPUT_PRECISION)
     # Masked: the diagonal (causal), the window's end (not causal) and the partial last key block.
     for start_n in range(full_hi, key_hi, BLOCK_N):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, bias_base, stride_kn, stride_vn, start_n, offs_m,
-                                  kv_len, window, sinks, qk_scale, D_QK, D_V, BLOCK_N, True, CAUSAL, HAS_WINDOW,
-                                  HAS_SINKS, HAS_PAD, INPUT_PRECISION)
+                                  kv_len, window, sinks, qk_scale, softcap_log2, D_QK, D_V, BLOCK_N, True, CAUSAL,
+                                  HAS_WINDOW, HAS_SINKS, HAS_PAD, HAS_SOFTCAP, INPUT_PRECISION)
 
-    empty_row = l_i == 0.0  # no visible key: out = 0, lse = -inf
+    empty_row = l_i == 0.0  # no visible key (and no sink logit): out = 0, lse = -inf
     l_safe = tl.where(empty_row, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(empty_row, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
@@ -301,10 +322,10 @@ def _load_row_stats(LSE, Delta, row_index, row_ok):
 
 @triton.jit
 def _bwd_kv_tile(dk, dv, k, v, bias, q_base, do_base, dq_base, LSE, Delta, stride_qm, stride_dom, stride_dqm,
-                 start_m, row_base, offs_n, q_len, kv_len, window, sinks, qk_scale, sm_scale,
+                 start_m, row_base, offs_n, q_len, kv_len, window, sinks, qk_scale, softcap_log2, sm_scale,
                  D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
                  CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_PAD: tl.constexpr,
-                 ATOMIC_DQ: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                 HAS_SOFTCAP: tl.constexpr, ATOMIC_DQ: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """One query block's contribution to dK, dV of the program's key block (computed transposed: keys x queries)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_dqk = tl.arange(0, D_QK)
@@ -315,6 +336,8 @@ def _bwd_kv_tile(dk, dv, k, v, bias, q_base, do_base, dq_base, LSE, Delta, strid
     lse_log2, delta = _load_row_stats(LSE, Delta, row_base + offs_m, row_ok)
 
     scores_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale
+    if HAS_SOFTCAP:
+        scores_t, tanh_t = _soft_cap(scores_t, softcap_log2)
     if HAS_PAD:
         scores_t += bias[:, None]
     if MASKED:
@@ -325,6 +348,8 @@ def _bwd_kv_tile(dk, dv, k, v, bias, q_base, do_base, dq_base, LSE, Delta, strid
     dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
     # dS = P * (dP - delta), kept in fp32 until it enters the next product.
     ds_t = p_t * (dp_t - delta[None, :])
+    if HAS_SOFTCAP:  # through the cap: d (c * tanh(s / c)) / ds = 1 - tanh^2
+        ds_t = ds_t * (1.0 - tanh_t * tanh_t)
     dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=INPUT_PRECISION)
     if ATOMIC_DQ:
         dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=INPUT_PRECISION) * sm_scale
@@ -339,10 +364,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, Delta, Bias, DK, DV, DQ,
                    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
                    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
                    stride_dqb, stride_dqh, stride_dqm, stride_bias_b,
-                   heads, kv_heads, group, q_len, kv_len, window, sinks, qk_scale, sm_scale,
+                   heads, kv_heads, group, q_len, kv_len, window, sinks, qk_scale, softcap_log2, sm_scale,
                    D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_PAD: tl.constexpr,
-                   ATOMIC_DQ: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                   HAS_SOFTCAP: tl.constexpr, ATOMIC_DQ: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     block_n = tl.program_id(0)
     batch_kv_head = tl.program_id(1)
     batch = batch_kv_head // kv_heads
@@ -375,18 +400,18 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, Delta, Bias, DK, DV, DQ,
         for start_m in range(q_lo, full_lo, BLOCK_M):
             dk, dv = _bwd_kv_tile(dk, dv, k, v, bias, q_base, do_base, dq_base, LSE, Delta, stride_qm, stride_dom,
                                   stride_dqm, start_m, row_base, offs_n, q_len, kv_len, window, sinks, qk_scale,
-                                  sm_scale, D_QK, D_V, BLOCK_M, True, CAUSAL, HAS_WINDOW, HAS_SINKS, HAS_PAD,
-                                  ATOMIC_DQ, INPUT_PRECISION)
+                                  softcap_log2, sm_scale, D_QK, D_V, BLOCK_M, True, CAUSAL, HAS_WINDOW, HAS_SINKS,
+                                  HAS_PAD, HAS_SOFTCAP, ATOMIC_DQ, INPUT_PRECISION)
         for start_m in range(full_lo, full_hi, BLOCK_M):
             dk, dv = _bwd_kv_tile(dk, dv, k, v, bias, q_base, do_base, dq_base, LSE, Delta, stride_qm, stride_dom,
                                   stride_dqm, start_m, row_base, offs_n, q_len, kv_len, window, sinks, qk_scale,
-                                  sm_scale, D_QK, D_V, BLOCK_M, False, CAUSAL, HAS_WINDOW, HAS_SINKS, HAS_PAD,
-                                  ATOMIC_DQ, INPUT_PRECISION)
+                                  softcap_log2, sm_scale, D_QK, D_V, BLOCK_M, False, CAUSAL, HAS_WINDOW, HAS_SINKS,
+                                  HAS_PAD, HAS_SOFTCAP, ATOMIC_DQ, INPUT_PRECISION)
         for start_m in range(full_hi, q_hi, BLOCK_M):
             dk, dv = _bwd_kv_tile(dk, dv, k, v, bias, q_base, do_base, dq_base, LSE, Delta, stride_qm, stride_dom,
                                   stride_dqm, start_m, row_base, offs_n, q_len, kv_len, window, sinks, qk_scale,
-                                  sm_scale, D_QK, D_V, BLOCK_M, True, CAUSAL, HAS_WINDOW, HAS_SINKS, HAS_PAD,
-                                  ATOMIC_DQ, INPUT_PRECISION)
+                                  softcap_log2, sm_scale, D_QK, D_V, BLOCK_M, True, CAUSAL, HAS_WINDOW, HAS_SINKS,
+                                  HAS_PAD, HAS_SOFTCAP, ATOMIC_DQ, INPUT_PRECISION)
     dk *= sm_scale
     tl.store(DK + batch.to(tl.int64) * stride_dkb + kv_head.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dkn
              + offs_dqk[None, :], dk.to(DK.dtype.element_ty), mask=key_ok[:, None])
@@ -396,9 +421,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, Delta, Bias, DK, DV, DQ,
 
 @triton.jit
 def _bwd_q_tile(dq, q, do, lse_log2, delta, k_base, v_base, bias_base, stride_kn, stride_vn, start_n, offs_m,
-                kv_len, window, sinks, qk_scale, D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_N: tl.constexpr,
-                MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr,
-                HAS_PAD: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                kv_len, window, sinks, qk_scale, softcap_log2, D_QK: tl.constexpr, D_V: tl.constexpr,
+                BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                HAS_SINKS: tl.constexpr, HAS_PAD: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                INPUT_PRECISION: tl.constexpr):
     """One key block's contribution to dQ of the program's query block."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_dqk = tl.arange(0, D_QK)
@@ -412,6 +438,8 @@ def _bwd_q_tile(dq, q, do, lse_log2, delta, k_base, v_base, bias_base, stride_kn
         k = tl.load(k_ptrs)
         v = tl.load(v_ptrs)
     scores = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+    if HAS_SOFTCAP:
+        scores, tanh = _soft_cap(scores, softcap_log2)
     if HAS_PAD:
         scores += tl.load(bias_base + offs_n, mask=offs_n < kv_len, other=float("-inf"))[None, :]
     if MASKED:
@@ -420,6 +448,8 @@ def _bwd_q_tile(dq, q, do, lse_log2, delta, k_base, v_base, bias_base, stride_kn
     p = tl.math.exp2(scores - lse_log2[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
     ds = p * (dp - delta[:, None])
+    if HAS_SOFTCAP:  # through the cap: d (c * tanh(s / c)) / ds = 1 - tanh^2
+        ds = ds * (1.0 - tanh * tanh)
     return tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
 
 
@@ -428,10 +458,10 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, Delta, Bias, DQ,
                  stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                  stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
                  stride_dqb, stride_dqh, stride_dqm, stride_bias_b,
-                 heads, group, q_len, kv_len, window, sinks, qk_scale, sm_scale,
+                 heads, group, q_len, kv_len, window, sinks, qk_scale, softcap_log2, sm_scale,
                  D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_PAD: tl.constexpr,
-                 INPUT_PRECISION: tl.constexpr):
+                 HAS_SOFTCAP: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     block_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest first, as in the forward
     batch_head = tl.program_id(1)
     batch = batch_head // heads
@@ -459,16 +489,16 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, Delta, Bias, DQ,
     for index in range(0, masked_head_blocks):
         start_n = tl.where(index < sink_blocks, index * BLOCK_N, key_lo + (index - sink_blocks) * BLOCK_N)
         dq = _bwd_q_tile(dq, q, do, lse_log2, delta, k_base, v_base, bias_base, stride_kn, stride_vn, start_n, offs_m,
-                         kv_len, window, sinks, qk_scale, D_QK, D_V, BLOCK_N, True, CAUSAL, HAS_WINDOW, HAS_SINKS,
-                         HAS_PAD, INPUT_PRECISION)
+                         kv_len, window, sinks, qk_scale, softcap_log2, D_QK, D_V, BLOCK_N, True, CAUSAL,
+                         HAS_WINDOW, HAS_SINKS, HAS_PAD, HAS_SOFTCAP, INPUT_PRECISION)
     for start_n in range(full_lo, full_hi, BLOCK_N):
         dq = _bwd_q_tile(dq, q, do, lse_log2, delta, k_base, v_base, bias_base, stride_kn, stride_vn, start_n, offs_m,
-                         kv_len, window, sinks, qk_scale, D_QK, D_V, BLOCK_N, False, CAUSAL, HAS_WINDOW, HAS_SINKS,
-                         HAS_PAD, INPUT_PRECISION)
+                         kv_len, window, sinks, qk_scale, softcap_log2, D_QK, D_V, BLOCK_N, False, CAUSAL,
+                         HAS_WINDOW, HAS_SINKS, HAS_PAD, HAS_SOFTCAP, INPUT_PRECISION)
     for start_n in range(full_hi, key_hi, BLOCK_N):
         dq = _bwd_q_tile(dq, q, do, lse_log2, delta, k_base, v_base, bias_base, stride_kn, stride_vn, start_n, offs_m,
-                         kv_len, window, sinks, qk_scale, D_QK, D_V, BLOCK_N, True, CAUSAL, HAS_WINDOW, HAS_SINKS,
-                         HAS_PAD, INPUT_PRECISION)
+                         kv_len, window, sinks, qk_scale, softcap_log2, D_QK, D_V, BLOCK_N, True, CAUSAL,
+                         HAS_WINDOW, HAS_SINKS, HAS_PAD, HAS_SOFTCAP, INPUT_PRECISION)
     dq *= sm_scale
     tl.store(DQ + batch.to(tl.int64) * stride_dqb + head.to(tl.int64) * stride_dqh + offs_m[:, None] * stride_dqm
              + offs_dqk[None, :], dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
@@ -597,6 +627,20 @@ def _structure(q_len: int, kv_len: int, causal: bool, window: Optional[int], sin
     return True, int(window), sinks > 0, int(min(sinks, kv_len))
 
 
+def _check_score_modifiers(q: torch.Tensor, softcap: Optional[float], sink_logits: Optional[torch.Tensor]) -> None:
+    if softcap is not None and not 0 < softcap < float("inf"):
+        raise BackendError(f"softcap must be a positive finite number or None; got {softcap!r}")
+    if sink_logits is not None and (tuple(sink_logits.shape) != (q.shape[1],) or not sink_logits.is_floating_point()
+                                    or sink_logits.device != q.device):
+        raise BackendError(f"sink_logits must be a float tensor of shape (q_heads,) = ({q.shape[1]},) on {q.device}; "
+                           f"got {sink_logits.dtype} {tuple(sink_logits.shape)} on {sink_logits.device}")
+
+
+def _softcap_log2(softcap: Optional[float]) -> float:
+    """The cap in the kernels' log2-domain scores (0.0, unused, without soft-capping)."""
+    return 0.0 if softcap is None else float(softcap) * LOG2E
+
+
 def _input_precision(dtype: torch.dtype) -> str:
     # fp32 inputs get true fp32 products; tf32 would cost them three decimal digits.
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -613,12 +657,17 @@ def flash_forward(
     scale: float,
     key_padding_mask: Optional[torch.Tensor],
     config: Optional[tuple] = None,
+    softcap: Optional[float] = None,
+    sink_logits: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward pass: (out like q with v's head dim, lse (batch, q_heads, queries) natural log fp32).
 
     `config` = (BLOCK_M, BLOCK_N, num_warps, num_stages) forces a launch configuration (tests); None autotunes.
+    softcap: tanh soft-capping of the scaled scores (before the masks). sink_logits: (q_heads,) one logit per query
+    head in every row's softmax, with no value; the lse includes it.
     """
     _check_inputs(q, k, v, key_padding_mask)
+    _check_score_modifiers(q, softcap, sink_logits)
     batch, heads, q_len, d_qk = q.shape
     kv_heads, kv_len, d_v = k.shape[1], k.shape[2], v.shape[3]
     has_window, window_size, has_sinks, sink_count = _structure(q_len, kv_len, causal, window, sinks)
@@ -629,17 +678,19 @@ def flash_forward(
     if out.numel() == 0:
         return out[..., :d_v], lse
     bias = _padding_bias(key_padding_mask, q)
+    sink_logits_ = lse if sink_logits is None else sink_logits.contiguous()  # any pointer when absent
 
     def launch(cfg):
         block_m, block_n, num_warps, num_stages = cfg
         grid = (triton.cdiv(q_len, block_m), batch * heads)
         _attn_fwd[grid](
-            q_, k_, v_, out, lse, bias,
+            q_, k_, v_, out, lse, bias, sink_logits_,
             q_.stride(0), q_.stride(1), q_.stride(2), k_.stride(0), k_.stride(1), k_.stride(2),
             v_.stride(0), v_.stride(1), v_.stride(2), out.stride(0), out.stride(1), out.stride(2), bias.stride(0),
-            heads, heads // kv_heads, q_len, kv_len, window_size, sink_count, scale * LOG2E,
+            heads, heads // kv_heads, q_len, kv_len, window_size, sink_count, scale * LOG2E, _softcap_log2(softcap),
             D_QK=d_qk_pad, D_V=d_v_pad, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, HAS_WINDOW=has_window,
-            HAS_SINKS=has_sinks, HAS_PAD=key_padding_mask is not None, INPUT_PRECISION=_input_precision(q.dtype),
+            HAS_SINKS=has_sinks, HAS_PAD=key_padding_mask is not None, HAS_SOFTCAP=softcap is not None,
+            HAS_SINK_LOGITS=sink_logits is not None, INPUT_PRECISION=_input_precision(q.dtype),
             num_warps=num_warps, num_stages=num_stages,
         )
 
@@ -647,6 +698,7 @@ def flash_forward(
         launch(config)
     else:
         key = (max(d_qk_pad, d_v_pad), causal, has_window, q.dtype, _length_bucket(max(q_len, kv_len)))
+        key += ("softcap",) if softcap is not None else ()  # the tanh changes the balance: tuned apart
         _launch_tuned("forward", key, _config_set(_FORWARD_CONFIGS, max(d_qk_pad, d_v_pad), q.dtype), launch)
     return (out if d_v_pad == d_v else out[..., :d_v]), lse
 
@@ -667,14 +719,19 @@ def flash_backward(
     grad_lse: Optional[torch.Tensor] = None,
     config: Optional[tuple] = None,
     dq_mode: str = "separate",
+    softcap: Optional[float] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward pass: (dq, dk, dv) in the inputs' dtypes; dk, dv summed over each kv head's query group.
+
+    With sink logits nothing changes here: the saved lse includes them, and their own gradient is an O(rows)
+    reduction (backends/flash/blockwise.py `sink_logits_gradient`). softcap: as in the forward.
 
     grad_lse: optional gradient of the returned lse. config: (BLOCK_M, BLOCK_N, num_warps, num_stages) for both
     kernels (tests); None autotunes each. dq_mode: "separate" (a dQ kernel that recomputes the scores, deterministic)
     or "atomic" (dQ added atomically in fp32 by the dK/dV kernel: two fewer products, nondeterministic order).
     """
     _check_inputs(q, k, v, key_padding_mask)
+    _check_score_modifiers(q, softcap, None)
     if dq_mode not in ("separate", "atomic"):
         raise BackendError(f"dq_mode must be 'separate' or 'atomic'; got {dq_mode!r}")
     batch, heads, q_len, d_qk = q.shape
@@ -703,8 +760,11 @@ def flash_backward(
     )
     head_dim = max(d_qk_pad, d_v_pad)
     common = dict(D_QK=d_qk_pad, D_V=d_v_pad, CAUSAL=causal, HAS_WINDOW=has_window, HAS_SINKS=has_sinks,
-                  HAS_PAD=key_padding_mask is not None, INPUT_PRECISION=_input_precision(q.dtype))
+                  HAS_PAD=key_padding_mask is not None, HAS_SOFTCAP=softcap is not None,
+                  INPUT_PRECISION=_input_precision(q.dtype))
+    softcap_log2 = _softcap_log2(softcap)
     tune_key = (head_dim, causal, has_window, q.dtype, group > 1, _length_bucket(max(q_len, kv_len)))
+    tune_key += ("softcap",) if softcap is not None else ()
 
     def launch_dkdv(cfg):
         block_m, block_n, num_warps, num_stages = cfg
@@ -714,7 +774,7 @@ def flash_backward(
             v_.stride(0), v_.stride(1), v_.stride(2), do_.stride(0), do_.stride(1), do_.stride(2),
             dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2), bias.stride(0),
-            heads, kv_heads, group, q_len, kv_len, window_size, sink_count, scale * LOG2E, scale,
+            heads, kv_heads, group, q_len, kv_len, window_size, sink_count, scale * LOG2E, softcap_log2, scale,
             BLOCK_M=block_m, BLOCK_N=block_n, ATOMIC_DQ=atomic, num_warps=num_warps, num_stages=num_stages, **common,
         )
 
@@ -725,7 +785,7 @@ def flash_backward(
             q_.stride(0), q_.stride(1), q_.stride(2), k_.stride(0), k_.stride(1), k_.stride(2),
             v_.stride(0), v_.stride(1), v_.stride(2), do_.stride(0), do_.stride(1), do_.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2), bias.stride(0),
-            heads, group, q_len, kv_len, window_size, sink_count, scale * LOG2E, scale,
+            heads, group, q_len, kv_len, window_size, sink_count, scale * LOG2E, softcap_log2, scale,
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **common,
         )
 

@@ -23,7 +23,11 @@ def sliding_window_reference(
     scale: Optional[float] = None,
     key_padding_mask: Optional[torch.Tensor] = None,
     return_lse: bool = False,
+    softcap: Optional[float] = None,
+    sink_logits: Optional[torch.Tensor] = None,
 ):
-    """Dense sliding-window attention; layout (batch, heads, sequence, head_dim), GQA as in flash's reference."""
+    """Dense sliding-window attention; layout (batch, heads, sequence, head_dim), GQA as in flash's reference.
+    softcap and sink_logits (tanh soft-capping, per-head sink logits) as in flash's reference."""
     return attention_reference(q, k, v, causal=causal, window=window, sinks=sinks, scale=scale,
-                               key_padding_mask=key_padding_mask, return_lse=return_lse)
+                               key_padding_mask=key_padding_mask, return_lse=return_lse, softcap=softcap,
+                               sink_logits=sink_logits)

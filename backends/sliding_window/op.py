@@ -28,6 +28,8 @@ def sliding_window_attention(
     key_padding_mask: Optional[torch.Tensor] = None,
     return_lse: bool = False,
     impl: Optional[str] = None,
+    softcap: Optional[float] = None,
+    sink_logits: Optional[torch.Tensor] = None,
 ):
     """Softmax attention restricted to a band of `window` keys around each query, tiled; compute grows as L * window.
 
@@ -41,8 +43,13 @@ def sliding_window_attention(
         return_lse: also return the natural-log log-sum-exp per query, float32 (batch, q_heads, queries).
         impl: "triton" (the fused kernel), "blockwise" (PyTorch online softmax), "reference" (dense), "auto" or
             None (Triton on CUDA, blockwise elsewhere; "auto" decides when the op runs).
+        softcap: tanh soft-capping (Gemma-2): the scaled scores s become softcap * tanh(s / softcap) before the
+            window.
+        sink_logits: (q_heads,) float tensor, one learned logit per query head (gpt-oss) in every row's softmax,
+            with no value (it only enlarges the denominator; differentiable). Not the same as `sinks`, which keeps
+            the first keys visible.
 
-    Rows with no visible key give zeros (lse = -inf), not NaN.
+    Rows with no visible key give zeros (lse = -inf, or the sink logit with sink_logits), not NaN.
     """
     try:
         window_size = operator.index(window)
@@ -51,4 +58,5 @@ def sliding_window_attention(
     if isinstance(window, bool) or window_size < 1:
         raise BackendError(f"window must be a positive int (number of keys in the band); got {window!r}")
     return tiled_attention(q, k, v, causal=causal, window=window_size, sinks=sinks, scale=scale,
-                           key_padding_mask=key_padding_mask, return_lse=return_lse, impl=impl)
+                           key_padding_mask=key_padding_mask, return_lse=return_lse, impl=impl, softcap=softcap,
+                           sink_logits=sink_logits)
