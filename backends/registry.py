@@ -87,15 +87,12 @@ class Variant:
 
 
 def tiled_obstacle(site: AttentionSite) -> Optional[str]:
-    """Why our tiled kernels cannot run a site exactly, or None."""
+    """Why our tiled kernels (flash, sliding window) cannot run a site exactly, or None. They take tanh soft-capping
+    and attention-sink logits; the other variants refuse them with `score_modifier_obstacle`."""
     if site.unsupported:
         return site.unsupported
     if site.dropout_p != 0.0:
         return f"dropout_p={site.dropout_p}: the tiled kernels have no dropout (exact only in eval)"
-    if site.softcap is not None:
-        return f"tanh soft-capping ({site.softcap}) is not in the tiled kernels yet"
-    if site.sinks is not None:
-        return "attention-sink logits are not in the tiled kernels yet"
     if site.mask.kind not in TILED_MASKS:
         return f"mask kind {site.mask.kind!r} is not expressed by the tiled kernels"
     if site.mask.bias is not None and site.mask.tensor is None:
@@ -104,6 +101,16 @@ def tiled_obstacle(site: AttentionSite) -> Optional[str]:
         return f"the mask could not be proved and has no tensor to keep ({site.mask.proof})"
     if site.heads % site.kv_heads:
         return f"{site.heads} query heads are not a multiple of {site.kv_heads} kv heads"
+    return None
+
+
+def score_modifier_obstacle(site: AttentionSite, kernel: str) -> Optional[str]:
+    """Why `kernel` (a variant without soft-capping or sink logits) cannot run the site, or None."""
+    if site.softcap is not None:
+        return (f"tanh soft-capping ({site.softcap:g}) is not in {kernel} (the flash and sliding_window variants "
+                "take it)")
+    if site.sinks is not None:
+        return f"attention-sink logits are not in {kernel} (the flash and sliding_window variants take them)"
     return None
 
 
@@ -146,7 +153,8 @@ def _dense_offer(site: AttentionSite, context: PlanContext) -> Offer:
 
 def _tiled_implementation(device, site: AttentionSite) -> str:
     if getattr(device, "kind", "gpu") == "cpu":
-        plain = keeps_mask_tensor(site) or site.mask.key_padding is not None
+        # SDPA's fused CPU kernel runs the unmasked tiles unless a mask tensor, padding or soft-capping is in them.
+        plain = keeps_mask_tensor(site) or site.mask.key_padding is not None or site.softcap is not None
         return "blockwise" if plain else "blockwise-sdpa"
     # A mask tensor kept for exactness runs in the blockwise loop; structured masks run in the Triton kernel.
     return "blockwise" if keeps_mask_tensor(site) else "triton"
@@ -164,7 +172,7 @@ def _flash_offer(site: AttentionSite, context: PlanContext) -> Offer:
 
 def _sdpa_cudnn_offer(site: AttentionSite, context: PlanContext) -> Offer:
     device = context.device
-    reason = tiled_obstacle(site) or structure_only(site)
+    reason = tiled_obstacle(site) or score_modifier_obstacle(site, "SDPA") or structure_only(site)
     if reason is None and getattr(device, "family", "") != "hopper":
         reason = f"SDPA's cuDNN kernel is chosen only on Hopper GPUs; the target is {device.name}"
     if reason is None and site.dtype not in HALF_DTYPES:
@@ -198,7 +206,7 @@ def _sliding_window_offer(site: AttentionSite, context: PlanContext) -> Offer:
 
 
 def _ring_offer(site: AttentionSite, context: PlanContext) -> Offer:
-    reason = tiled_obstacle(site)
+    reason = tiled_obstacle(site) or score_modifier_obstacle(site, "ring attention")
     if reason is None and context.world_size < 2:
         reason = "runs over world_size > 1 devices (make_plan(world_size=P)); planned for one device"
     if reason is None and (keeps_mask_tensor(site) or site.mask.key_padding or site.q_len != site.kv_len):
@@ -229,7 +237,7 @@ HYPER_DEFAULTS = (("block_size", 256), ("sample_size", 256), ("num_projections",
 
 
 def _hyper_offer(site: AttentionSite, context: PlanContext) -> Offer:
-    reason = tiled_obstacle(site) or structure_only(site)
+    reason = tiled_obstacle(site) or score_modifier_obstacle(site, "HyperAttention") or structure_only(site)
     implementation = "triton" if getattr(context.device, "kind", "gpu") != "cpu" else "reference"
     return Offer(implementation, "approximate", HYPER_DEFAULTS, reason)
 
@@ -244,19 +252,40 @@ def _repeat_kv(graph: torch.fx.Graph, node: torch.fx.Node, groups: int) -> torch
     return graph.call_function(torch.ops.aten.repeat_interleave.self_int, (node, groups, 1))
 
 
+def _emit_sink_logits(graph: torch.fx.Graph, site: AttentionSite, nodes: dict) -> Optional[torch.fx.Node]:
+    """The site's sink logits as a (heads,) node, or None. The detector records the tensor behind the model's
+    reshape/expand (gpt-oss: the (heads,) parameter); one logit shared by every head is expanded."""
+    if site.sinks is None:
+        return None
+    sinks = nodes[site.sinks]
+    value = sinks.meta.get("val")
+    count = value.numel() if isinstance(value, torch.Tensor) else None
+    if count == site.heads:
+        return graph.call_function(torch.ops.aten.reshape.default, (sinks, [site.heads]))
+    if count == 1:
+        flat = graph.call_function(torch.ops.aten.reshape.default, (sinks, [1]))
+        return graph.call_function(torch.ops.aten.expand.default, (flat, [site.heads]))
+    shape = tuple(value.shape) if isinstance(value, torch.Tensor) else "unknown"
+    raise BackendError(f"{site.name}: the attention-sink logits {site.sinks} have shape {shape}; the tiled kernels "
+                       f"take one logit per query head ({site.heads}) or one for all")
+
+
 def _emit_tiled(graph: torch.fx.Graph, node: torch.fx.Node, site: AttentionSite, nodes: dict,
                 window: Optional[int], sinks: int, causal: bool) -> torch.fx.Node:
-    """attention_planner::flash_attention(q, k, v, padding, mask, causal, window, sinks, scale, "auto")[0]."""
+    """attention_planner::flash_attention(q, k, v, padding, mask, causal, window, sinks, scale, "auto", softcap,
+    sink_logits)[0]."""
     importlib.import_module("backends.flash.op")  # registers the op
     mask = site.mask
     keep_tensor = keeps_mask_tensor(site)
-    arguments = (
-        nodes[site.query], nodes[site.key], nodes[site.value],
-        nodes[mask.key_padding] if mask.key_padding else None,
-        nodes[mask.tensor] if keep_tensor and mask.tensor else None,
-        causal, window if window is not None else -1, sinks, float(site.effective_scale()), "auto",
-    )
     with graph.inserting_before(node):
+        arguments = (
+            nodes[site.query], nodes[site.key], nodes[site.value],
+            nodes[mask.key_padding] if mask.key_padding else None,
+            nodes[mask.tensor] if keep_tensor and mask.tensor else None,
+            causal, window if window is not None else -1, sinks, float(site.effective_scale()), "auto",
+        )
+        if site.softcap is not None or site.sinks is not None:  # else the call stays as before these arguments
+            arguments += (None if site.softcap is None else float(site.softcap), _emit_sink_logits(graph, site, nodes))
         call = graph.call_function(torch.ops.attention_planner.flash_attention.default, arguments)
         output = graph.call_function(operator.getitem, (call, 0))
     return output

@@ -4,8 +4,8 @@ attn_implementation "eager" and "sdpa".
 For each model: one site per attention layer and none elsewhere (a mixture-of-experts router is not a site), the
 mask kind and window right per layer (padding from the attention_mask input included), and rewriting every site that
 an exact tiled variant takes reproduces the model's outputs (float32, rtol 1e-4) on fresh inputs at another length
-and batch than the capture's. What the kernels do not take yet (soft-capping, sinks) is recorded on the site and left
-as it is.
+and batch than the capture's. Soft-capping (Gemma-2) and attention-sink logits (gpt-oss) are recorded on the site and
+rewritten too (the tiled kernels take them).
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ CASES = {
                             config("Gemma2Config", num_key_value_heads=2, sliding_window=5, head_dim=16,
                                    attn_logit_softcapping=50.0, **SMALL)),
                    "Gemma2Attention", ["sliding_window(5)+padding", "causal+padding"], implementations=("eager",),
-                   kv_heads=2, rewritten=False, check_site=gemma2_site),
+                   kv_heads=2, check_site=gemma2_site),
     "gpt2": Case(lambda: (transformers.GPT2Model,
                           config("GPT2Config", vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=256,
                                  bos_token_id=1, eos_token_id=2)),
@@ -97,7 +97,7 @@ CASES = {
                                     max_position_embeddings=256,
                                     layer_types=["sliding_attention", "full_attention"])),
                     "GptOssAttention", ["sliding_window(5)+padding", "causal+padding"], implementations=("eager",),
-                    kv_heads=2, rewritten=False, check_site=gptoss_site),
+                    kv_heads=2, check_site=gptoss_site),
 }
 SLOW = {"t5", "whisper", "gpt_oss"}
 
