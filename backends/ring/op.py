@@ -14,6 +14,7 @@ With bf16 at B=1, Hkv=32, D=128 that is 16 KiB per local token forward and 48 Ki
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -24,7 +25,7 @@ from backends.flash.op import validate_attention_inputs
 from backends.ring.comm import PendingTransfer, Ring, group_name_of, resolve_group
 from backends.ring.layout import check_layout, chunks_per_rank
 from backends.ring.local import block_backward, block_forward, check_impl
-from backends.ring.schedule import record_block, ring_schedule, ring_step_count
+from backends.ring.schedule import Block, record_block, ring_schedule, ring_step_count
 from planner.errors import BackendError
 
 NO_WINDOW = -1  # the op's encoding of "no window"
@@ -214,6 +215,24 @@ def _ring_backward_pass(grad_out, q, k, v, out, lse, ring, schedule, steps, caus
     return grad_q, finish
 
 
+# A "full" block's backward returns bf16 dK, dV for all its keys at once; cut along the keys into this many pieces,
+# the lean pass holds a quarter of them (the kernels skip nothing in a full block, so the work is the same).
+LEAN_KEY_PIECES = 4
+
+
+def _key_pieces(block: Block, pieces: int) -> list[Block]:
+    """`block` itself, or for a "full" block (no mask inside) up to `pieces` blocks over consecutive key ranges."""
+    keys = block.k_end - block.k_start
+    if block.kind != "full" or keys < 2 * pieces:
+        return [block]
+    size = -(-keys // pieces)
+    rows = block.q_end - block.q_start
+    return [dataclasses.replace(block, k_start=start, k_end=min(start + size, block.k_end),
+                                k_position=block.k_position + start - block.k_start,
+                                work=rows * (min(start + size, block.k_end) - start))
+            for start in range(block.k_start, block.k_end, size)]
+
+
 def _lean_ring_backward_pass(grad_out, q, k, v, out, lse, ring, schedule, steps, causal, window, scale, impl):
     """As _ring_backward_pass, for when memory is what is short (passes down to one kv head): block gradients are
     added as soon as each block is done, and the visiting K/V and the fp32 dK/dV accumulator each hop in place, a
@@ -226,7 +245,7 @@ def _lean_ring_backward_pass(grad_out, q, k, v, out, lse, ring, schedule, steps,
     accumulated_k, accumulated_v = _unpack(accumulator, k.shape, v.shape)
     visiting, (visiting_k, visiting_v) = None, (k.contiguous(), v.contiguous())
     for step in range(steps):
-        for block in schedule[step].blocks:
+        for block in (piece for whole in schedule[step].blocks for piece in _key_pieces(whole, LEAN_KEY_PIECES)):
             record_block("backward", step, block)
             block_grad_q, block_grad_k, block_grad_v = block_backward(
                 grad_out, q, visiting_k, visiting_v, out, lse, block, causal=causal, window=window, scale=scale,
@@ -239,11 +258,11 @@ def _lean_ring_backward_pass(grad_out, q, k, v, out, lse, ring, schedule, steps,
             if visiting is None:  # the rank's own k, v are never overwritten: the first hop takes a copy
                 visiting = torch.cat([visiting_k.reshape(-1), visiting_v.reshape(-1)])
                 visiting_k, visiting_v = _unpack(visiting, k.shape, v.shape)
-            ring.shift_in_place(visiting)
-            ring.shift_in_place(accumulator)
+            ring.shift_in_place(visiting, chunks=16)
+            ring.shift_in_place(accumulator, chunks=16)
         else:  # the last hop hands each shard's finished dK/dV to its owner
             owner, sender = (ring.rank - step) % ring.size, (ring.rank + step) % ring.size
-            ring.exchange_in_place(accumulator, owner, sender)
+            ring.exchange_in_place(accumulator, owner, sender, chunks=16)
     del visiting, visiting_k, visiting_v
     return grad_q, lambda: (accumulated_k, accumulated_v)
 
