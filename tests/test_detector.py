@@ -283,14 +283,14 @@ class SoftCapped(nn.Module):
         return (scores.softmax(-1) @ v).transpose(1, 2).reshape(batch, length, DIM)
 
 
-def test_soft_capping_is_recorded_and_kept_exact():
+def test_soft_capping_is_recorded_and_rewritten_exactly():
     model = SoftCapped().eval()
     graph_module, sites, plan = rewrite_exactly(model, (torch.randn(2, 17, DIM),))
     (site,) = sites
     assert site.softcap == pytest.approx(30.0)
     assert site.scale == pytest.approx(HEAD_DIM**-0.5)
     assert site.mask.kind == "causal"
-    assert not plan.decisions[0].rewritten  # the tiled kernels have no soft-capping yet: left exact
+    assert plan.decisions[0].rewritten  # the tiled kernels take the cap: same function
     assert_same(model, graph_module, (torch.randn(2, 17, DIM),))
 
 
@@ -315,12 +315,12 @@ class Sinks(nn.Module):
         return (weights @ v).transpose(1, 2).reshape(batch, length, DIM)
 
 
-def test_attention_sinks_are_recorded_and_kept_exact():
+def test_attention_sinks_are_recorded_and_rewritten_exactly():
     model = Sinks().eval()
     graph_module, sites, plan = rewrite_exactly(model, (torch.randn(2, 17, DIM),))
     (site,) = sites
     assert site.sinks == "sinks" and site.mask.kind == "causal"
-    assert not plan.decisions[0].rewritten
+    assert plan.decisions[0].rewritten
     assert_same(model, graph_module, (torch.randn(2, 17, DIM),))
 
 

@@ -83,11 +83,12 @@ def block_backward(grad_out, q, k, v, out, lse, block: Block, *, causal: bool, w
     flash_impl = "auto" if impl == "sdpa" else _flash_impl(impl, mask)
     if flash_impl == "reference":
         flash_impl = "blockwise"  # the reference has no backward; the blockwise one is exact
-    grad_q, grad_k, grad_v, _ = flash_attention_backward_op(
+    # The op also returns the gradients of an attention mask and of sink logits, which ring blocks never have.
+    grad_q, grad_k, grad_v = flash_attention_backward_op(
         grad_out.contiguous(), None, q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(),
         lse.contiguous(), None, mask, block_causal, NO_WINDOW if block_window is None else block_window, 0, scale,
         flash_impl, False,
-    )
+    )[:3]
     return grad_q, grad_k, grad_v
 
 
