@@ -23,6 +23,9 @@ FLASH_CASES = {
                                                      padding=True),
     "non-causal window 129, 1031, head dim 64": dict(batch=1, heads=2, kv_heads=2, length=1031, causal=False,
                                                      window=129, head_dim=64),
+    # Gemma-2 and gpt-oss: the baseline is their eager attention in the same dtype (SDPA has neither feature).
+    "causal 1000 soft-capped at 50, GQA 4/2": dict(batch=1, heads=4, kv_heads=2, length=1000, softcap=50.0),
+    "window 257 + sink logits, 999": dict(batch=1, heads=4, kv_heads=4, length=999, window=257, sink_logits=True),
 }
 
 
