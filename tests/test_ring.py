@@ -192,10 +192,10 @@ def _spawn(world_size: int, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def ring_results(tmp_path_factory):
-    return {world_size: _spawn(world_size, tmp_path_factory) for world_size in (2, 4)}
+    return {world_size: _spawn(world_size, tmp_path_factory) for world_size in (2, 4, 8)}
 
 
-CASES = [(world_size, case["name"]) for world_size in (2, 4) for case in ring_worker.cases(world_size)]
+CASES = [(world_size, case["name"]) for world_size in (2, 4, 8) for case in ring_worker.cases(world_size)]
 
 
 @pytest.mark.parametrize("world_size,name", CASES, ids=[f"P{w}-{n}" for w, n in CASES])
@@ -240,3 +240,10 @@ def test_head_passes_split_kv_heads_evenly_under_the_budget():
 
 def test_ring_runs_multiple_head_passes(ring_results):
     assert all(results["zigzag-causal-window-head-passes"]["passes"] == 4 for results in ring_results[2])
+    assert all(results["zigzag-causal-head-passes"]["passes"] == 2 for results in ring_results[8])
+
+
+def test_eight_zigzag_ranks_did_equal_work(ring_results):
+    """Eight gloo processes (issue 11's GPU count, on the CPU): zigzag causal work is the same on every rank."""
+    counted = [results["zigzag-causal1"]["counted_work"] for results in ring_results[8]]
+    assert len({tuple(c) for c in counted}) == 1, counted
