@@ -282,3 +282,14 @@ def test_training_counts_every_intermediate_and_the_saved_attention(tiny_capture
     assert training.activations > 4 * inference.activations  # all intermediates, for 4 layers
     assert training.attention > inference.attention  # plus each site's saved lse
     assert "every intermediate" in training.method and "scaled by 4" in training.method
+
+
+def test_sdpa_preferring_cudnn_takes_grouped_heads_without_repeating_them():
+    """The sdpa_cudnn rewrite hands grouped k/v to SDPA with enable_gqa: same result as repeating them."""
+    from backends.registry import sdpa_preferring_cudnn
+
+    q = torch.randn(2, 8, 33, 16, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, 33, 16, dtype=torch.float64) for _ in range(2))
+    repeated = [t.repeat_interleave(4, dim=1) for t in (k, v)]
+    expected = torch.nn.functional.scaled_dot_product_attention(q, *repeated, is_causal=True, scale=0.3)
+    torch.testing.assert_close(sdpa_preferring_cudnn(q, k, v, True, 0.3), expected, rtol=1e-12, atol=1e-12)
