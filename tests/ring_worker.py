@@ -141,8 +141,13 @@ def worker(rank: int, world_size: int, store_path: str, result_dir: str) -> None
         for case in cases(world_size):
             try:
                 results[case["name"]] = run_case(case, groups)
-            except Exception:  # recorded, so that one broken case does not hide the others
+            except Exception:
+                # The other ranks may be waiting inside the op for this one: record the traceback and leave at once,
+                # so that the test reports it now instead of a barrier timeout a minute later.
                 results[case["name"]] = {"exception": traceback.format_exc()}
+                with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as handle:
+                    json.dump(results, handle)
+                os._exit(1)
             dist.barrier()
         if world_size == 2:
             try:

@@ -181,8 +181,14 @@ def test_ring_attention_refuses_bad_input_before_communicating():
 
 def _spawn(world_size: int, tmp_path_factory) -> dict:
     directory = tmp_path_factory.mktemp(f"ring{world_size}")
-    mp.start_processes(ring_worker.worker, args=(world_size, str(directory / "store"), str(directory)),
-                       nprocs=world_size, join=True, start_method="spawn")
+    try:
+        mp.start_processes(ring_worker.worker, args=(world_size, str(directory / "store"), str(directory)),
+                           nprocs=world_size, join=True, start_method="spawn")
+    except Exception as error:  # a rank that met an exception wrote it before leaving: show that, not the exit code
+        written = sorted(directory.glob("rank*.json"))
+        found = [f"{path.stem} {name}:\n{result['exception']}" for path in written
+                 for name, result in json.loads(path.read_text()).items() if "exception" in result]
+        raise AssertionError(f"ring workers on {world_size} processes failed: {error}\n" + "\n".join(found)) from None
     results = []
     for rank in range(world_size):
         with open(os.path.join(directory, f"rank{rank}.json")) as handle:
