@@ -2,7 +2,6 @@
 2 and 4 gloo processes against dense attention on the whole sequence (float64), forward and gradients."""
 from __future__ import annotations
 
-import itertools
 import json
 import os
 
