@@ -11,6 +11,12 @@ What runs (B=1, bf16, CUDA), in this order, each step skipped with its reason wh
      device="cuda"))`;
   4. forward with `torch.compile(model, dynamic=True)` (Inductor alone; one compile serves every length) for both
      models; `--configs` can add "planner-compile" (the compile backend on the forward).
+  --paired 8k,32k (optional): after each model's forwards, transformers' sdpa and the planner (optimize() rerun on
+     the same model object) at each listed length: one warm-up call each, then --paired-calls pairs of timed calls,
+     sdpa first in every other pair and the planner first in the others, so slow drift (clocks, allocator state)
+     falls on both alike; recorded: both medians and the per-pair ratios sdpa time / planner time (median, range,
+     pairs the planner won). The goals table then uses the paired median ratio at that length (marked "(paired)")
+     and adds a line with its range; "met" still takes any ratio under 1.00 as slower.
 Logits are computed for the last position only where transformers takes `logits_to_keep` (the LM head over 128k
 positions x 128,256 vocabulary entries would be 32 GiB in bf16); the output says whether it did.
 
@@ -77,7 +83,7 @@ TRAIN_CONFIGS = ("sdpa", "inductor", "planner-backend")
 TRANSFORMERS_CONFIGS = ("eager", "sdpa")  # "transformers' own implementations" of the goals
 CLI_COMMAND = ("plan", "llama-3-70b", "--max-len", "128k", "--device", "h200", "--quiet")
 # What a step is assumed to cost before anything is measured (seconds on the H200; only for the budget's decisions).
-GUESS = {"inductor_compile": 75.0, "train_compile": 110.0, "first_call": 1.0, "train_step": 3.0}
+GUESS = {"inductor_compile": 75.0, "train_compile": 110.0, "first_call": 1.0, "train_step": 3.0, "optimize": 10.0}
 # Figures measured before this script, quoted where this run skips the measurement (issue 10).
 KNOWN_SECONDS = {("llama-3.2-1b", "sdpa", 131072): 3.1, ("mistral-1b-w4096", "sdpa", 131072): 10.8}
 
@@ -322,6 +328,8 @@ def describe(record: dict) -> str:
     where = " ".join(str(record[key]) for key in ("section", "model", "config", "length", "what") if key in record)
     if record.get("status") == "ok" and "tokens_per_s" in record:
         return f"{where}: {cell(record)}"
+    if record.get("status") == "ok" and "ratio_median" in record:
+        return f"{where}: {paired_cells(record)}"
     return f"{where}: {record.get('status', '')} {record.get('reason', '')} {record.get('seconds', '')}".rstrip()
 
 
@@ -352,6 +360,8 @@ class Settings:
     train_reserve_s: float
     planner_device: str
     train_variant: Optional[str]
+    paired_lengths: tuple = ()  # --paired: lengths of the paired sdpa / planner timing
+    paired_calls: int = 15  # --paired-calls: pairs of timed calls at each
 
 
 def keep_kwargs(model: torch.nn.Module, keep: int) -> dict:
@@ -600,6 +610,136 @@ def run_forward_config(spec: ModelSpec, model: torch.nn.Module, config: str, set
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Paired timing: transformers' sdpa and the planner called in turn at one length
+
+
+PAIRED_RIVAL = "sdpa"  # the fastest transformers implementation wherever both ran (eager: 10x slower at 8k)
+
+
+def paired_runners(model: torch.nn.Module, settings: Settings) -> tuple[Runner, Runner]:
+    """The planner's runner, then transformers' sdpa runner, on the same model. optimize() captures the model into a
+    graph that no longer reads `config._attn_implementation`; transformers reads it at every call, so it is set to
+    "sdpa" last and checked before each timing (see `check_sdpa_attention`)."""
+    planner_runner = make_runner("planner", model, settings, keep=1, max_len="128k")
+    sdpa_runner = make_runner(PAIRED_RIVAL, model, settings, keep=1, max_len="128k")
+    check_sdpa_attention(model)
+    return sdpa_runner, planner_runner
+
+
+def check_sdpa_attention(model: torch.nn.Module) -> None:
+    if model.config._attn_implementation != "sdpa":
+        raise RuntimeError(f"the sdpa runner would run {model.config._attn_implementation!r} attention")
+
+
+def paired_call_s(records: list[dict], model: str, config: str, length: int) -> tuple[float, float]:
+    """(first call, later call) seconds of `config` at `length`, from this run's forward records: measured at that
+    length, else extrapolated quadratically from a shorter one, else the a-priori guess."""
+    rows = [r for r in records if r.get("section") == "forward" and r.get("model") == model
+            and r.get("config") == config and r.get("status") == "ok"]
+    same = next((r for r in rows if r["length"] == length), None)
+    if same is not None:
+        return max(same.get("first_call_s", same["seconds"]), same["seconds"]), same["seconds"]
+    predicted = predicted_call_s([(r["length"], r["seconds"]) for r in rows], length)
+    if predicted is None:
+        return GUESS["first_call"], GUESS["first_call"]
+    return predicted, predicted
+
+
+def measure_paired(sdpa: Runner, planner_runner: Runner, model: torch.nn.Module, ids: torch.Tensor, clock: Clock,
+                   pairs: int) -> dict:
+    """One warm-up call each, then `pairs` pairs of timed calls, sdpa first in even pairs and the planner first in odd
+    ones (slow drift of clocks or allocator state then falls on both alike). Returns the record's fields."""
+    runners = {PAIRED_RIVAL: sdpa, "planner": planner_runner}
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    fields: dict = {}
+    kept: dict = {}
+    with torch.no_grad():
+        for name, runner in runners.items():
+            check_sdpa_attention(model)
+            output, first = clock.wall(lambda: runner.call(ids))
+            fields[f"{name}_first_call_s"] = round(first, 4)
+            kept[name] = output[0, -1].float().cpu()
+            del output
+        check_sdpa_attention(model)
+        for pair in range(pairs):
+            order = (PAIRED_RIVAL, "planner") if pair % 2 == 0 else ("planner", PAIRED_RIVAL)
+            for name in order:
+                output, seconds = clock.time(lambda: runners[name].call(ids))
+                times[name].append(seconds)
+                del output
+    pair_ratios = [rival / mine for rival, mine in zip(times[PAIRED_RIVAL], times["planner"])]
+    difference = (kept["planner"] - kept[PAIRED_RIVAL]).abs().max()
+    fields.update(
+        status="ok", sdpa_attention=model.config._attn_implementation,
+        sdpa_seconds=statistics.median(times[PAIRED_RIVAL]), planner_seconds=statistics.median(times["planner"]),
+        ratio_median=statistics.median(pair_ratios), ratio_min=min(pair_ratios), ratio_max=max(pair_ratios),
+        planner_faster=sum(ratio > 1.0 for ratio in pair_ratios),
+        sdpa_runs=[round(value, 5) for value in times[PAIRED_RIVAL]],
+        planner_runs=[round(value, 5) for value in times["planner"]],
+        pair_ratios=[round(value, 4) for value in pair_ratios],
+        first_in_pair=[PAIRED_RIVAL if pair % 2 == 0 else "planner" for pair in range(pairs)],
+        diff_vs=PAIRED_RIVAL, max_abs_diff=float(difference), max_abs_reference=float(kept[PAIRED_RIVAL].abs().max()))
+    return fields
+
+
+def run_paired(spec: ModelSpec, model: torch.nn.Module, settings: Settings, budget: Budget, recorder: Recorder,
+               reserve_s: float) -> None:
+    """Paired timing of sdpa and the planner at each of settings.paired_lengths: one record per length, "ok" with
+    both medians and the per-pair ratios, or skipped / error / oom with the reason."""
+    lengths, pairs = settings.paired_lengths, settings.paired_calls
+    clock = Clock(settings.device)
+    base = dict(section="paired", model=spec.name, config="planner", rival=PAIRED_RIVAL, pairs=pairs)
+
+    def predicted_s(length: int) -> tuple[float, float]:
+        """(one call of the slower of the two, the whole measurement at `length`) in seconds."""
+        sdpa_first, sdpa_call = paired_call_s(recorder.records, spec.name, PAIRED_RIVAL, length)
+        planner_first, planner_call = paired_call_s(recorder.records, spec.name, "planner", length)
+        return max(sdpa_call, planner_call), sdpa_first + planner_first + pairs * (sdpa_call + planner_call)
+
+    optimize_s = next((r["seconds"] for r in recorder.records if r.get("section") == "overhead"
+                       and r.get("model") == spec.name and r.get("config") == "planner"), GUESS["optimize"])
+    skip = time_skip(optimize_s + predicted_s(min(lengths))[1], budget, reserve_s,
+                     f"optimize() + {2 + 2 * pairs} calls at {fmt_length(min(lengths))}")
+    if skip:
+        for length in lengths:
+            recorder.add(**base, length=length, **skip)
+        return
+    try:
+        sdpa, planner_runner = paired_runners(model, settings)
+    except BudgetExceeded:
+        raise
+    except Exception as error:  # noqa: BLE001 - a failed configuration is a result, not the end of the run
+        for length in lengths:
+            recorder.add(**base, length=length, status="oom" if is_oom(error) else "error", reason=first_line(error))
+        free_memory(settings.device)
+        return
+    base["planner_setup_s"] = round(planner_runner.setup_s, 2)
+    for length in lengths:
+        one_call, total = predicted_s(length)
+        skip = memory_skip(PAIRED_RIVAL, model, length, settings)
+        if skip is None and one_call > settings.max_call_s:
+            skip = {"status": "skipped", "predicted_s": round(one_call, 1),
+                    "reason": f"one call predicted {one_call:.0f} s > --max-call-s {settings.max_call_s:.0f}"}
+        skip = skip or time_skip(total, budget, reserve_s, f"{2 + 2 * pairs} calls")
+        if skip:
+            recorder.add(**base, length=length, **skip)
+            continue
+        ids = input_ids(model.config.vocab_size, length, settings.device)
+        try:
+            fields = measure_paired(sdpa, planner_runner, model, ids, clock, pairs)
+        except BudgetExceeded:
+            raise
+        except Exception as error:  # noqa: BLE001
+            fields = {"status": "oom" if is_oom(error) else "error", "reason": first_line(error)}
+        finally:
+            del ids
+            free_memory(settings.device)
+        recorder.add(**base, length=length, predicted_s=round(total, 1), **fields)
+    del sdpa, planner_runner
+    free_memory(settings.device)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Training step
 
 
@@ -792,14 +932,68 @@ def ratios(forward: dict, model: str, lengths: tuple, rivals: tuple) -> list[tup
     return result
 
 
+def paired_index(records: list[dict]) -> dict:
+    """(model, length) -> the paired record that measured both (status "ok")."""
+    return {(r["model"], r["length"]): r for r in records if r.get("section") == "paired" and r.get("status") == "ok"}
+
+
+def paired_cells(record: dict) -> str:
+    return (f"sdpa {fmt_seconds(record['sdpa_seconds'])}, planner {fmt_seconds(record['planner_seconds'])}, "
+            f"ratio {record['ratio_median']:.3f}x ({record['ratio_min']:.3f}-{record['ratio_max']:.3f}), planner "
+            f"faster in {record['planner_faster']}/{record['pairs']}")
+
+
+def paired_table(records: list[dict]) -> list[str]:
+    rows = [r for r in records if r.get("section") == "paired"]
+    if not rows:
+        return []
+    pairs = sorted({r["pairs"] for r in rows})
+    lines = [f"**Paired timing** (calls alternated, {'/'.join(map(str, pairs))} pairs): after one warm-up call each "
+             "(optimize() rerun on the same model object), transformers' sdpa and the planner are called in turn, "
+             "sdpa first in the 1st, 3rd, ... pair and the planner first in the others, each call timed alone; "
+             "ratio = sdpa's time / the planner's in the same pair (> 1: the planner is faster), median and range "
+             "over the pairs.", "",
+             "| model | length | sdpa median | planner median | median pair ratio | range | planner faster in | "
+             "logits max \\|diff\\| |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.get("status") != "ok":
+            lines.append(f"| {r['model']} | {fmt_length(r['length'])} | {cell(r)} | | | | | |")
+            continue
+        lines.append(f"| {r['model']} | {fmt_length(r['length'])} | {fmt_seconds(r['sdpa_seconds'])} | "
+                     f"{fmt_seconds(r['planner_seconds'])} | {r['ratio_median']:.3f}x | {r['ratio_min']:.3f}-"
+                     f"{r['ratio_max']:.3f} | {r['planner_faster']} of {r['pairs']} pairs | "
+                     f"{r['max_abs_diff']:.1e} ({r['max_abs_reference']:.2f}) |")
+    return lines
+
+
+def with_paired(found: list[tuple[int, Optional[float], str]], paired: dict,
+                model: str) -> list[tuple[int, Optional[float], str]]:
+    """The ratios of `ratios`, with the paired median ratio in place of the sequential one wherever the paired timing
+    measured that length and sdpa was the fastest transformers implementation there (or the only one measured)."""
+    result = []
+    for length, ratio, best in found:
+        record = paired.get((model, length))
+        if record is not None and best in (PAIRED_RIVAL, "planner not measured"):
+            result.append((length, record["ratio_median"], f"{PAIRED_RIVAL} (paired)"))
+        else:
+            result.append((length, ratio, best))
+    measured = {length for length, _, _ in found}
+    result += [(length, record["ratio_median"], f"{PAIRED_RIVAL} (paired)")
+               for (name, length), record in paired.items() if name == model and length not in measured]
+    return sorted(result)
+
+
 def goals(records: list[dict], lengths: tuple) -> list[str]:
     """The issue's goals, each with its figures and a verdict; and, for reference, the planner against Inductor."""
-    forward = index(records, "forward")
-    models = list(dict.fromkeys(key[0] for key in forward))
-    speed, against_inductor, beyond, missing = [], [], [], []
+    forward, paired = index(records, "forward"), paired_index(records)
+    models = list(dict.fromkeys([key[0] for key in forward] + [key[0] for key in paired]))
+    speed, against_inductor, beyond, missing, noise = [], [], [], [], []
     speed_met = bool(models)
     for model in models:
-        found = ratios(forward, model, lengths, TRANSFORMERS_CONFIGS)
+        found = with_paired(ratios(forward, model, lengths, TRANSFORMERS_CONFIGS), paired, model)
+        noise += [f"{model} {fmt_length(length)}: {record['ratio_median']:.3f}x (pairs {record['ratio_min']:.3f}-"
+                  f"{record['ratio_max']:.3f}), faster in {record['planner_faster']}/{record['pairs']}"
+                  for (name, length), record in sorted(paired.items()) if name == model]
         speed_met &= bool(found) and all(ratio is not None and ratio >= 1.0 for _, ratio, _ in found)
         speed.append(f"{model}: " + ", ".join(f"{fmt_length(length)} " + (f"{ratio:.2f}x {best}" if ratio else best)
                                              for length, ratio, best in found))
@@ -836,6 +1030,10 @@ def goals(records: list[dict], lengths: tuple) -> list[str]:
             if planner_rate and sdpa_rate else ("not measured", False)
         lines.append(f"| sliding-window model at {fmt_length(longest)}: planner ≥ 5x sdpa's tokens/s | "
                      f"{verdict[0]} | {'yes' if verdict[1] else 'no'} |")
+    if noise:
+        lines.append("| (paired) planner's speed over sdpa's with calls alternated: median pair ratio, its range, "
+                     f"pairs the planner won | {'; '.join(noise)} | \"met\" above takes a ratio under 1.00 as slower, "
+                     "with no tolerance; the range is the noise |")
     if against_inductor:
         lines.append(f"| (not a goal) planner's tokens/s over Inductor alone's | {'; '.join(against_inductor)} | |")
     known = [f"{model} {config} {fmt_length(length)}: {seconds} s known, "
@@ -943,6 +1141,9 @@ def tables(records: list[dict], settings: Settings) -> str:
     lines += forward_table(records, settings.lengths)
     lines += ["", "OOM (est. …, skipped): not run, the estimated peak exceeds the free memory; skipped (time): the "
               "predicted cost did not fit the run's time budget.", ""] + agreement(records)
+    paired = paired_table(records)
+    if paired:
+        lines += [""] + paired
     lines += ["", "**Goals**", ""] + goals(records, settings.lengths)
     train = train_table(records)
     if train:
@@ -982,6 +1183,9 @@ def parse_arguments(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="cuda (default) or cpu (--smoke: cpu); the real shapes on the "
                                                         "CPU, with short --lengths, are a dry run of the GPU flow")
     parser.add_argument("--train-length", default=None, help="training step length (default 32k; smoke 128)")
+    parser.add_argument("--paired", default="", help="comma-separated lengths (e.g. 8k,32k) at which sdpa and the "
+                        "planner are also timed in alternation, after each model's forward configurations")
+    parser.add_argument("--paired-calls", type=int, default=15, help="pairs of timed calls at each --paired length")
     return parser.parse_args(argv)
 
 
@@ -1001,7 +1205,9 @@ def settings_from(arguments: argparse.Namespace) -> Settings:
                                                                train_length),
                     compile=arguments.compile or not smoke, max_call_s=arguments.max_call_s,
                     train_reserve_s=arguments.train_reserve_s if not smoke else 0.0,
-                    planner_device=device.type, train_variant="flash" if smoke else None)
+                    planner_device=device.type, train_variant="flash" if smoke else None,
+                    paired_lengths=tuple(parse_length(text) for text in arguments.paired.split(",") if text),
+                    paired_calls=arguments.paired_calls)
 
 
 def plan_of_work(arguments: argparse.Namespace, settings: Settings, specs: list[ModelSpec]) -> list[tuple]:
@@ -1013,7 +1219,12 @@ def plan_of_work(arguments: argparse.Namespace, settings: Settings, specs: list[
         raise SystemExit(f"unknown --configs {sorted(unknown)}")
     first = [c for c in configs if c not in ("inductor", "planner-compile")]
     last = [c for c in configs if c in ("inductor", "planner-compile")]
-    work = [("forward", spec, config) for spec in specs for config in first]
+    if arguments.paired_calls < 1:
+        raise SystemExit("--paired-calls must be at least 1")
+    paired = [("paired", "planner")] if arguments.paired else []
+    # each model's paired timing right after its forwards, on the same model object (no rebuild)
+    work = [(section, spec, config) for spec in specs
+            for section, config in [("forward", config) for config in first] + paired]
     llama = next((spec for spec in specs if spec.name.startswith("llama")), None)
     if llama:
         work += [("train", llama, config) for config in arguments.train_configs.split(",") if config]
@@ -1060,10 +1271,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             if config in ("planner", "planner-backend") and cli is not None:
                 record_cli(cli, recorder)  # the CLI's CPU work must not overlap the planner's own timings
                 cli = None
+            training_ahead = any(item[0] == "train" for item in work[position + 1:])
+            reserve_s = settings.train_reserve_s if training_ahead else 0.0
             if section == "forward":
-                training_ahead = any(item[0] == "train" for item in work[position + 1:])
                 run_forward_config(spec, model, config, settings, budget, recorder, references, reports,
-                                   settings.train_reserve_s if training_ahead else 0.0, saved_logits)
+                                   reserve_s, saved_logits)
+            elif section == "paired":
+                run_paired(spec, model, settings, budget, recorder, reserve_s)
             else:
                 run_train_config(spec, model, config, settings, budget, recorder, reports)
         if cli is not None:

@@ -190,7 +190,8 @@ def test_a_length_where_both_run_out_of_memory_misses_the_memory_goal():
 
 def test_an_exhausted_budget_skips_what_does_not_fit_and_still_prints_the_tables(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_e2e.py"), "--smoke", "--no-cli",
-                           "--budget-s", "1", "--models", "llama", "--out", str(tmp_path)], capture_output=True,
+                           "--budget-s", "1", "--models", "llama", "--paired", "64", "--out", str(tmp_path)],
+                          capture_output=True,
                           text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
     assert done.returncode == 0, done.stderr[-4000:]
     records = [json.loads(line) for line in (tmp_path / "e2e.jsonl").read_text().splitlines()]
@@ -201,3 +202,93 @@ def test_an_exhausted_budget_skips_what_does_not_fit_and_still_prints_the_tables
     assert len(uncompiled) == 3 * 2 + 1
     assert all(r["reason"].startswith("over the time budget") for r in uncompiled)
     assert "| llama-3.2-1b | sdpa | skipped (time: ~4 s predicted) | skipped (time: ~4 s predicted) |" in done.stdout
+    paired = [r for r in records if r["section"] == "paired"]
+    assert len(paired) == 1 and paired[0]["status"] == "skipped" and paired[0]["length"] == 64
+    assert paired[0]["reason"].startswith("over the time budget: optimize() + 32 calls")
+
+
+# --- paired timing (--paired): sdpa and the planner called in turn ---------------------------------------------------
+
+
+def test_paired_runners_keep_transformers_sdpa_path_next_to_the_planner(monkeypatch):
+    """Both runners share one model: the sdpa runner must still go through transformers' sdpa attention (once per
+    layer), the planner's captured graph must not, and their logits agree."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    settings = bench_e2e.settings_from(bench_e2e.parse_arguments(["--smoke", "--paired", "67"]))
+    spec = bench_e2e.model_specs(smoke=True)[0]
+    model = bench_e2e.build_model(spec, settings.device, settings.dtype)
+    sdpa, planner_runner = bench_e2e.paired_runners(model, settings)
+    calls = []
+    original = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    monkeypatch.setitem(type(ALL_ATTENTION_FUNCTIONS)._global_mapping, "sdpa",
+                        lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
+    ids = bench_e2e.input_ids(model.config.vocab_size, 67, settings.device)
+    with torch.no_grad():
+        expected = sdpa.call(ids)
+        assert len(calls) == model.config.num_hidden_layers
+        calls.clear()
+        got = planner_runner.call(ids)
+        assert not calls
+        again = sdpa.call(ids)  # the planner's call did not switch the model's attention
+    assert len(calls) == model.config.num_hidden_layers
+    assert expected.shape == (1, 1, model.config.vocab_size) and expected.abs().max() > 0.1
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(again, expected, rtol=0, atol=0)
+
+
+def test_paired_smoke_records_both_medians_and_the_pair_ratios(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_e2e.py"), "--smoke", "--no-cli",
+                           "--models", "llama", "--configs", "sdpa,planner", "--train-configs", "", "--lengths", "64",
+                           "--paired", "64,97", "--paired-calls", "3", "--out", str(tmp_path)], capture_output=True,
+                          text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert done.returncode == 0, done.stderr[-4000:]
+    records = [json.loads(line) for line in (tmp_path / "e2e.jsonl").read_text().splitlines()]
+    paired = {r["length"]: r for r in records if r["section"] == "paired"}
+    assert sorted(paired) == [64, 97]
+    for length, record in paired.items():
+        assert record["status"] == "ok" and record["pairs"] == 3 and record["sdpa_attention"] == "sdpa", record
+        sdpa, planner = record["sdpa_runs"], record["planner_runs"]
+        assert len(sdpa) == len(planner) == 3 and min(sdpa + planner) > 0
+        assert record["first_in_pair"] == ["sdpa", "planner", "sdpa"]
+        ratios = [a / b for a, b in zip(sdpa, planner)]
+        assert record["pair_ratios"] == pytest.approx(ratios, rel=1e-2)
+        assert record["ratio_median"] > 0
+        assert record["ratio_median"] == pytest.approx(statistics.median(ratios), rel=1e-2)
+        assert record["ratio_min"] <= record["ratio_median"] <= record["ratio_max"]
+        assert record["planner_faster"] == sum(ratio > 1 for ratio in record["pair_ratios"])
+        assert record["sdpa_seconds"] == pytest.approx(statistics.median(sdpa), abs=1e-5)
+        assert record["planner_seconds"] == pytest.approx(statistics.median(planner), abs=1e-5)
+        assert record["max_abs_diff"] < 1e-4 and record["max_abs_reference"] > 0.1
+    assert "**Paired timing** (calls alternated, 3 pairs)" in done.stdout
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| llama-3.2-1b | 64 | ")]
+    assert len(rows) == 1 and "of 3 pairs" in rows[0]
+    speed = next(line for line in done.stdout.splitlines() if line.startswith("| planner's tokens/s"))
+    assert f"64 {paired[64]['ratio_median']:.2f}x sdpa (paired), 97 {paired[97]['ratio_median']:.2f}x sdpa (paired)" \
+        in speed
+
+
+def _paired(model, length, ratio_median, low, high, faster=8, pairs=15):
+    return {"section": "paired", "model": model, "config": "planner", "rival": "sdpa", "length": length,
+            "status": "ok", "pairs": pairs, "sdpa_seconds": 0.049, "planner_seconds": 0.049 / ratio_median,
+            "ratio_median": ratio_median, "ratio_min": low, "ratio_max": high, "planner_faster": faster,
+            "max_abs_diff": 0.0, "max_abs_reference": 4.0}
+
+
+def test_goal_takes_the_paired_ratio_where_measured_and_keeps_no_tolerance():
+    forward = [_forward("llama-3.2-1b", "sdpa", 8192, 0.0487), _forward("llama-3.2-1b", "planner", 8192, 0.0490),
+               _forward("llama-3.2-1b", "sdpa", 65536, 0.918), _forward("llama-3.2-1b", "planner", 65536, 0.917)]
+    met = bench_e2e.goals(forward + [_paired("llama-3.2-1b", 8192, 1.004, 0.98, 1.03)], (8192, 65536))
+    assert "llama-3.2-1b: 8k 1.00x sdpa (paired), 64k 1.00x sdpa |" in met[2] and met[2].endswith("| yes |")
+    assert "llama-3.2-1b 8k: 1.004x (pairs 0.980-1.030), faster in 8/15" in met[-1]
+    # 0.996 is within 1% of sdpa, but "met" keeps no tolerance: it says no, and the paired line gives the range
+    missed = bench_e2e.goals(forward + [_paired("llama-3.2-1b", 8192, 0.996, 0.97, 1.02, faster=6),
+                                        _paired("llama-3.2-1b", 32768, 1.01, 0.99, 1.02)], (8192, 65536))
+    assert "8k 1.00x sdpa (paired), 32k 1.01x sdpa (paired), 64k 1.00x sdpa |" in missed[2]
+    assert missed[2].endswith("| no |")
+    table = bench_e2e.paired_table([_paired("llama-3.2-1b", 8192, 0.996, 0.97, 1.02, faster=6),
+                                    {"section": "paired", "model": "llama-3.2-1b", "length": 32768, "pairs": 15,
+                                     "status": "skipped", "reason": "over the time budget", "predicted_s": 12.0}])
+    assert table[0].startswith("**Paired timing** (calls alternated, 15 pairs)")
+    assert "| llama-3.2-1b | 8k | 49.0 ms | 49.2 ms | 0.996x | 0.970-1.020 | 6 of 15 pairs |" in table[-2]
+    assert table[-1].startswith("| llama-3.2-1b | 32k | skipped (time: ~12 s predicted) |")
