@@ -193,3 +193,31 @@ def test_default_scale_is_one_over_sqrt_head_dim():
     out = tiled_attention(q, k, v, causal=True, impl="triton")
     reference = attention_reference(q.double(), k.double(), v.double(), causal=True, scale=1 / math.sqrt(16))
     _assert_close("out", out, reference)
+
+
+@pytest.mark.parametrize("layout", ["pointer loads", "transposed (batch, seq, heads, dim) views"])
+def test_forward_without_tensor_descriptors_and_on_strided_views(layout, monkeypatch):
+    """The pointer-load path (pre-Hopper GPUs, unaligned layouts) and descriptors over strided views agree with
+    float64, forward and backward; a negative scale (the forward scales after the row max, so it negates q) too."""
+    import backends.flash.triton as flash_triton
+
+    if layout == "pointer loads":
+        monkeypatch.setattr(flash_triton, "_tma_usable", lambda *tensors: False)
+        q, k, v = _inputs(1, 4, 2, 45, 45, 16)
+    else:  # what a model's q.view(b, s, h, d).transpose(1, 2) hands over
+        q, k, v = (torch.randn(1, 45, heads, 16, device=DEVICE).transpose(1, 2) for heads in (4, 2, 2))
+    # scale -8: scores span hundreds, so a row max taken on the wrong side would overflow exp2
+    for causal, window, scale in ((True, None, 0.25), (True, 9, -8.0), (False, None, -8.0)):
+        options = dict(causal=causal, window=window, sinks=0, scale=scale, key_padding_mask=None)
+        ref_out, ref_lse = attention_reference(q.double(), k.double(), v.double(), return_lse=True, **options)
+        out, lse = flash_forward(q, k, v, **options)
+        _assert_close(f"out {causal} {window} {scale}", out, ref_out)
+        # lse reaches ~100 at scale 8: fp32 resolves it to ~1e-5, so relative there
+        torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-6, atol=TOLERANCE)
+        grad_out = torch.randn_like(out)
+        _, _, ref_grads = _reference_with_grads(q, k, v, grad_out, None, **options)
+        grads = flash_backward(grad_out, q, k, v, out, lse, **options)
+        for name, actual, expected in zip(("dq", "dk", "dv"), grads, ref_grads):
+            # gradients grow with |scale|: so does their fp32 rounding
+            torch.testing.assert_close(actual.double(), expected, rtol=1e-4, atol=5e-5 * max(1.0, abs(scale)),
+                                       msg=lambda m, name=name: f"{name}: {m}")
