@@ -44,10 +44,11 @@ H200_KERNELS: tuple = (
     ("sdpa-cudnn", "backends.dense.cost", "sdpa-cudnn", True, None, 32768, 15.05e-3),  # RESULTS.md, issue 5
     ("sdpa-cudnn", "backends.dense.cost", "sdpa-cudnn", True, None, 131072, 256e-3),
     ("sdpa-flash", "backends.dense.cost", "sdpa-flash", True, None, 32768, 25.54e-3),  # RESULTS.md, issue 5
-    # Ours (benchmarks/RESULTS.md, issue 5, revision 23e124d): exact causal, and the causal window of 4096.
-    ("flash", "backends.flash.cost", "triton", True, None, 32768, 17.41e-3),
-    ("sliding_window", "backends.sliding_window.cost", "triton", True, 4096, 32768, 4.56e-3),
-    ("sliding_window", "backends.sliding_window.cost", "triton", True, 4096, 131072, 20.26e-3),
+    # Ours (benchmarks/RESULTS.md, session 3, issue 5, revision 1d84af4: loads through tensor descriptors): exact
+    # causal, and the causal window of 4096. The earlier kernel's figures are gone with it.
+    ("flash", "backends.flash.cost", "triton", True, None, 32768, 15.655e-3),
+    ("sliding_window", "backends.sliding_window.cost", "triton", True, 4096, 32768, 4.045e-3),
+    ("sliding_window", "backends.sliding_window.cost", "triton", True, 4096, 131072, 17.87e-3),
     ("sdpa-cudnn", "backends.dense.cost", "sdpa-cudnn", True, None, 131072, 243.9e-3),  # RESULTS.md, issue 8
     # Ours (benchmarks/RESULTS.md, issue 8, revision 68da512): linear attention without decay (chunk 64), SSD (chunk
     # 256), HyperAttention causal with its defaults (run 1, PyTorch merges).
@@ -57,8 +58,6 @@ H200_KERNELS: tuple = (
     ("hyper", "backends.hyper.cost", "triton", True, None, 131072, 39.49e-3),
     # benchmarks/calibrate_h200.py, session 2 (RESULTS.md, issue 4, revision 52cb1f7).
     ("sdpa-cudnn", "backends.dense.cost", "sdpa-cudnn", True, None, 131072, 261.91e-3),
-    ("flash", "backends.flash.cost", "triton", True, None, 131072, 277.32e-3),
-    ("sliding_window", "backends.sliding_window.cost", "triton", True, 4096, 131072, 21.39e-3),
     # Ring of 2 H200s, Triton blocks, causal zigzag at 256k, forward (RESULTS.md, issue 7): per-rank time.
     ("ring", "backends.ring.cost", "triton", True, None, 262144, 597e-3, 2),
 )
