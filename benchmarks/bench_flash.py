@@ -114,6 +114,18 @@ def backward_case(length, causal, window, name, impl_label, forward):
     del out
 
 
+def backward_kernels_case(length, name, dq_mode):
+    """The backward kernels alone (flash_backward on a saved out and lse), dQ by its own kernel (recomputing S and
+    dP: 7 products) or reduced atomically in fp32 by the dK/dV kernel (5 products)."""
+    q, k, v = inputs(length)
+    options = dict(causal=True, window=None, sinks=0, scale=HEAD_DIM ** -0.5, key_padding_mask=None)
+    out, lse = flash_triton.flash_forward(q, k, v, **options)
+    grad_out = torch.randn_like(out)
+    fn = lambda: flash_triton.flash_backward(grad_out, q, k, v, out, lse, dq_mode=dq_mode, **options)  # noqa: E731
+    fn()
+    try_bench(name, f"triton kernels, {dq_mode} dQ", length, True, None, fn, backward=True)
+
+
 def main() -> int:
     only = sys.argv[1:]
     want = lambda tag: not only or tag in only  # noqa: E731
@@ -139,6 +151,8 @@ def main() -> int:
                     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
             with sdpa_kernel(backend):
                 backward_case(length, True, None, name, label, theirs)
+        for dq_mode in ("separate", "atomic"):
+            backward_kernels_case(length, name, dq_mode)
         backward_case(32768, True, 4096, "bwd window 4096 32k", "triton (ours)",
                       lambda q, k, v: tiled_attention(q, k, v, causal=True, window=4096, impl="triton"))
     print(f"\nbench time {time.time() - start:.0f}s")

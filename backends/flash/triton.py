@@ -354,15 +354,16 @@ def _load_row_stats(LSE, Delta, row_index, row_ok):
 
 
 @triton.jit
-def _bwd_kv_tile(dk, dv, k, v, bias, q_src, do_src, dq_base, LSE, Delta, stride_qm, stride_dom, stride_dqm,
+def _bwd_kv_tile(dk, dv, k, v, bias, q_src, do_src, dq_dst, LSE, Delta, stride_qm, stride_dom, stride_dqm,
                  start_m, row_base, offs_n, q_len, kv_len, window, sinks, qk_scale, softcap_log2, sm_scale,
                  D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
                  CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_PAD: tl.constexpr,
-                 HAS_SOFTCAP: tl.constexpr, ATOMIC_DQ: tl.constexpr, USE_TMA: tl.constexpr,
+                 HAS_SOFTCAP: tl.constexpr, ATOMIC_DQ: tl.constexpr, USE_TMA: tl.constexpr, BULK_DQ: tl.constexpr,
                  INPUT_PRECISION: tl.constexpr):
     """One query block's contribution to dK, dV of the program's key block (computed transposed: keys x queries).
 
-    q_src, do_src: tensor descriptors of this (batch, head) when USE_TMA, else base pointers.
+    q_src, do_src (and dq_dst, fp32, with ATOMIC_DQ): tensor descriptors of this (batch, head) when USE_TMA, else
+    base pointers.
     """
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_dqk = tl.arange(0, D_QK)
@@ -389,8 +390,11 @@ def _bwd_kv_tile(dk, dv, k, v, bias, q_src, do_src, dq_base, LSE, Delta, stride_
     dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=INPUT_PRECISION)
     if ATOMIC_DQ:
         dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=INPUT_PRECISION) * sm_scale
-        tl.atomic_add(dq_base + offs_m[:, None] * stride_dqm + offs_dqk[None, :], dq, mask=row_ok[:, None],
-                      sem="relaxed")
+        if BULK_DQ:  # one bulk reduce-add of the tile by the copy engine instead of BLOCK_M * D element atomics
+            dq_dst.atomic_add([start_m, 0], dq)
+        else:
+            tl.atomic_add(dq_dst + offs_m[:, None] * stride_dqm + offs_dqk[None, :], dq, mask=row_ok[:, None],
+                          sem="relaxed")
     return dk, dv
 
 
@@ -403,7 +407,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, Delta, Bias, DK, DV, DQ,
                    heads, kv_heads, group, q_len, kv_len, window, sinks, qk_scale, softcap_log2, sm_scale,
                    D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_PAD: tl.constexpr,
-                   HAS_SOFTCAP: tl.constexpr, ATOMIC_DQ: tl.constexpr, USE_TMA: tl.constexpr,
+                   HAS_SOFTCAP: tl.constexpr, ATOMIC_DQ: tl.constexpr, USE_TMA: tl.constexpr, BULK_DQ: tl.constexpr,
                    INPUT_PRECISION: tl.constexpr):
     block_n = tl.program_id(0)
     batch_kv_head = tl.program_id(1)
@@ -436,26 +440,30 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, Delta, Bias, DK, DV, DQ,
         row_base = (batch * heads + head).to(tl.int64) * q_len
         q_src = q_base
         do_src = do_base
+        dq_dst = dq_base
         if USE_TMA:
+            if BULK_DQ:
+                dq_dst = tl.make_tensor_descriptor(dq_base, shape=[q_len, D_QK], strides=[stride_dqm, 1],
+                                                   block_shape=[BLOCK_M, D_QK])
             q_src = tl.make_tensor_descriptor(q_base, shape=[q_len, D_QK], strides=[stride_qm, 1],
                                               block_shape=[BLOCK_M, D_QK])
             do_src = tl.make_tensor_descriptor(do_base, shape=[q_len, D_V], strides=[stride_dom, 1],
                                                block_shape=[BLOCK_M, D_V])
         for start_m in range(q_lo, full_lo, BLOCK_M):
-            dk, dv = _bwd_kv_tile(dk, dv, k, v, bias, q_src, do_src, dq_base, LSE, Delta, stride_qm, stride_dom,
+            dk, dv = _bwd_kv_tile(dk, dv, k, v, bias, q_src, do_src, dq_dst, LSE, Delta, stride_qm, stride_dom,
                                   stride_dqm, start_m, row_base, offs_n, q_len, kv_len, window, sinks, qk_scale,
                                   softcap_log2, sm_scale, D_QK, D_V, BLOCK_M, True, CAUSAL, HAS_WINDOW, HAS_SINKS,
-                                  HAS_PAD, HAS_SOFTCAP, ATOMIC_DQ, USE_TMA, INPUT_PRECISION)
+                                  HAS_PAD, HAS_SOFTCAP, ATOMIC_DQ, USE_TMA, BULK_DQ, INPUT_PRECISION)
         for start_m in range(full_lo, full_hi, BLOCK_M):
-            dk, dv = _bwd_kv_tile(dk, dv, k, v, bias, q_src, do_src, dq_base, LSE, Delta, stride_qm, stride_dom,
+            dk, dv = _bwd_kv_tile(dk, dv, k, v, bias, q_src, do_src, dq_dst, LSE, Delta, stride_qm, stride_dom,
                                   stride_dqm, start_m, row_base, offs_n, q_len, kv_len, window, sinks, qk_scale,
                                   softcap_log2, sm_scale, D_QK, D_V, BLOCK_M, False, CAUSAL, HAS_WINDOW, HAS_SINKS,
-                                  HAS_PAD, HAS_SOFTCAP, ATOMIC_DQ, USE_TMA, INPUT_PRECISION)
+                                  HAS_PAD, HAS_SOFTCAP, ATOMIC_DQ, USE_TMA, BULK_DQ, INPUT_PRECISION)
         for start_m in range(full_hi, q_hi, BLOCK_M):
-            dk, dv = _bwd_kv_tile(dk, dv, k, v, bias, q_src, do_src, dq_base, LSE, Delta, stride_qm, stride_dom,
+            dk, dv = _bwd_kv_tile(dk, dv, k, v, bias, q_src, do_src, dq_dst, LSE, Delta, stride_qm, stride_dom,
                                   stride_dqm, start_m, row_base, offs_n, q_len, kv_len, window, sinks, qk_scale,
                                   softcap_log2, sm_scale, D_QK, D_V, BLOCK_M, True, CAUSAL, HAS_WINDOW, HAS_SINKS,
-                                  HAS_PAD, HAS_SOFTCAP, ATOMIC_DQ, USE_TMA, INPUT_PRECISION)
+                                  HAS_PAD, HAS_SOFTCAP, ATOMIC_DQ, USE_TMA, BULK_DQ, INPUT_PRECISION)
     dk *= sm_scale
     tl.store(DK + batch.to(tl.int64) * stride_dkb + kv_head.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dkn
              + offs_dqk[None, :], dk.to(DK.dtype.element_ty), mask=key_ok[:, None])
@@ -840,7 +848,7 @@ def flash_backward(
         heads, q_len, D_V=d_v_pad, BLOCK_M=preprocess_block, HAS_DLSE=dlse is not None,
     )
     head_dim = max(d_qk_pad, d_v_pad)
-    use_tma = _tma_usable(q_, k_, v_, do_)
+    use_tma = _tma_usable(q_, k_, v_, do_, dq)
     if use_tma:
         _ensure_scratch_allocator()
     common = dict(D_QK=d_qk_pad, D_V=d_v_pad, USE_TMA=use_tma, CAUSAL=causal, HAS_WINDOW=has_window, HAS_SINKS=has_sinks,
@@ -859,7 +867,9 @@ def flash_backward(
             dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2), bias.stride(0),
             heads, kv_heads, group, q_len, kv_len, window_size, sink_count, scale * LOG2E, softcap_log2, scale,
-            BLOCK_M=block_m, BLOCK_N=block_n, ATOMIC_DQ=atomic, num_warps=num_warps, num_stages=num_stages, **common,
+            BLOCK_M=block_m, BLOCK_N=block_n, ATOMIC_DQ=atomic,
+            # the interpreter has no bulk reduce: element atomics there
+            BULK_DQ=atomic and use_tma and not _interpreting(), num_warps=num_warps, num_stages=num_stages, **common,
         )
 
     def launch_dq(cfg):
