@@ -19,6 +19,9 @@ sees run without a mask; only the edge blocks (window start, diagonal, sequence 
 (One pipelined loop with a uniform mask branch was measured too: 6% slower causal forward, 8% slower backward on the
 H200, within noise for the sliding window; three loops stay.)
 Scores are kept in the log2 domain: log2(e) is folded into the scale so the softmax uses exp2.
+On Hopper-class GPUs the tiles arrive through tensor descriptors (TMA: asynchronous copies, no address registers,
+zero-filled tails), built per (batch, head) so that any 16-byte-aligned layout qualifies; other layouts and older
+GPUs take pointer loads (`_load_rows`). Measured on the H200: 7-10% faster forward, 18% faster dK/dV kernel.
 """
 from __future__ import annotations
 
@@ -569,7 +572,7 @@ _FORWARD_CONFIGS = {
 }
 _DKDV_CONFIGS = {
     # The last two keep 64 keys per program: half the fp32 dK/dV accumulators of BLOCK_N = 128, whose registers spill
-    # on the H200 (ptxas); added in session 2 without a GPU run, for the tuner to weigh.
+    # on the H200 (ptxas). (64, 64, 4, 2) wins there: 8.87 ms against 10.40 for (64, 128, 8, 2), causal 16k.
     "small": [(64, 128, 8, 2), (32, 128, 8, 2), (32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 4, 2), (128, 64, 8, 2)],
     "large": [(32, 64, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
 }
