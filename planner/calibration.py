@@ -58,6 +58,14 @@ H200_KERNELS: tuple = (
     ("hyper", "backends.hyper.cost", "triton", True, None, 131072, 39.49e-3),
     # benchmarks/calibrate_h200.py, session 2 (RESULTS.md, issue 4, revision 52cb1f7).
     ("sdpa-cudnn", "backends.dense.cost", "sdpa-cudnn", True, None, 131072, 261.91e-3),
+    # Head dim 64 (H=32, 8 kv heads; RESULTS.md "Exact causal kernels by head dim", revision a96deb2): "@d64" keys
+    # apply to head dims up to 64 (planner/costs.py work_for_head_dim). Ours is the kernel before tensor descriptors.
+    ("flash@d64", "backends.flash.cost", "triton", True, None, 8192, 0.696e-3),
+    ("flash@d64", "backends.flash.cost", "triton", True, None, 32768, 10.181e-3),
+    ("sdpa-cudnn@d64", "backends.dense.cost", "sdpa-cudnn", True, None, 8192, 0.701e-3),
+    ("sdpa-cudnn@d64", "backends.dense.cost", "sdpa-cudnn", True, None, 32768, 9.843e-3),
+    ("sdpa-flash@d64", "backends.dense.cost", "sdpa-flash", True, None, 8192, 0.999e-3),
+    ("sdpa-flash@d64", "backends.dense.cost", "sdpa-flash", True, None, 32768, 14.216e-3),
     # Ring of 2 H200s, Triton blocks, causal zigzag at 256k, forward (RESULTS.md, issue 7): per-rank time.
     ("ring", "backends.ring.cost", "triton", True, None, 262144, 597e-3, 2),
 )
@@ -102,7 +110,8 @@ def builtin_calibration(spec: DeviceSpec, key: str) -> DeviceSpec:
     measured_spec = dataclasses.replace(spec, efficiency=efficiency)
     by_work: dict[str, list[float]] = {}
     for work, module, implementation, causal, window, length, seconds, *world in kernels:
-        shape = reference_shape(length, implementation, causal=causal, window=window,
+        head_dim = int(work.split("@d")[1]) if "@d" in work else 128  # "flash@d64": measured at head dim 64
+        shape = reference_shape(length, implementation, causal=causal, window=window, head_dim=head_dim,
                                 world_size=world[0] if world else 1)
         costs = _cost_module(module).costs(shape)
         if isinstance(seconds, tuple):  # ("tflops", rate): the time that rate gives at this length

@@ -87,6 +87,16 @@ class Costs:
     notes: tuple = field(default_factory=tuple)
 
 
+SMALL_HEAD_DIM = 64
+
+
+def work_for_head_dim(work: str, head_dim: int) -> str:
+    """A kernel's efficiency key, qualified "@d64" for head dims up to 64: thinner tiles shift the balance between
+    the tensor cores and the softmax, so kernels rank differently there (benchmarks/RESULTS.md, "Exact causal kernels
+    by head dim"). DeviceSpec.efficiency_of falls back to the plain key where nothing was measured at D <= 64."""
+    return f"{work}@d{SMALL_HEAD_DIM}" if int(head_dim) <= SMALL_HEAD_DIM else work
+
+
 def time_expression(costs: Costs, device: DeviceSpec, dtype: str) -> sympy.Expr:
     """Roofline: the largest of compute, memory and communication time at the achievable fractions of the peaks,
     plus the launches. Ring transfers overlap compute (double buffering), hence a max and not a sum."""

@@ -79,7 +79,12 @@ class DeviceSpec:
         return self.matrix_flops.get(dtype, self.matrix_flops.get("float32"))
 
     def efficiency_of(self, work: str) -> float:
-        return self.efficiency.get(work, self.efficiency.get("matmul", 0.75))
+        """The efficiency for `work`; a qualified key ("flash@d64") falls back to its kernel's ("flash"), then to
+        the matrix-product efficiency."""
+        if work in self.efficiency:
+            return self.efficiency[work]
+        kernel = work.split("@")[0]
+        return self.efficiency.get(kernel, self.efficiency.get("matmul", 0.75))
 
     @property
     def usable_bytes(self) -> float:

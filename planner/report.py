@@ -31,7 +31,8 @@ were added after the first release of version 1 and may be absent from older fil
      "candidates": [{"variant", "implementation", "exactness", "feasible", "time_s", "memory_bytes", "reason",
                      "time_expr", "memory_expr",                       # expressions as strings in L
                      (+) "parameters": {name: value}, (+) "flops", (+) "bytes_moved", (+) "comm_bytes",
-                     (+) "bound": "compute" | "memory" | "interconnect" | "launches" | null, (+) "work",
+                     (+) "bound": "compute" | "memory" | "interconnect" | "launches" | null,
+                     (+) "work",                                        # its efficiency key: "flash", "flash@d64"
                      (+) "saved_bytes", (+) "fits_up_to": int | null}],
      "crossovers": [{"faster", "slower", "sequence_length"}],         # where the cheapest candidate changes
      (+) "envelope": [{"from_length": int, "variant": str}],          # the cheapest candidate from each length on

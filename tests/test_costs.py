@@ -90,7 +90,8 @@ def test_tiled_flops_count_visible_pairs_only():
     window = window_cost.costs(shape("triton", batch=1, heads=heads, causal=True, window=16))
     assert evaluate(flash.flops, length) == 2 * heads * causal_pairs * 2 * head_dim
     assert evaluate(window.flops, length) == 2 * heads * window_pairs * 2 * head_dim
-    assert window.work == "sliding_window" and flash.work == "flash"
+    # head dim 32: the efficiency keys for small head dims (which fall back to the plain ones)
+    assert window.work == "sliding_window@d64" and flash.work == "flash@d64"
     # A fused SDPA kernel skips causal blocks too; with a mask tensor it computes every pair and reads the mask.
     fused = dense_cost.costs(shape("sdpa-flash", batch=1, heads=heads, causal=True))
     masked = dense_cost.costs(shape("sdpa-efficient", batch=1, heads=heads, causal=False, mask_tensor=True))
@@ -236,3 +237,24 @@ def test_costs_are_sympy_in_the_sequence_length_only():
         costs = module.costs(shape(implementation, causal=True, **extra))
         for expression in (costs.flops, costs.bytes, costs.memory):
             assert sympy.sympify(expression).free_symbols <= {L}, module.__name__
+
+
+def test_small_head_dims_use_their_own_measured_efficiency_else_the_kernels():
+    import dataclasses
+
+    from planner.costs import time_expression, work_for_head_dim
+    from planner.devices import device_spec
+
+    assert work_for_head_dim("flash", 64) == "flash@d64" and work_for_head_dim("flash", 128) == "flash"
+    base = device_spec("h100")
+    measured = dataclasses.replace(base, efficiency={**base.efficiency, "flash": 0.5, "flash@d64": 0.25})
+    unmeasured = dataclasses.replace(base, efficiency={**base.efficiency, "flash": 0.5})
+    length = 65536  # compute-bound, launch overhead negligible
+
+    def seconds(spec, head_dim):
+        costs = flash_cost.costs(shape("triton", batch=1, heads=8, causal=True, head_dim=head_dim, value_dim=head_dim))
+        return evaluate(time_expression(costs, spec, "bfloat16"), length) / evaluate(costs.flops, length)
+
+    # per FLOP, D=64 takes twice as long where D<=64 was measured at half the efficiency, the same where it was not
+    assert seconds(measured, 64) == pytest.approx(2 * seconds(measured, 128), rel=1e-2)
+    assert seconds(unmeasured, 64) == pytest.approx(seconds(unmeasured, 128), rel=1e-2)

@@ -10,7 +10,7 @@ The cost of a fused kernel does not depend on who chose it: the `sdpa_cudnn` rew
 """
 from __future__ import annotations
 
-from planner.costs import CostShape, Costs, mask_read_bytes, qkvo_bytes, visible_pairs
+from planner.costs import CostShape, Costs, mask_read_bytes, qkvo_bytes, visible_pairs, work_for_head_dim
 
 MATERIALIZED = ("eager", "sdpa-math", "original")
 FUSED = ("sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-cpu-flash")
@@ -60,7 +60,7 @@ def _fused_costs(shape: CostShape) -> Costs:
         flops=flops,
         bytes=qkvo_bytes(shape) + lse + mask_read_bytes(shape, per_head=True),
         memory=lse,
-        work=shape.implementation,
+        work=work_for_head_dim(shape.implementation, shape.head_dim),
         launches=1,
         saved=lse,
         memory_what="the fp32 log-sum-exp of {batch}×{heads} heads",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sympy
 
-from planner.costs import CostShape, Costs, mask_read_bytes, qkvo_bytes, visible_pairs
+from planner.costs import CostShape, Costs, mask_read_bytes, qkvo_bytes, visible_pairs, work_for_head_dim
 
 # backends/flash/blockwise.py's tile: QUERY_BLOCK × KEY_BLOCK scores (kept here so the cost model imports no kernel).
 BLOCKWISE_QUERY_BLOCK = 512
@@ -39,7 +39,8 @@ def costs(shape: CostShape) -> Costs:
             launches=blockwise_launches(shape), saved=lse,
             memory_what="the fp32 lse of {batch}×{heads} heads and one fp32 tile of scores",
         )
-    return Costs(flops=flops, bytes=io_bytes, memory=lse, work="flash", launches=1, saved=lse,
+    return Costs(flops=flops, bytes=io_bytes, memory=lse, work=work_for_head_dim("flash", shape.head_dim), launches=1,
+                 saved=lse,
                  memory_what="the fp32 log-sum-exp of {batch}×{heads} heads")
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 from backends.flash import cost as flash_cost
-from planner.costs import CostShape, Costs
+from planner.costs import CostShape, Costs, work_for_head_dim
 from planner.errors import InvalidArgumentError
 
 
@@ -21,4 +21,4 @@ def costs(shape: CostShape) -> Costs:
     tiled = flash_cost.costs(shape)
     if shape.implementation in ("blockwise", "blockwise-sdpa"):
         return tiled
-    return dataclasses.replace(tiled, work="sliding_window")
+    return dataclasses.replace(tiled, work=work_for_head_dim("sliding_window", shape.head_dim))
