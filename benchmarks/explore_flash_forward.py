@@ -6,7 +6,9 @@ with constexpr switches, beside the package's kernel and its competitors, B=1, H
   PIPE     the interior loop issues the next tile's QK^T before this tile's softmax (hoping exp2 overlaps the MMA)
   FMA      row max on the raw scores, then one FMA (s * scale - m) per score instead of scaling the tile first
   WS       tl.range(..., warp_specialize=True) on the interior loop
-  PERHEAD  one descriptor per (batch, head) with a runtime row stride, as the package builds them
+  PERHEAD  where descriptors start and how they stride: 0 one base for the tensor, constant row stride (the
+           fastest); 1 per (batch, head), runtime stride (as the package builds them); 2 per (batch, head), constant
+           stride; 3 one base, runtime stride
 
     PYTHONPATH=. python3 benchmarks/explore_flash_forward.py              # every variant, 3 cases (~3 min)
     PYTHONPATH=. python3 benchmarks/explore_flash_forward.py --isolate    # the package against the best variant
@@ -84,7 +86,7 @@ def _load_kv(K, V, desc_k, desc_v, kv_row0, start_n, offs_d, stride_n, BLOCK_N: 
 def _fwd_exp(Q, K, V, Out, seq_len, heads, window, qk_scale,
              D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr,
              TMA: tl.constexpr, PIPE: tl.constexpr, FMA: tl.constexpr, WS: tl.constexpr,
-             PERHEAD: tl.constexpr = False, stride_n=128):
+             PERHEAD: tl.constexpr = 0, stride_n=128):
     block_m = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
     row0 = bh * seq_len  # contiguous (B*H, N, D)
@@ -96,12 +98,26 @@ def _fwd_exp(Q, K, V, Out, seq_len, heads, window, qk_scale,
     Vb = V + base
     desc_k = None
     desc_v = None
-    if PERHEAD:
+    if PERHEAD == 1:  # per (batch, head) base, runtime row stride: what the package does
         row0 = 0
         desc_q = tl.make_tensor_descriptor(Q + base, shape=[seq_len, D], strides=[stride_n, 1], block_shape=[BLOCK_M, D])
         desc_k = tl.make_tensor_descriptor(K + base, shape=[seq_len, D], strides=[stride_n, 1], block_shape=[BLOCK_N, D])
         desc_v = tl.make_tensor_descriptor(V + base, shape=[seq_len, D], strides=[stride_n, 1], block_shape=[BLOCK_N, D])
         q = desc_q.load([m_first, 0])
+    elif PERHEAD == 2:  # per (batch, head) base, constant row stride
+        row0 = 0
+        desc_q = tl.make_tensor_descriptor(Q + base, shape=[seq_len, D], strides=[D, 1], block_shape=[BLOCK_M, D])
+        desc_k = tl.make_tensor_descriptor(K + base, shape=[seq_len, D], strides=[D, 1], block_shape=[BLOCK_N, D])
+        desc_v = tl.make_tensor_descriptor(V + base, shape=[seq_len, D], strides=[D, 1], block_shape=[BLOCK_N, D])
+        q = desc_q.load([m_first, 0])
+    elif PERHEAD == 3:  # one base for the whole tensor, runtime row stride
+        desc_q = tl.make_tensor_descriptor(Q, shape=[heads * seq_len, D], strides=[stride_n, 1],
+                                           block_shape=[BLOCK_M, D])
+        desc_k = tl.make_tensor_descriptor(K, shape=[heads * seq_len, D], strides=[stride_n, 1],
+                                           block_shape=[BLOCK_N, D])
+        desc_v = tl.make_tensor_descriptor(V, shape=[heads * seq_len, D], strides=[stride_n, 1],
+                                           block_shape=[BLOCK_N, D])
+        q = desc_q.load([row0 + m_first, 0])
     elif TMA:
         desc_q = tl.make_tensor_descriptor(Q, shape=[heads * seq_len, D], strides=[D, 1], block_shape=[BLOCK_M, D])
         desc_k = tl.make_tensor_descriptor(K, shape=[heads * seq_len, D], strides=[D, 1], block_shape=[BLOCK_N, D])
@@ -147,13 +163,13 @@ def _fwd_exp(Q, K, V, Out, seq_len, heads, window, qk_scale,
     tl.store(Out + base + offs_m[:, None] * D + offs_d[None, :], out.to(Out.dtype.element_ty))
 
 
-def run_exp(q, k, v, window, cfg, tma, pipe, fma, ws, perhead=False):
+def run_exp(q, k, v, window, cfg, tma, pipe, fma, ws, perhead=0):
     B, H, N, D = q.shape
     out = torch.empty_like(q)
     bm, bn, warps, stages = cfg
     grid = (N // bm, B * H)
     _fwd_exp[grid](q, k, v, out, N, B * H, window or 0, D ** -0.5 * 1.4426950408889634, D=D, BLOCK_M=bm, BLOCK_N=bn,
-                   HAS_WINDOW=window is not None, TMA=tma or perhead, PIPE=pipe, FMA=fma, WS=ws, PERHEAD=perhead,
+                   HAS_WINDOW=window is not None, TMA=tma or perhead > 0, PIPE=pipe, FMA=fma, WS=ws, PERHEAD=perhead,
                    num_warps=warps,
                    num_stages=stages)
     return out
@@ -235,6 +251,9 @@ def main2():
     kw = dict(causal=True, window=None, sinks=0, scale=D ** -0.5, key_padding_mask=None, config=cfg)
     bench("package", lambda: flash_forward(q, k, v, **kw)[0])
     bench("exp tma fma global desc", lambda: run_exp(q, k, v, None, cfg, 1, 0, 1, 0))
+    bench("exp tma fma per-head desc", lambda: run_exp(q, k, v, None, cfg, 1, 0, 1, 0, perhead=1))
+    bench("exp tma fma per-head desc, constant stride", lambda: run_exp(q, k, v, None, cfg, 1, 0, 1, 0, perhead=2))
+    bench("exp tma fma global desc, runtime stride", lambda: run_exp(q, k, v, None, cfg, 1, 0, 1, 0, perhead=3))
     for name, window, length in (("window 4096 32k", 4096, 32768), ("window 4096 128k", 4096, 131072)):
         q2, k2, v2 = (torch.randn(1, H, length, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         kw2 = dict(causal=True, window=window, sinks=0, scale=D ** -0.5, key_padding_mask=None, config=cfg)
