@@ -268,6 +268,7 @@ def calibrate(
     lengths: Optional[Sequence[int]] = None,
     heads: int = 32,
     head_dim: int = 128,
+    small_head_dim: Optional[int] = 64,
     probes: Optional[Sequence[KernelProbe]] = None,
     save: bool = True,
     verbose: bool = False,
@@ -275,7 +276,10 @@ def calibrate(
     """Measure `device` ("cuda", "cuda:N" or "cpu"): matmul and copy ceilings, and each kernel's efficiency at
     `lengths` (default 8k and 32k on a GPU, 512 and 1024 with 4 heads of 64 on the CPU); save the result (JSON, see
     the module docstring) and return the calibrated DeviceSpec. A kernel that fails to run is skipped and reported
-    in the saved file's "skipped" list (with the error)."""
+    in the saved file's "skipped" list (with the error).
+
+    On a GPU each kernel is also timed at `small_head_dim` (None: not), saved under its "@d64" key
+    (planner/costs.py work_for_head_dim): kernels rank differently at small head dims."""
     from planner.devices import device_spec
 
     torch_device = torch.device(device)
@@ -303,26 +307,32 @@ def calibrate(
 
     records, skipped = [], []
     by_work: dict[str, list[float]] = {}
+    # (head dim, suffix of the efficiency key): the CPU measures one small head dim under the plain keys
+    head_dims = [(head_dim, "")]
+    if on_gpu and small_head_dim is not None and small_head_dim < head_dim:
+        head_dims.append((small_head_dim, f"@d{small_head_dim}"))
     for probe in probes if probes is not None else default_probes(torch_device):
-        for length in lengths:
-            try:
-                q, k, v = (torch.randn(1, heads, length, head_dim, device=torch_device, dtype=dtype)
-                           for _ in range(3))
-                seconds = _bench(probe.call(q, k, v), torch_device)
-            except Exception as error:  # a kernel that is missing or fails here is skipped, with the reason
-                message = f"{type(error).__name__}: {error}"[:300]
-                skipped.append({"work": probe.work, "length": length, "error": message})
-                break
-            shape = reference_shape(length, probe.implementation, window=probe.window, heads=heads,
-                                    head_dim=head_dim, dtype=dtype_name, mask_tensor=probe.mask_tensor)
-            costs = _cost_module(probe.module).costs(shape)
-            value = kernel_efficiency(measured, costs, length, seconds, dtype_name)
-            by_work.setdefault(probe.work, []).append(value)
-            records.append({"work": probe.work, "length": length, "seconds": seconds,
-                            "flops": _value(costs.flops, length), "bytes": _value(costs.bytes, length),
-                            "efficiency": value})
-            if verbose:
-                print(f"{probe.work:>16} L={length:>7}: {seconds * 1e3:9.3f} ms  efficiency {value:.3f}")
+        for probe_head_dim, suffix in head_dims:
+            work = probe.work + suffix
+            for length in lengths:
+                try:
+                    q, k, v = (torch.randn(1, heads, length, probe_head_dim, device=torch_device, dtype=dtype)
+                               for _ in range(3))
+                    seconds = _bench(probe.call(q, k, v), torch_device)
+                except Exception as error:  # a kernel that is missing or fails here is skipped, with the reason
+                    message = f"{type(error).__name__}: {error}"[:300]
+                    skipped.append({"work": work, "length": length, "error": message})
+                    break
+                shape = reference_shape(length, probe.implementation, window=probe.window, heads=heads,
+                                        head_dim=probe_head_dim, dtype=dtype_name, mask_tensor=probe.mask_tensor)
+                costs = _cost_module(probe.module).costs(shape)
+                value = kernel_efficiency(measured, costs, length, seconds, dtype_name)
+                by_work.setdefault(work, []).append(value)
+                records.append({"work": work, "length": length, "seconds": seconds,
+                                "flops": _value(costs.flops, length), "bytes": _value(costs.bytes, length),
+                                "efficiency": value})
+                if verbose:
+                    print(f"{work:>20} L={length:>7}: {seconds * 1e3:9.3f} ms  efficiency {value:.3f}")
     for work, values in by_work.items():
         efficiency[work] = statistics.geometric_mean(values)
 
