@@ -854,8 +854,8 @@ def flash_backward(
     use_tma = _tma_usable(q_, k_, v_, do_, dq)
     if use_tma:
         _ensure_scratch_allocator()
-    common = dict(D_QK=d_qk_pad, D_V=d_v_pad, USE_TMA=use_tma, CAUSAL=causal, HAS_WINDOW=has_window, HAS_SINKS=has_sinks,
-                  HAS_PAD=key_padding_mask is not None, HAS_SOFTCAP=softcap is not None,
+    common = dict(D_QK=d_qk_pad, D_V=d_v_pad, USE_TMA=use_tma, CAUSAL=causal, HAS_WINDOW=has_window,
+                  HAS_SINKS=has_sinks, HAS_PAD=key_padding_mask is not None, HAS_SOFTCAP=softcap is not None,
                   INPUT_PRECISION=_input_precision(q.dtype))
     softcap_log2 = _softcap_log2(softcap)
     tune_key = (head_dim, causal, has_window, q.dtype, group > 1, _length_bucket(max(q_len, kv_len)))
