@@ -66,13 +66,19 @@ def try_bench(name, impl, length, causal, window, fn, backward=False, note=""):
     torch.cuda.empty_cache()
 
 
-def ours_forward(length, causal, window, name):
+def ours_forward(length, causal, window, name, descriptor_scope="head"):
+    """Our kernel; descriptor_scope "tensor" times the forward's tensor-wide descriptors (untimed option)."""
     q, k, v = inputs(length)
-    with torch.no_grad():
-        fn = lambda: tiled_attention(q, k, v, causal=causal, window=window, impl="triton")  # noqa: E731
-        fn()
-        try_bench(name, "triton (ours)", length, causal, window, fn,
-                  note=f"cfg={flash_triton._TUNED.get(next(reversed(flash_triton._TUNED)))}")
+    default_scope, flash_triton._DESCRIPTOR_SCOPE = flash_triton._DESCRIPTOR_SCOPE, descriptor_scope
+    try:
+        with torch.no_grad():
+            fn = lambda: tiled_attention(q, k, v, causal=causal, window=window, impl="triton")  # noqa: E731
+            fn()
+            label = "triton (ours)" + (", tensor-wide desc." if descriptor_scope == "tensor" else "")
+            try_bench(name, label, length, causal, window, fn,
+                      note=f"cfg={flash_triton._TUNED.get(next(reversed(flash_triton._TUNED)))}")
+    finally:
+        flash_triton._DESCRIPTOR_SCOPE = default_scope
 
 
 def sdpa_forward(length, backend, label, name):
@@ -136,10 +142,13 @@ def main() -> int:
         sdpa_forward(32768, SDPBackend.CUDNN_ATTENTION, "SDPA cuDNN", name)
         sdpa_forward(32768, SDPBackend.FLASH_ATTENTION, "SDPA flash", name)
         flex_forward(32768, None, name)
+        ours_forward(32768, True, None, name, descriptor_scope="tensor")
     if want("window"):
         ours_forward(32768, True, 4096, "fwd window 4096 32k")
         flex_forward(32768, 4096, "fwd window 4096 32k")
         ours_forward(131072, True, 4096, "fwd window 4096 128k")
+        ours_forward(32768, True, 4096, "fwd window 4096 32k", descriptor_scope="tensor")
+        ours_forward(131072, True, 4096, "fwd window 4096 128k", descriptor_scope="tensor")
     if want("backward"):
         length = 16384
         name = "bwd causal 16k"

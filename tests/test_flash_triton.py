@@ -195,17 +195,34 @@ def test_default_scale_is_one_over_sqrt_head_dim():
     _assert_close("out", out, reference)
 
 
-@pytest.mark.parametrize("layout", ["pointer loads", "transposed (batch, seq, heads, dim) views"])
+LAYOUTS = ["pointer loads", "transposed (batch, seq, heads, dim) views", "tensor-wide descriptors, transposed",
+           "tensor-wide descriptors, heads with inf past their end"]
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy meets the inf rows (then masked)
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_forward_without_tensor_descriptors_and_on_strided_views(layout, monkeypatch):
-    """The pointer-load path (pre-Hopper GPUs, unaligned layouts) and descriptors over strided views agree with
-    float64, forward and backward; a negative scale (the forward scales after the row max, so it negates q) too."""
+    """The pointer-load path (pre-Hopper GPUs, unaligned layouts), per-head descriptors over strided views and
+    tensor-wide descriptors agree with float64, forward and backward; a negative scale (the forward scales after the
+    row max, so it negates q) too. Tensor-wide descriptors read past a head's end into other memory: inf there must
+    not reach the output."""
     import backends.flash.triton as flash_triton
 
     if layout == "pointer loads":
         monkeypatch.setattr(flash_triton, "_tma_usable", lambda *tensors: False)
         q, k, v = _inputs(1, 4, 2, 45, 45, 16)
+    elif layout.startswith("tensor-wide descriptors, heads with inf"):
+        monkeypatch.setattr(flash_triton, "_DESCRIPTOR_SCOPE", "tensor")
+        storage = [torch.full((2, heads, 61, 16), float("inf"), device=DEVICE) for heads in (4, 2, 2)]
+        for tensor in storage:
+            tensor[:, :, :45] = torch.randn(2, tensor.shape[1], 45, 16, device=DEVICE)
+        q, k, v = (tensor[:, :, :45] for tensor in storage)
     else:  # what a model's q.view(b, s, h, d).transpose(1, 2) hands over
-        q, k, v = (torch.randn(1, 45, heads, 16, device=DEVICE).transpose(1, 2) for heads in (4, 2, 2))
+        if layout.startswith("tensor-wide"):
+            monkeypatch.setattr(flash_triton, "_DESCRIPTOR_SCOPE", "tensor")
+        q, k, v = (torch.randn(2, 45, heads, 16, device=DEVICE).transpose(1, 2) for heads in (4, 2, 2))
+    if layout.startswith("tensor-wide"):  # the layout qualifies: the tensor-wide path is the one tested
+        assert None not in [flash_triton._whole_tensor_rows(tensor) for tensor in (q, k, v)]
     # scale -8: scores span hundreds, so a row max taken on the wrong side would overflow exp2
     for causal, window, scale in ((True, None, 0.25), (True, 9, -8.0), (False, None, -8.0)):
         options = dict(causal=causal, window=window, sinks=0, scale=scale, key_padding_mask=None)

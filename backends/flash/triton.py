@@ -25,6 +25,7 @@ GPUs take pointer loads (`_load_rows`). Measured on the H200: 9-12% faster forwa
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Callable, Optional
 
@@ -166,7 +167,7 @@ def _soft_cap(scores, softcap_log2):
 
 
 # Sizes and counts vary per call: no recompile for values that happen to be 1 or multiples of 16 (strides keep it).
-_RUNTIME_INTS = ["heads", "kv_heads", "group", "q_len", "kv_len", "window", "sinks"]
+_RUNTIME_INTS = ["heads", "kv_heads", "group", "q_len", "kv_len", "window", "sinks", "q_rows", "k_rows", "v_rows"]
 
 
 def _jit_runtime_ints(fn):
@@ -179,16 +180,17 @@ def _jit_runtime_ints(fn):
 
 
 @triton.jit
-def _load_rows(src, first_row, stride_row, row_count, WIDTH: tl.constexpr, ROWS: tl.constexpr, MASKED: tl.constexpr,
-               USE_TMA: tl.constexpr):
+def _load_rows(src, row0, col0, first_row, stride_row, row_count, WIDTH: tl.constexpr, ROWS: tl.constexpr,
+               MASKED: tl.constexpr, USE_TMA: tl.constexpr):
     """Rows first_row .. first_row + ROWS of a (row_count, WIDTH) matrix, zeros past row_count.
 
     With USE_TMA, `src` is a tensor descriptor: the copy engine (TMA) fetches the tile asynchronously without
-    address registers and fills rows past the end with zeros itself; else `src` is the matrix's base pointer.
+    address registers; the matrix starts at (row0, col0) of the descriptor's (0, 0 for one built per head, which
+    fills rows past the end with zeros itself). Else `src` is the matrix's base pointer.
     """
     # One return at the end: Triton 3.6 still compiles what follows a return inside a constexpr branch.
     if USE_TMA:
-        rows = src.load([first_row, 0])
+        rows = src.load([row0 + first_row, col0])
     else:
         offs_row = first_row + tl.arange(0, ROWS)
         ptrs = src + offs_row[:, None] * stride_row + tl.arange(0, WIDTH)[None, :]
@@ -200,18 +202,22 @@ def _load_rows(src, first_row, stride_row, row_count, WIDTH: tl.constexpr, ROWS:
 
 
 @triton.jit
-def _fwd_tile(acc, l_i, m_i, q, k_src, v_src, bias_base, stride_kn, stride_vn, start_n, offs_m, kv_len, window,
-              sinks, qk_scale, softcap_log2, D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_N: tl.constexpr,
-              MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr,
-              HAS_PAD: tl.constexpr, HAS_SOFTCAP: tl.constexpr, USE_TMA: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+def _fwd_tile(acc, l_i, m_i, q, k_src, v_src, k_row0, k_col0, v_row0, v_col0, bias_base, stride_kn, stride_vn,
+              start_n, offs_m, kv_len, window, sinks, qk_scale, softcap_log2, D_QK: tl.constexpr, D_V: tl.constexpr,
+              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+              HAS_SINKS: tl.constexpr, HAS_PAD: tl.constexpr, HAS_SOFTCAP: tl.constexpr, USE_TMA: tl.constexpr,
+              TENSOR_DESC: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """One key block of the online softmax: scores, running max/sum update, accumulate P @ V.
 
-    k_src, v_src: tensor descriptors of this (batch, kv head) when USE_TMA, else base pointers.
+    k_src, v_src: tensor descriptors when USE_TMA (of this (batch, kv head), or with TENSOR_DESC of the whole
+    tensor, this head's rows starting at (row0, col0)), else base pointers.
     """
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    k = _load_rows(k_src, start_n, stride_kn, kv_len, D_QK, BLOCK_N, MASKED, USE_TMA)
+    k = _load_rows(k_src, k_row0, k_col0, start_n, stride_kn, kv_len, D_QK, BLOCK_N, MASKED, USE_TMA)
     # V is requested with K, before the scores: its copy then overlaps QK^T and the softmax (6% on the H200 with TMA)
-    v = _load_rows(v_src, start_n, stride_vn, kv_len, D_V, BLOCK_N, MASKED, USE_TMA)
+    v = _load_rows(v_src, v_row0, v_col0, start_n, stride_vn, kv_len, D_V, BLOCK_N, MASKED, USE_TMA)
+    if TENSOR_DESC and MASKED:  # rows past kv_len are another head's (or batch's): p = 0 there, but 0 * inf = nan
+        v = tl.where((offs_n < kv_len)[:, None], v, 0.0)
     raw = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
     if MASKED or HAS_SOFTCAP or HAS_PAD:
         scores = raw * qk_scale
@@ -242,11 +248,11 @@ def _fwd_tile(acc, l_i, m_i, q, k_src, v_src, bias_base, stride_kn, stride_vn, s
 def _attn_fwd(Q, K, V, Out, LSE, Bias, SinkLogits,
               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
               stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om, stride_bias_b,
-              heads, group, q_len, kv_len, window, sinks, qk_scale, softcap_log2,
+              heads, group, q_len, kv_len, window, sinks, qk_scale, softcap_log2, q_rows, k_rows, v_rows,
               D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_PAD: tl.constexpr,
               HAS_SOFTCAP: tl.constexpr, HAS_SINK_LOGITS: tl.constexpr, USE_TMA: tl.constexpr,
-              INPUT_PRECISION: tl.constexpr):
+              TENSOR_DESC: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     # Heaviest query blocks first (under causality the last block sees the most keys): the grid's tail is short work.
     block_m = tl.num_programs(0) - 1 - tl.program_id(0)
     batch_head = tl.program_id(1)
@@ -266,14 +272,38 @@ def _attn_fwd(Q, K, V, Out, LSE, Bias, SinkLogits,
     k_src = k_base
     v_src = v_base
     q_src = q_base
-    if USE_TMA:  # descriptors of this (batch, head)'s matrices: bounds known to the copy engine, tails zero-filled
+    q_row0 = 0
+    q_col0 = 0
+    k_row0 = 0
+    k_col0 = 0
+    v_row0 = 0
+    v_col0 = 0
+    if USE_TMA and TENSOR_DESC:
+        # One descriptor over each tensor's storage seen as (rows, row stride): this head's matrix starts at
+        # (row0, col0). Tails are other heads' rows, not zeros: masked tiles zero V there (_fwd_tile).
+        q_offset = batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+        k_offset = batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+        v_offset = batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+        q_row0 = (q_offset // stride_qm).to(tl.int32)
+        q_col0 = (q_offset % stride_qm).to(tl.int32)
+        k_row0 = (k_offset // stride_kn).to(tl.int32)
+        k_col0 = (k_offset % stride_kn).to(tl.int32)
+        v_row0 = (v_offset // stride_vn).to(tl.int32)
+        v_col0 = (v_offset % stride_vn).to(tl.int32)
+        q_src = tl.make_tensor_descriptor(Q, shape=[q_rows, stride_qm], strides=[stride_qm, 1],
+                                          block_shape=[BLOCK_M, D_QK])
+        k_src = tl.make_tensor_descriptor(K, shape=[k_rows, stride_kn], strides=[stride_kn, 1],
+                                          block_shape=[BLOCK_N, D_QK])
+        v_src = tl.make_tensor_descriptor(V, shape=[v_rows, stride_vn], strides=[stride_vn, 1],
+                                          block_shape=[BLOCK_N, D_V])
+    elif USE_TMA:  # descriptors of this (batch, head)'s matrices: bounds known to the copy engine, tails zero-filled
         q_src = tl.make_tensor_descriptor(q_base, shape=[q_len, D_QK], strides=[stride_qm, 1],
                                           block_shape=[BLOCK_M, D_QK])
         k_src = tl.make_tensor_descriptor(k_base, shape=[kv_len, D_QK], strides=[stride_kn, 1],
                                           block_shape=[BLOCK_N, D_QK])
         v_src = tl.make_tensor_descriptor(v_base, shape=[kv_len, D_V], strides=[stride_vn, 1],
                                           block_shape=[BLOCK_N, D_V])
-    q = _load_rows(q_src, m_first, stride_qm, q_len, D_QK, BLOCK_M, True, USE_TMA)
+    q = _load_rows(q_src, q_row0, q_col0, m_first, stride_qm, q_len, D_QK, BLOCK_M, True, USE_TMA)
 
     # Running max, running sum and the accumulator stay in fp32 whatever the input dtype.
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
@@ -292,19 +322,22 @@ def _attn_fwd(Q, K, V, Out, LSE, Bias, SinkLogits,
     masked_head_blocks = sink_blocks + (full_lo - key_lo + BLOCK_N - 1) // BLOCK_N
     for index in range(0, masked_head_blocks):
         start_n = tl.where(index < sink_blocks, index * BLOCK_N, key_lo + (index - sink_blocks) * BLOCK_N)
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_src, v_src, bias_base, stride_kn, stride_vn, start_n, offs_m,
-                                  kv_len, window, sinks, qk_scale, softcap_log2, D_QK, D_V, BLOCK_N, True, CAUSAL,
-                                  HAS_WINDOW, HAS_SINKS, HAS_PAD, HAS_SOFTCAP, USE_TMA, INPUT_PRECISION)
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_src, v_src, k_row0, k_col0, v_row0, v_col0, bias_base,
+                                  stride_kn, stride_vn, start_n, offs_m, kv_len, window, sinks, qk_scale,
+                                  softcap_log2, D_QK, D_V, BLOCK_N, True, CAUSAL, HAS_WINDOW, HAS_SINKS, HAS_PAD,
+                                  HAS_SOFTCAP, USE_TMA, TENSOR_DESC, INPUT_PRECISION)
     # Interior: every query sees every key, no mask.
     for start_n in range(full_lo, full_hi, BLOCK_N):
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_src, v_src, bias_base, stride_kn, stride_vn, start_n, offs_m,
-                                  kv_len, window, sinks, qk_scale, softcap_log2, D_QK, D_V, BLOCK_N, False, CAUSAL,
-                                  HAS_WINDOW, HAS_SINKS, HAS_PAD, HAS_SOFTCAP, USE_TMA, INPUT_PRECISION)
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_src, v_src, k_row0, k_col0, v_row0, v_col0, bias_base,
+                                  stride_kn, stride_vn, start_n, offs_m, kv_len, window, sinks, qk_scale,
+                                  softcap_log2, D_QK, D_V, BLOCK_N, False, CAUSAL, HAS_WINDOW, HAS_SINKS, HAS_PAD,
+                                  HAS_SOFTCAP, USE_TMA, TENSOR_DESC, INPUT_PRECISION)
     # Masked: the diagonal (causal), the window's end (not causal) and the partial last key block.
     for start_n in range(full_hi, key_hi, BLOCK_N):
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_src, v_src, bias_base, stride_kn, stride_vn, start_n, offs_m,
-                                  kv_len, window, sinks, qk_scale, softcap_log2, D_QK, D_V, BLOCK_N, True, CAUSAL,
-                                  HAS_WINDOW, HAS_SINKS, HAS_PAD, HAS_SOFTCAP, USE_TMA, INPUT_PRECISION)
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_src, v_src, k_row0, k_col0, v_row0, v_col0, bias_base,
+                                  stride_kn, stride_vn, start_n, offs_m, kv_len, window, sinks, qk_scale,
+                                  softcap_log2, D_QK, D_V, BLOCK_N, True, CAUSAL, HAS_WINDOW, HAS_SINKS, HAS_PAD,
+                                  HAS_SOFTCAP, USE_TMA, TENSOR_DESC, INPUT_PRECISION)
 
     empty_row = l_i == 0.0  # no visible key (and no sink logit): out = 0, lse = -inf
     l_safe = tl.where(empty_row, 1.0, l_i)
@@ -371,8 +404,8 @@ def _bwd_kv_tile(dk, dv, k, v, bias, q_src, do_src, dq_dst, LSE, Delta, stride_q
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_dqk = tl.arange(0, D_QK)
     row_ok = offs_m < q_len
-    q = _load_rows(q_src, start_m, stride_qm, q_len, D_QK, BLOCK_M, True, USE_TMA)
-    do = _load_rows(do_src, start_m, stride_dom, q_len, D_V, BLOCK_M, True, USE_TMA)
+    q = _load_rows(q_src, 0, 0, start_m, stride_qm, q_len, D_QK, BLOCK_M, True, USE_TMA)
+    do = _load_rows(do_src, 0, 0, start_m, stride_dom, q_len, D_V, BLOCK_M, True, USE_TMA)
     lse_log2, delta = _load_row_stats(LSE, Delta, row_base + offs_m, row_ok)
 
     scores_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale
@@ -482,8 +515,8 @@ def _bwd_q_tile(dq, q, do, lse_log2, delta, k_src, v_src, bias_base, stride_kn, 
                 INPUT_PRECISION: tl.constexpr):
     """One key block's contribution to dQ of the program's query block (k_src, v_src as in _fwd_tile)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    k = _load_rows(k_src, start_n, stride_kn, kv_len, D_QK, BLOCK_N, MASKED, USE_TMA)
-    v = _load_rows(v_src, start_n, stride_vn, kv_len, D_V, BLOCK_N, MASKED, USE_TMA)
+    k = _load_rows(k_src, 0, 0, start_n, stride_kn, kv_len, D_QK, BLOCK_N, MASKED, USE_TMA)
+    v = _load_rows(v_src, 0, 0, start_n, stride_vn, kv_len, D_V, BLOCK_N, MASKED, USE_TMA)
     scores = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
     if HAS_SOFTCAP:
         scores, tanh = _soft_cap(scores, softcap_log2)
@@ -709,6 +742,35 @@ def _tma_usable(*tensors: torch.Tensor) -> bool:
                                                    for stride in tensor.stride()[:-1]) for tensor in tensors)
 
 
+# "head": one descriptor per (batch, head) matrix, any aligned layout, tails zero-filled by the copy engine (measured
+# on the H200). "tensor": one descriptor over each tensor's storage, the forward only, where every head's matrix lies
+# at an aligned column of it (contiguous heads, and a model's transpose(1, 2) views): one per-program address
+# computation less, untimed yet (benchmarks/explore_flash_forward.py --isolate measures the difference it aims at).
+_DESCRIPTOR_SCOPE = "head"
+
+
+def _whole_tensor_rows(tensor: torch.Tensor) -> Optional[int]:
+    """Height of `tensor`'s storage seen as a matrix of (row stride) columns, when every (batch, head) matrix lies
+    inside one row band at a 16-byte aligned column (so one descriptor reaches all of them); else None."""
+    return _whole_tensor_rows_for(tuple(tensor.shape), tuple(tensor.stride()), tensor.element_size())
+
+
+@functools.lru_cache(maxsize=256)
+def _whole_tensor_rows_for(shape: tuple, strides: tuple, element_size: int) -> Optional[int]:
+    batch, heads, length, width = shape
+    stride_b, stride_h, stride_row, stride_col = strides
+    if stride_col != 1 or length < 1 or stride_row < width:
+        return None
+    offsets = (torch.arange(batch, dtype=torch.int64)[:, None] * stride_b
+               + torch.arange(heads, dtype=torch.int64)[None, :] * stride_h)
+    columns = offsets % stride_row
+    if int((columns + width).max()) > stride_row or bool(((columns * element_size) % 16).any()):
+        return None
+    last = int(offsets.max()) + (length - 1) * stride_row + width - 1
+    rows = last // stride_row + 1
+    return rows if rows < 2**31 else None
+
+
 def _torch_scratch(size: int, alignment: int, stream: Optional[int]) -> torch.Tensor:
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
@@ -771,6 +833,9 @@ def flash_forward(
     use_tma = _tma_usable(q_, k_, v_)
     if use_tma:
         _ensure_scratch_allocator()
+    rows = [_whole_tensor_rows(tensor) for tensor in (q_, k_, v_)] if use_tma and _DESCRIPTOR_SCOPE == "tensor" \
+        else [None]
+    tensor_desc = None not in rows
 
     def launch(cfg):
         block_m, block_n, num_warps, num_stages = cfg
@@ -780,9 +845,10 @@ def flash_forward(
             q_.stride(0), q_.stride(1), q_.stride(2), k_.stride(0), k_.stride(1), k_.stride(2),
             v_.stride(0), v_.stride(1), v_.stride(2), out.stride(0), out.stride(1), out.stride(2), bias.stride(0),
             heads, heads // kv_heads, q_len, kv_len, window_size, sink_count, scale * LOG2E, _softcap_log2(softcap),
-            D_QK=d_qk_pad, D_V=d_v_pad, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, HAS_WINDOW=has_window,
+            *(rows if tensor_desc else (0, 0, 0)), D_QK=d_qk_pad, D_V=d_v_pad, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, HAS_WINDOW=has_window,
             HAS_SINKS=has_sinks, HAS_PAD=key_padding_mask is not None, HAS_SOFTCAP=softcap is not None,
-            HAS_SINK_LOGITS=sink_logits is not None, USE_TMA=use_tma, INPUT_PRECISION=_input_precision(q.dtype),
+            HAS_SINK_LOGITS=sink_logits is not None, USE_TMA=use_tma, TENSOR_DESC=tensor_desc,
+            INPUT_PRECISION=_input_precision(q.dtype),
             num_warps=num_warps, num_stages=num_stages,
         )
 
@@ -791,6 +857,7 @@ def flash_forward(
     else:
         key = (max(d_qk_pad, d_v_pad), causal, has_window, q.dtype, _length_bucket(max(q_len, kv_len)))
         key += ("softcap",) if softcap is not None else ()  # the tanh changes the balance: tuned apart
+        key += ("tensor descriptors",) if tensor_desc else ()
         _launch_tuned("forward", key, _config_set(_FORWARD_CONFIGS, max(d_qk_pad, d_v_pad), q.dtype), launch)
     return (out if d_v_pad == d_v else out[..., :d_v]), lse
 
