@@ -1,0 +1,64 @@
+"""Worker for tests/test_kernels_compile_sm90.py: compiles flash kernel variants for sm_90 with Triton's compiler
+(not its interpreter, so run it without TRITON_INTERPRET) and prints one JSON object: per variant, whether it
+compiled, and how many TMA tile copies and bulk reduce-adds its PTX holds."""
+from __future__ import annotations
+
+import json
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+import backends.flash.triton as flash_triton
+
+FLAGS = dict(CAUSAL=True, HAS_WINDOW=False, HAS_SINKS=False, HAS_PAD=False, HAS_SOFTCAP=False,
+             INPUT_PRECISION="tf32", D_QK=128, D_V=128)
+FORWARD_POINTERS = dict(Q="*bf16", K="*bf16", V="*bf16", Out="*bf16", LSE="*fp32", Bias="*fp32",
+                        SinkLogits="*fp32")
+BACKWARD_POINTERS = dict(Q="*bf16", K="*bf16", V="*bf16", DO="*bf16", LSE="*fp32", Delta="*fp32", Bias="*fp32",
+                         DK="*bf16", DV="*bf16", DQ="*fp32")
+
+
+def forward(use_tma: bool, tensor_desc: bool = False, window: bool = False):
+    return flash_triton._attn_fwd, FORWARD_POINTERS, dict(
+        FLAGS, BLOCK_M=128, BLOCK_N=128, HAS_SINK_LOGITS=False, USE_TMA=use_tma, TENSOR_DESC=tensor_desc,
+        HAS_WINDOW=window), 8, 3
+
+
+VARIANTS = {
+    "forward, per-head descriptors, window": forward(True, window=True),
+    "forward, tensor-wide descriptors": forward(True, tensor_desc=True),
+    "forward, pointer loads": forward(False),
+    "dK/dV, descriptors, bulk dQ reduce": (flash_triton._attn_bwd_dkdv, BACKWARD_POINTERS, dict(
+        FLAGS, BLOCK_M=64, BLOCK_N=64, ATOMIC_DQ=True, USE_TMA=True, BULK_DQ=True), 4, 2),
+    "dQ, descriptors": (flash_triton._attn_bwd_dq, dict(BACKWARD_POINTERS, DQ="*bf16"), dict(
+        FLAGS, BLOCK_M=128, BLOCK_N=64, USE_TMA=True), 8, 3),
+}
+
+
+def compile_ptx(kernel, pointers: dict, constexprs: dict, num_warps: int, num_stages: int) -> str:
+    """PTX for sm_90; every argument neither a pointer nor a constexpr is an i32 (the scales fp32)."""
+    signature = {name: "constexpr" if name in constexprs else pointers.get(name) or (
+        "fp32" if name in ("qk_scale", "softcap_log2", "sm_scale") else "i32") for name in kernel.arg_names}
+    source = ASTSource(kernel, signature,
+                       constexprs={(kernel.arg_names.index(name),): value for name, value in constexprs.items()})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=num_warps, num_stages=num_stages))
+    return compiled.asm["ptx"]
+
+
+def main() -> None:
+    results = {}
+    for name, (kernel, pointers, constexprs, num_warps, num_stages) in VARIANTS.items():
+        try:
+            ptx = compile_ptx(kernel, pointers, constexprs, num_warps, num_stages)
+            results[name] = {"ok": True, "tma_copies": ptx.count("cp.async.bulk.tensor"),
+                             "bulk_reduces": ptx.count("cp.reduce.async.bulk")}
+        except Exception as error:  # noqa: BLE001 - reported to the test, which fails on it
+            results[name] = {"ok": False, "error": f"{type(error).__name__}: {error}"[:2000]}
+    json.dump(results, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
