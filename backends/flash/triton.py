@@ -180,6 +180,20 @@ def _jit_runtime_ints(fn):
 
 
 @triton.jit
+def _row_descriptor(base, rows, columns, row_stride, BLOCK_ROWS: tl.constexpr, WIDTH: tl.constexpr):
+    """A tensor descriptor (TMA) over the (rows, columns) row-major matrix at `base`, copying (BLOCK_ROWS, WIDTH)
+    tiles; rows past the end arrive as zeros."""
+    return tl.make_tensor_descriptor(base, shape=[rows, columns], strides=[row_stride, 1],
+                                     block_shape=[BLOCK_ROWS, WIDTH])
+
+
+@triton.jit
+def _row_and_column(offset, row_stride):
+    """Where element `offset` of a tensor lies in its storage seen as rows of `row_stride` (int32 coordinates)."""
+    return (offset // row_stride).to(tl.int32), (offset % row_stride).to(tl.int32)
+
+
+@triton.jit
 def _load_rows(src, row0, col0, first_row, stride_row, row_count, WIDTH: tl.constexpr, ROWS: tl.constexpr,
                MASKED: tl.constexpr, USE_TMA: tl.constexpr):
     """Rows first_row .. first_row + ROWS of a (row_count, WIDTH) matrix, zeros past row_count.
@@ -259,9 +273,12 @@ def _attn_fwd(Q, K, V, Out, LSE, Bias, SinkLogits,
     batch = batch_head // heads
     head = batch_head % heads
     kv_head = head // group
-    q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
-    k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
-    v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    q_offset = batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+    k_offset = batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    v_offset = batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    q_base = Q + q_offset
+    k_base = K + k_offset
+    v_base = V + v_offset
     o_base = Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
     bias_base = Bias + batch.to(tl.int64) * stride_bias_b
 
@@ -281,28 +298,16 @@ def _attn_fwd(Q, K, V, Out, LSE, Bias, SinkLogits,
     if USE_TMA and TENSOR_DESC:
         # One descriptor over each tensor's storage seen as (rows, row stride): this head's matrix starts at
         # (row0, col0). Tails are other heads' rows, not zeros: masked tiles zero V there (_fwd_tile).
-        q_offset = batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
-        k_offset = batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
-        v_offset = batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
-        q_row0 = (q_offset // stride_qm).to(tl.int32)
-        q_col0 = (q_offset % stride_qm).to(tl.int32)
-        k_row0 = (k_offset // stride_kn).to(tl.int32)
-        k_col0 = (k_offset % stride_kn).to(tl.int32)
-        v_row0 = (v_offset // stride_vn).to(tl.int32)
-        v_col0 = (v_offset % stride_vn).to(tl.int32)
-        q_src = tl.make_tensor_descriptor(Q, shape=[q_rows, stride_qm], strides=[stride_qm, 1],
-                                          block_shape=[BLOCK_M, D_QK])
-        k_src = tl.make_tensor_descriptor(K, shape=[k_rows, stride_kn], strides=[stride_kn, 1],
-                                          block_shape=[BLOCK_N, D_QK])
-        v_src = tl.make_tensor_descriptor(V, shape=[v_rows, stride_vn], strides=[stride_vn, 1],
-                                          block_shape=[BLOCK_N, D_V])
+        q_row0, q_col0 = _row_and_column(q_offset, stride_qm)
+        k_row0, k_col0 = _row_and_column(k_offset, stride_kn)
+        v_row0, v_col0 = _row_and_column(v_offset, stride_vn)
+        q_src = _row_descriptor(Q, q_rows, stride_qm, stride_qm, BLOCK_M, D_QK)
+        k_src = _row_descriptor(K, k_rows, stride_kn, stride_kn, BLOCK_N, D_QK)
+        v_src = _row_descriptor(V, v_rows, stride_vn, stride_vn, BLOCK_N, D_V)
     elif USE_TMA:  # descriptors of this (batch, head)'s matrices: bounds known to the copy engine, tails zero-filled
-        q_src = tl.make_tensor_descriptor(q_base, shape=[q_len, D_QK], strides=[stride_qm, 1],
-                                          block_shape=[BLOCK_M, D_QK])
-        k_src = tl.make_tensor_descriptor(k_base, shape=[kv_len, D_QK], strides=[stride_kn, 1],
-                                          block_shape=[BLOCK_N, D_QK])
-        v_src = tl.make_tensor_descriptor(v_base, shape=[kv_len, D_V], strides=[stride_vn, 1],
-                                          block_shape=[BLOCK_N, D_V])
+        q_src = _row_descriptor(q_base, q_len, D_QK, stride_qm, BLOCK_M, D_QK)
+        k_src = _row_descriptor(k_base, kv_len, D_QK, stride_kn, BLOCK_N, D_QK)
+        v_src = _row_descriptor(v_base, kv_len, D_V, stride_vn, BLOCK_N, D_V)
     q = _load_rows(q_src, q_row0, q_col0, m_first, stride_qm, q_len, D_QK, BLOCK_M, True, USE_TMA)
 
     # Running max, running sum and the accumulator stay in fp32 whatever the input dtype.
@@ -479,12 +484,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, Delta, Bias, DK, DV, DQ,
         dq_dst = dq_base
         if USE_TMA:
             if BULK_DQ:
-                dq_dst = tl.make_tensor_descriptor(dq_base, shape=[q_len, D_QK], strides=[stride_dqm, 1],
-                                                   block_shape=[BLOCK_M, D_QK])
-            q_src = tl.make_tensor_descriptor(q_base, shape=[q_len, D_QK], strides=[stride_qm, 1],
-                                              block_shape=[BLOCK_M, D_QK])
-            do_src = tl.make_tensor_descriptor(do_base, shape=[q_len, D_V], strides=[stride_dom, 1],
-                                               block_shape=[BLOCK_M, D_V])
+                dq_dst = _row_descriptor(dq_base, q_len, D_QK, stride_dqm, BLOCK_M, D_QK)
+            q_src = _row_descriptor(q_base, q_len, D_QK, stride_qm, BLOCK_M, D_QK)
+            do_src = _row_descriptor(do_base, q_len, D_V, stride_dom, BLOCK_M, D_V)
         for start_m in range(q_lo, full_lo, BLOCK_M):
             dk, dv = _bwd_kv_tile(dk, dv, k, v, bias, q_src, do_src, dq_dst, LSE, Delta, stride_qm, stride_dom,
                                   stride_dqm, start_m, row_base, offs_n, q_len, kv_len, window, sinks, qk_scale,
@@ -553,10 +555,8 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, Delta, Bias, DQ,
     k_src = k_base
     v_src = v_base
     if USE_TMA:
-        k_src = tl.make_tensor_descriptor(k_base, shape=[kv_len, D_QK], strides=[stride_kn, 1],
-                                          block_shape=[BLOCK_N, D_QK])
-        v_src = tl.make_tensor_descriptor(v_base, shape=[kv_len, D_V], strides=[stride_vn, 1],
-                                          block_shape=[BLOCK_N, D_V])
+        k_src = _row_descriptor(k_base, kv_len, D_QK, stride_kn, BLOCK_N, D_QK)
+        v_src = _row_descriptor(v_base, kv_len, D_V, stride_vn, BLOCK_N, D_V)
     m_first = block_m * BLOCK_M
     m_last = tl.minimum(m_first + BLOCK_M, q_len) - 1
     offs_m = m_first + tl.arange(0, BLOCK_M)
