@@ -45,29 +45,33 @@ def _tile(acc, l_i, m_i, q, k, v, offs_m, start_n, window, qk_scale, BLOCK_N: tl
         s = tl.where(vis, s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
+        acc, l_i = _accumulate(acc, l_i, m_i, m_new, p, v)
     elif FMA:
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        p = tl.math.exp2(s * qk_scale - m_new[:, None])
+        acc, l_i, m_new = _softmax_pv(acc, l_i, m_i, s, v, qk_scale)
     else:
         s = s * qk_scale
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
-    acc = tl.dot(p.to(v.dtype), v, acc)
+        acc, l_i = _accumulate(acc, l_i, m_i, m_new, p, v)
     return acc, l_i, m_new
 
 
 @triton.jit
 def _softmax_pv(acc, l_i, m_i, s, v, qk_scale):
+    """The FMA form: row max of the raw scores, then one s * scale - max per score."""
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     p = tl.math.exp2(s * qk_scale - m_new[:, None])
+    acc, l_i = _accumulate(acc, l_i, m_i, m_new, p, v)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _accumulate(acc, l_i, m_i, m_new, p, v):
+    """Rescale the running sum and accumulator to the new max, then add this tile's P @ V."""
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    acc = tl.dot(p.to(v.dtype), v, acc)
-    return acc, l_i, m_new
+    return tl.dot(p.to(v.dtype), v, acc), l_i
 
 
 @triton.jit

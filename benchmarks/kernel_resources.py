@@ -46,30 +46,27 @@ def resources(kernel, pointers: dict, constexprs: dict, num_warps: int, num_stag
     return f"{registers.group(1)} registers, spills {spills.group(1)}/{spills.group(2)} B (stores/loads)"
 
 
-def main() -> int:
-    flash = worker.flash_triton
-    flags = worker.FLAGS
-    for config in flash._FORWARD_CONFIGS["small"]:
-        block_m, block_n, num_warps, num_stages = config
-        constexprs = dict(flags, BLOCK_M=block_m, BLOCK_N=block_n, HAS_SINK_LOGITS=False, USE_TMA=True,
-                          TENSOR_DESC=False)
-        print(f"forward {config}: "
-              f"{resources(flash._attn_fwd, worker.FORWARD_POINTERS, constexprs, num_warps, num_stages)}")
-    for atomic in (False, True):
-        pointers = worker.BACKWARD_POINTERS if atomic else dict(worker.BACKWARD_POINTERS, DQ="*bf16")
-        for config in flash._DKDV_CONFIGS["small"]:
-            block_m, block_n, num_warps, num_stages = config
-            constexprs = dict(flags, BLOCK_M=block_m, BLOCK_N=block_n, ATOMIC_DQ=atomic, USE_TMA=True,
-                              BULK_DQ=atomic)
-            print(f"dK/dV{' + atomic dQ' if atomic else ''} {config}: "
-                  f"{resources(flash._attn_bwd_dkdv, pointers, constexprs, num_warps, num_stages)}")
-    for config in flash._DQ_CONFIGS["small"]:
-        block_m, block_n, num_warps, num_stages = config
-        constexprs = dict(flags, BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=True)
-        pointers = dict(worker.BACKWARD_POINTERS, DQ="*bf16")
-        print(f"dQ {config}: {resources(flash._attn_bwd_dq, pointers, constexprs, num_warps, num_stages)}")
-    return 0
+def configurations() -> list:
+    """(label, kernel, pointer types, constexprs, num_warps, num_stages) for every configuration the tuner tries."""
+    flash, flags = worker.flash_triton, worker.FLAGS
+    bf16_dq = dict(worker.BACKWARD_POINTERS, DQ="*bf16")
+    rows = [(f"forward {config}", flash._attn_fwd, worker.FORWARD_POINTERS,
+             dict(flags, HAS_SINK_LOGITS=False, USE_TMA=True, TENSOR_DESC=False), config)
+            for config in flash._FORWARD_CONFIGS["small"]]
+    rows += [(f"dK/dV{' + atomic dQ' if atomic else ''} {config}", flash._attn_bwd_dkdv,
+              worker.BACKWARD_POINTERS if atomic else bf16_dq,
+              dict(flags, ATOMIC_DQ=atomic, USE_TMA=True, BULK_DQ=atomic), config)
+             for atomic in (False, True) for config in flash._DKDV_CONFIGS["small"]]
+    rows += [(f"dQ {config}", flash._attn_bwd_dq, bf16_dq, dict(flags, USE_TMA=True), config)
+             for config in flash._DQ_CONFIGS["small"]]
+    return rows
 
+
+def main() -> int:
+    for label, kernel, pointers, constexprs, (block_m, block_n, num_warps, num_stages) in configurations():
+        constexprs = dict(constexprs, BLOCK_M=block_m, BLOCK_N=block_n)
+        print(f"{label}: {resources(kernel, pointers, constexprs, num_warps, num_stages)}")
+    return 0
 
 if __name__ == "__main__":
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
