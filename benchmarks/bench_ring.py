@@ -281,8 +281,10 @@ class Bench:
         a = self.args
         length, heads, dim = a.length, a.heads, a.dim
         for mode in ("forward", "forward+backward"):
-            # forward: 1 warm-up + `repeats`; forward+backward: its kernels are warm by then, 0 + (repeats − 1).
-            repeats, warmup = (a.repeats, 1) if mode == "forward" else (max(2, a.repeats - 1), 0)
+            # forward: 1 warm-up + `repeats`; forward+backward: its kernels are warm by then, 0 + (repeats − 1), or
+            # --backward-repeats (1 at 1M tokens, where one single-GPU forward+backward takes ~100 s).
+            backward_repeats = a.backward_repeats or max(2, a.repeats - 1)
+            repeats, warmup = (a.repeats, 1) if mode == "forward" else (backward_repeats, 0)
             if single:
                 self.time_single(mode, length, heads, dim, repeats, warmup)
             for kernel in kernels:
@@ -501,6 +503,8 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--backward-repeats", type=int, default=0,
+                        help="timed forward+backward calls (no warm-up); 0: max(2, repeats - 1)")
     parser.add_argument("--check-length", type=int, default=16384)
     parser.add_argument("--check-heads", type=int, default=16)
     parser.add_argument("--memory-lengths", type=int, nargs=2, default=[65536, 131072])
