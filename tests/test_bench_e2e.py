@@ -5,6 +5,7 @@ verdicts are checked on synthetic records."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -280,7 +281,7 @@ def test_goal_takes_the_paired_ratio_where_measured_and_keeps_no_tolerance():
                _forward("llama-3.2-1b", "sdpa", 65536, 0.918), _forward("llama-3.2-1b", "planner", 65536, 0.917)]
     met = bench_e2e.goals(forward + [_paired("llama-3.2-1b", 8192, 1.004, 0.98, 1.03)], (8192, 65536))
     assert "llama-3.2-1b: 8k 1.00x sdpa (paired), 64k 1.00x sdpa |" in met[2] and met[2].endswith("| yes |")
-    assert "llama-3.2-1b 8k: 1.004x (pairs 0.980-1.030), faster in 8/15" in met[-1]
+    assert "llama-3.2-1b 8k: 1.004x (pairs 0.980-1.030), faster in 8/15 (sign test p = 1.00)" in met[-2]
     # 0.996 is within 1% of sdpa, but "met" keeps no tolerance: it says no, and the paired line gives the range
     missed = bench_e2e.goals(forward + [_paired("llama-3.2-1b", 8192, 0.996, 0.97, 1.02, faster=6),
                                         _paired("llama-3.2-1b", 32768, 1.01, 0.99, 1.02)], (8192, 65536))
@@ -292,3 +293,20 @@ def test_goal_takes_the_paired_ratio_where_measured_and_keeps_no_tolerance():
     assert table[0].startswith("**Paired timing** (calls alternated, 15 pairs)")
     assert "| llama-3.2-1b | 8k | 49.0 ms | 49.2 ms | 0.996x | 0.970-1.020 | 6 of 15 pairs |" in table[-2]
     assert table[-1].startswith("| llama-3.2-1b | 32k | skipped (time: ~12 s predicted) |")
+
+
+def test_sign_test_against_exact_binomial_sums():
+    # 12 of 30 pairs won (session 3's 8k figure): two-sided p = 2 * P(X <= 12), X ~ Binomial(30, 1/2)
+    assert bench_e2e.sign_test_p(12, 30) == pytest.approx(2 * sum(math.comb(30, k) for k in range(13)) / 2**30)
+    assert bench_e2e.sign_test_p(12, 30) > 0.3
+    assert bench_e2e.sign_test_p(2, 15) < 0.01 and bench_e2e.sign_test_p(7, 15) == 1.0
+
+
+def test_a_length_lost_in_most_pairs_by_more_than_chance_is_measurably_slower():
+    forward = [_forward("llama-3.2-1b", "sdpa", 8192, 0.0487), _forward("llama-3.2-1b", "planner", 8192, 0.0490)]
+    even = bench_e2e.goals(forward + [_paired("llama-3.2-1b", 8192, 0.996, 0.97, 1.02, faster=6)], (8192,))
+    row = next(line for line in even if line.startswith("| (paired) no length"))
+    assert row.endswith("| none slower | yes |")
+    lost = bench_e2e.goals(forward + [_paired("llama-3.2-1b", 8192, 0.97, 0.95, 1.01, faster=2)], (8192,))
+    row = next(line for line in lost if line.startswith("| (paired) no length"))
+    assert "slower at llama-3.2-1b 8k" in row and row.endswith("| no |")
