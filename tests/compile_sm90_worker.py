@@ -10,6 +10,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+import backends.decode.triton as decode_triton
 import backends.flash.triton as flash_triton
 
 FLAGS = dict(CAUSAL=True, HAS_WINDOW=False, HAS_SINKS=False, HAS_PAD=False, HAS_SOFTCAP=False,
@@ -35,6 +36,21 @@ VARIANTS = {
     "dQ, descriptors": (flash_triton._attn_bwd_dq, dict(BACKWARD_POINTERS, DQ="*bf16"), dict(
         FLAGS, BLOCK_M=128, BLOCK_N=64, USE_TMA=True), 8, 3),
 }
+
+# The decoding kernels (backends/decode/triton.py): pointer loads only, so the TMA check skips names "decode, ...".
+DECODE_SPLIT_POINTERS = dict(Q="*bf16", K="*bf16", V="*bf16", CacheLen="*i64", Start="*i64", PartOut="*fp32",
+                             PartLse="*fp32")
+DECODE_SPLIT_FLAGS = dict(head_dim=128, value_dim=128, ROWS=16, BLOCK_N=64, D_QK=128, D_V=128, HAS_START=True,
+                          HAS_WINDOW=True, HAS_SINKS=True, HAS_SOFTCAP=True, INPUT_PRECISION="tf32")
+VARIANTS.update({
+    "decode, split, linear cache": (decode_triton._decode_split, DECODE_SPLIT_POINTERS,
+                                    dict(DECODE_SPLIT_FLAGS, ROLLING=False), 4, 2),
+    "decode, split, rolling buffer": (decode_triton._decode_split, DECODE_SPLIT_POINTERS,
+                                      dict(DECODE_SPLIT_FLAGS, ROLLING=True), 4, 2),
+    "decode, combine": (decode_triton._decode_combine, dict(PartOut="*fp32", PartLse="*fp32", SinkLogits="*fp32",
+                                                            Out="*bf16", Lse="*fp32"),
+                        dict(value_dim=128, SPLITS=16, D_V=128, HAS_SINK_LOGITS=True), 4, 1),
+})
 
 
 def compile_ptx(kernel, pointers: dict, constexprs: dict, num_warps: int, num_stages: int) -> str:

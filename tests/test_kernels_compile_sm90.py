@@ -41,7 +41,8 @@ def test_every_variant_compiles_for_sm90(compiled):
 
 
 def test_descriptor_variants_copy_tiles_with_tma_and_reduce_dq_in_bulk(compiled):
-    copies = {name: result.get("tma_copies", 0) for name, result in compiled.items()}
+    copies = {name: result.get("tma_copies", 0) for name, result in compiled.items()
+              if not name.startswith("decode")}  # the decoding kernels use pointer loads
     assert copies.pop("forward, pointer loads") == 0
     assert all(count > 0 for count in copies.values()), copies
     assert compiled["dK/dV, descriptors, bulk dQ reduce"]["bulk_reduces"] > 0
