@@ -351,3 +351,23 @@ def test_costs_count_the_bytes_read_and_the_cache_allocated():
     assert cache_bytes(131072, kv_heads, head_dim, 2) == 16 * cache_bytes(8192, kv_heads, head_dim, 2)
     bandwidth = 4.8e12
     assert time_per_token(131072, kv_heads, head_dim, 2, bandwidth) == pytest.approx(131072 * per_slot / bandwidth)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rolling", [False, True], ids=["linear", "rolling"])
+def test_kernel_on_the_gpu_at_model_sizes(dtype, rolling):
+    """The 1B Llama/Mistral shapes (32 query heads on 8 kv heads, head dim 64), caches of thousands of slots, the
+    automatic number of splits, half precision against the float32 decoding reference."""
+    batch, heads, kv_heads, head_dim = 3, 32, 8, 64
+    options = DecodeOptions(window=1024, sinks=4, rolling=rolling) if rolling else DecodeOptions()
+    slots = cache_slots(5000, window=options.window, sinks=options.sinks, rolling=rolling)
+    q = torch.randn(batch, heads, 1, head_dim, device="cuda", dtype=dtype)
+    k_cache = torch.randn(batch, kv_heads, slots, head_dim, device="cuda", dtype=dtype)
+    v_cache = torch.randn(batch, kv_heads, slots, head_dim, device="cuda", dtype=dtype)
+    cache_len = torch.tensor([5000, 1777, 40], device="cuda")
+    start = torch.tensor([0, 13, 2], device="cuda")
+    out = decode_attention(q, k_cache, v_cache, cache_len, options, start=start, impl="triton")
+    expected = decode_attention(q.float(), k_cache.float(), v_cache.float(), cache_len, options, start=start,
+                                impl="reference")
+    _assert_close("out", out, expected, tolerance=2e-2)
