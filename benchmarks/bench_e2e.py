@@ -384,7 +384,7 @@ def make_runner(config: str, model: torch.nn.Module, settings: Settings, keep: i
         fast = planner.optimize(model, max_len=max_len, device=settings.planner_device, example_inputs=(example,),
                                 example_kwargs=kwargs)
         seconds = time.perf_counter() - start
-        return Runner(config, lambda ids: fast(ids).logits, setup_s=seconds, report=fast.report,
+        return Runner(config, lambda ids: fast(ids, **kwargs).logits, setup_s=seconds, report=fast.report,
                       warm_per_length=True,
                       notes=[f"planner.optimize(model, max_len={max_len!r}, device={settings.planner_device!r}, "
                              f"example_inputs=(ids[1x{CAPTURE_LENGTH}],), example_kwargs={kwargs})"])

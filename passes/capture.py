@@ -6,11 +6,15 @@ code specializes it. An already traced GraphModule or an ExportedProgram is acce
 """
 from __future__ import annotations
 
+import enum
 import inspect
+import keyword
+import types
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
+import torch.utils._pytree as pytree
 from torch.export import Dim
 
 from planner.errors import CaptureError, InvalidArgumentError
@@ -157,3 +161,188 @@ def _by_parameter(model: torch.nn.Module, dynamic_args: tuple, dynamic_kwargs: d
         shapes[parameters[index]] = dims
     shapes.update(dynamic_kwargs)
     return shapes
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Capturing one calling convention of a model
+# ----------------------------------------------------------------------------------------------------------------------
+
+CONSTANT_TYPES = (type(None), bool, int, float, str, torch.dtype, torch.device, enum.Enum)
+
+
+@dataclass(frozen=True)
+class CallSignature:
+    """What a captured graph of one model call is specialized to, besides tensor sizes: the call's structure (which
+    arguments, positional or keyword, bound to the forward's parameters with defaults filled in), the value of every
+    non-tensor argument, and the dtype, rank and device of every tensor argument. Two calls with equal signatures
+    can run the same graph (subject to its size guards); a call with another signature needs another capture.
+
+    `unsupported` names an argument that no graph can take (an object that is neither a tensor nor a constant, such
+    as a KV-cache object): such a call runs the original model."""
+
+    spec: pytree.TreeSpec
+    constants: tuple
+    tensors: tuple
+    unsupported: Optional[str] = None
+
+    def rebuild(self, tensors: tuple) -> tuple[tuple, dict]:
+        """The model's (args, kwargs) for this signature, its tensors taken from `tensors` in order."""
+        leaves, tensor_iter = [], iter(tensors)
+        for constant in self.constants:
+            leaves.append(next(tensor_iter) if constant is _TENSOR else constant)
+        return pytree.tree_unflatten(leaves, self.spec)
+
+
+class _TensorSlot:
+    def __repr__(self) -> str:
+        return "<tensor>"
+
+
+_TENSOR = _TensorSlot()
+
+
+def example_call(model: torch.nn.Module, example_args: Optional[tuple],
+                 example_kwargs: Optional[dict]) -> inspect.BoundArguments:
+    """The call to capture `model` with: the example inputs given, bound to its forward; token ids guessed (for a
+    model with a token embedding) when no tensor is given."""
+    if not isinstance(model, torch.nn.Module):
+        raise InvalidArgumentError(f"model must be an nn.Module, a torch.fx.GraphModule or an ExportedProgram; got "
+                                   f"{type(model).__name__}")
+    args, kwargs = tuple(example_args or ()), dict(example_kwargs or {})
+    if not any(isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves((args, kwargs))):
+        (guessed,), _ = guess_example_inputs(model)
+        if args:
+            raise InvalidArgumentError(f"example_inputs of {type(model).__name__} hold no tensor; pass the tensors "
+                                       "the model takes (example_inputs=(tensor, ...), example_kwargs={...})")
+        args = (guessed,)
+    try:
+        return bind_call(model, args, kwargs)
+    except TypeError as error:
+        raise InvalidArgumentError(f"the example inputs are not a call {type(model).__name__}.forward takes: "
+                                   f"{error}; its parameters: {inspect.signature(model.forward)}") from None
+
+
+def bind_call(model: torch.nn.Module, args: tuple, kwargs: dict) -> inspect.BoundArguments:
+    """`args`/`kwargs` bound to `model.forward`'s parameters, defaults filled in. Raises TypeError as the model would
+    for a call it does not take."""
+    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    bound.apply_defaults()
+    if "use_cache" in bound.arguments and bound.arguments["use_cache"] is None:
+        # A KV-cache object in the outputs is not a tensor a graph can return; a forward call that did not ask for
+        # the cache gets none (generation keeps its own).
+        bound.arguments["use_cache"] = False
+    return bound
+
+
+def canonical_call(bound: inspect.BoundArguments) -> tuple[tuple, dict]:
+    """A bound call as (args, kwargs) in one form however the caller wrote it: every parameter by keyword except
+    positional-only ones and *args (forwards wrapped by decorators that edit **kwargs take this form too)."""
+    args, kwargs = [], {}
+    for name, parameter in bound.signature.parameters.items():
+        if name not in bound.arguments:
+            continue
+        value = bound.arguments[name]
+        if parameter.kind == parameter.POSITIONAL_ONLY:
+            args.append(value)
+        elif parameter.kind == parameter.VAR_POSITIONAL:
+            args.extend(value)
+        elif parameter.kind == parameter.VAR_KEYWORD:
+            kwargs.update(value)
+        else:
+            kwargs[name] = value
+    return tuple(args), kwargs
+
+
+def call_signature(bound: inspect.BoundArguments) -> tuple[CallSignature, tuple]:
+    """The signature of a bound call and its tensors, in order."""
+    call = canonical_call(bound)
+    flat, spec = pytree.tree_flatten_with_path(call)
+    constants, tensors, described, unsupported = [], [], [], None
+    for path, leaf in flat:
+        if isinstance(leaf, torch.Tensor):
+            constants.append(_TENSOR)
+            tensors.append(leaf)
+            described.append((leaf.dtype, leaf.dim(), leaf.device.type))
+        elif isinstance(leaf, CONSTANT_TYPES):
+            constants.append(leaf)
+        else:
+            constants.append(None)
+            unsupported = unsupported or f"argument {_readable_path(pytree.keystr(path))} is a {type(leaf).__name__}"
+    return CallSignature(spec, tuple(constants), tuple(described), unsupported), tuple(tensors)
+
+
+def _readable_path(path: str) -> str:
+    """A canonical call's pytree path as an argument name: "[1]['attention_mask']" -> 'attention_mask',
+    "[1]['kwargs'][0]" -> 'kwargs.0', '[0][0]' -> 'input_0'."""
+    parts = [part.strip("[]'\"") for part in path.replace("][", "]|[").split("|")]
+    if parts and parts[0] == "0":
+        parts = [f"input_{parts[1]}"] + parts[2:] if len(parts) > 1 else ["input"]
+    else:
+        parts = parts[1:]
+    return ".".join(parts) or "input"
+
+
+def tensor_input_names(bound: inspect.BoundArguments) -> list[str]:
+    """Readable names of a bound call's tensor arguments, in flattening order (for graph placeholders)."""
+    names = []
+    for path, leaf in pytree.tree_flatten_with_path(canonical_call(bound))[0]:
+        if isinstance(leaf, torch.Tensor):
+            name = "".join(char if char.isalnum() else "_" for char in _readable_path(pytree.keystr(path)))
+            name = name.strip("_") or "input"
+            if name[0].isdigit() or name in names or not name.isidentifier() or keyword.iskeyword(name):
+                name = f"input_{len(names)}"
+            names.append(name)
+    return names
+
+
+class _CallAdapter(torch.nn.Module):
+    """The model, called with one signature's tensors as positional inputs: what torch.export captures. It shares
+    the model's submodules, parameters and buffers (same dicts), so the captured graph's parameter names and module
+    paths are the model's own and its weights are the model's weights, not copies. Its forward's signature names
+    each input after the argument it carries, so graph placeholders read 'attention_mask', not 'tensors_1'."""
+
+    def __init__(self, model: torch.nn.Module, signature: CallSignature, names: list[str]):
+        super().__init__()
+        self._modules = model._modules
+        self._parameters = model._parameters
+        self._buffers = model._buffers
+        object.__setattr__(self, "_model", model)
+        object.__setattr__(self, "_signature", signature)
+
+        def forward(adapter, *tensors):
+            args, kwargs = adapter._signature.rebuild(tensors)
+            return adapter._model(*args, **kwargs)
+
+        positional = inspect.Parameter.POSITIONAL_ONLY
+        forward.__signature__ = inspect.Signature(
+            [inspect.Parameter("self", positional)] + [inspect.Parameter(name, positional) for name in names])
+        object.__setattr__(self, "forward", types.MethodType(forward, self))
+
+
+def capture_call(model: torch.nn.Module, bound: inspect.BoundArguments,
+                 widen_batch: bool = True) -> tuple[Capture, CallSignature]:
+    """Capture `model` for one bound call: a graph that takes the call's tensors positionally (in flattening order),
+    every dimension symbolic unless the model's code fixes it.
+
+    widen_batch: when every tensor has a leading dim of 1 (a batch of one), capture with the batch doubled instead:
+    export fixes dims of size 1, and a graph captured at batch 2 serves batch 1 too (the caller re-captures with
+    widen_batch=False if the model's code fixes the batch)."""
+    signature, tensors = call_signature(bound)
+    if widen_batch and tensors and all(tensor.dim() >= 1 and tensor.shape[0] == 1 for tensor in tensors):
+        tensors = tuple(torch.cat([tensor, tensor]) for tensor in tensors)
+    if signature.unsupported:
+        raise CaptureError(f"cannot capture {type(model).__name__} for this call: {signature.unsupported}, which a "
+                           "graph cannot take as an input")
+    adapter = _CallAdapter(model, signature, tensor_input_names(bound))
+    dynamic = tuple({index: Dim.AUTO for index in range(tensor.dim())} or None for tensor in tensors)
+    try:
+        exported = torch.export.export(adapter, tensors, dynamic_shapes=dynamic, strict=False)
+    except Exception as error:  # export raises many types; the user needs the module and the reason
+        message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise CaptureError(
+            f"torch.export could not capture {type(model).__name__}: {type(error).__name__}: {message}"
+        ) from error
+    graph_module = exported.module()
+    follow_weights_device(graph_module)
+    args, kwargs = signature.rebuild(tensors)
+    return Capture(graph_module, exported, args, kwargs, type(model).__name__), signature

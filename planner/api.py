@@ -5,13 +5,13 @@ from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 
-from passes.capture import capture
+from passes.capture import capture, capture_call, example_call
 from passes.match import find_sites
-from planner.devices import DeviceSpec, device_spec
+from planner.devices import DeviceSpec
 from planner.errors import InvalidArgumentError
-from planner.lengths import parse_length
-from planner.pipeline import plan_and_rewrite
-from planner.records import POLICIES, AttentionSite
+from planner.optimized import OptimizedModel
+from planner.pipeline import PlanOptions, run_passes
+from planner.records import AttentionSite
 from planner.report import Report
 
 
@@ -28,7 +28,11 @@ def find_attention(
             when omitted for a model with a token embedding.
         example_kwargs: keyword inputs for capture.
     """
-    captured = capture(model, _as_tuple(example_inputs), example_kwargs)
+    if isinstance(model, (torch.fx.GraphModule, torch.export.ExportedProgram)):
+        captured = capture(model, _as_tuple(example_inputs), example_kwargs)
+    else:
+        captured, _ = capture_call(model, example_call(model, _as_tuple(example_inputs), example_kwargs),
+                                   widen_batch=False)
     return find_sites(captured.graph_module)
 
 
@@ -86,31 +90,29 @@ def optimize(
         weights are on. A model with no attention comes back unchanged, with a report that says so.
     """
     # Arguments are checked before the (slow) capture, so a typo fails at once.
-    tokens = parse_length(max_len)
-    spec = device_spec(device)
-    if policy not in POLICIES:
-        raise InvalidArgumentError(f"policy={policy!r} is not a policy; accepted: {', '.join(POLICIES)}")
-    from planner.fidelity import require_calibration
-
-    require_calibration(policy, tolerance, calibration)  # before the capture: a missing tolerance fails at once
+    options = PlanOptions.create(max_len, device, policy, train=train, variant=variant, window=window, sinks=sinks,
+                                 tolerance=tolerance, calibration=calibration, output=output)
     if world_size != 1:
         if variant not in (None, "ring"):
             raise InvalidArgumentError(f"variant={variant!r} with world_size={world_size}: a sharded sequence runs "
                                        "ring attention at every site")
         from planner.distributed import optimize_partitioned
 
-        return optimize_partitioned(model, max_len, spec, world_size=world_size, group=group,
-                                    example_inputs=example_inputs, example_kwargs=example_kwargs, policy=policy,
-                                    train=train, layout=layout)
-    captured = capture(model, _as_tuple(example_inputs), example_kwargs)
-    report = plan_and_rewrite(captured.graph_module, spec, policy, tokens, model_name=captured.model_name,
-                              train=train, variant=variant, window=window, sinks=sinks, tolerance=tolerance,
-                              calibration=calibration, output=output)
-    if not report.decisions and isinstance(model, torch.nn.Module):
-        _attach_report(model, report)
+        return optimize_partitioned(model, options, world_size=world_size, group=group,
+                                    example_inputs=example_inputs, example_kwargs=example_kwargs, layout=layout)
+    if isinstance(model, (torch.fx.GraphModule, torch.export.ExportedProgram)):
+        captured = capture(model, _as_tuple(example_inputs), example_kwargs)
+        report = run_passes(captured.graph_module, options, captured.model_name)
+        _attach_report(captured.graph_module, report)
+        return captured.graph_module
+    if not isinstance(model, torch.nn.Module):
+        raise InvalidArgumentError(f"model must be an nn.Module, a torch.fx.GraphModule or an ExportedProgram; got "
+                                   f"{type(model).__name__}")
+    optimized = OptimizedModel(model, options, example_call(model, _as_tuple(example_inputs), example_kwargs))
+    if not optimized.report.decisions:
+        _attach_report(model, optimized.report)
         return model
-    _attach_report(captured.graph_module, report)
-    return captured.graph_module
+    return optimized
 
 
 def _attach_report(module: torch.nn.Module, report: Report) -> None:

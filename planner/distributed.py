@@ -278,23 +278,20 @@ def optimize_partitioned(
         layout: "zigzag" (balanced causal work; the default) or "contiguous".
         dim: the sequence dimension of the inputs (and of the outputs).
         max_len, device, example_inputs, example_kwargs, policy, train: as in planner.optimize; max_len is the whole
-            sequence, over all ranks.
+            sequence, over all ranks. max_len may also be a planner.pipeline.PlanOptions already validated by a front
+            door (its max_len, device, policy and train are then used).
     """
     from backends.ring.comm import group_name_of
     from backends.ring.layout import LAYOUTS
     from passes.capture import capture
     from passes.match import find_sites
     from passes.partition import SequenceShard, check_ring_site, partition, sequence_symbols
-    from planner.devices import device_spec
-    from planner.lengths import parse_length
+    from planner.pipeline import PlanOptions
     from planner.plan import make_plan
-    from planner.records import POLICIES
     from planner.report import Report
 
-    tokens = parse_length(max_len)
-    spec = device_spec(device)
-    if policy not in POLICIES:
-        raise InvalidArgumentError(f"policy={policy!r} is not a policy; accepted: {', '.join(POLICIES)}")
+    options = max_len if isinstance(max_len, PlanOptions) else PlanOptions.create(max_len, device, policy, train=train)
+    tokens, spec, policy, train = options.max_len, options.device, options.policy, options.train
     if layout not in LAYOUTS:
         raise InvalidArgumentError(f"layout={layout!r} is not a ring layout; accepted: {', '.join(LAYOUTS)}")
     if not isinstance(world_size, int) or world_size < 2:

@@ -1,11 +1,12 @@
 """The passes that every front door runs, in one place: find the attention sites of an ATen graph, plan each, rewrite.
 
 `optimize()` (after torch.export) and the torch.compile backend (after re-tracing Dynamo's graph to ATen) both call
-`plan_and_rewrite`: two front doors, one house.
+`run_passes` with one PlanOptions value, validated at the door.
 """
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
@@ -16,10 +17,73 @@ from planner.devices import DeviceSpec, device_spec
 from planner.errors import InvalidArgumentError
 from planner.lengths import parse_length
 from planner.plan import make_plan
-from planner.records import Plan
+from planner.records import POLICIES, Plan
 from planner.report import Report
 
 NO_ATTENTION_NOTE = "no softmax attention was found in the graph; the model is returned unchanged"
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """Everything a front door passes to the passes, validated once, at the door (PlanOptions.create).
+
+    max_len: tokens to plan for. device: the DeviceSpec to plan for. policy: "exact", "approximate" or "any".
+    train: plan for training. variant: force this variant wherever it applies. window, sinks: a sliding window to
+    offer where sites have none. tolerance, calibration, output: how approximate choices are measured (calibration
+    batches are given in the graph's own calling convention by the time they reach the passes).
+    """
+
+    max_len: int
+    device: DeviceSpec
+    policy: str = "exact"
+    train: bool = False
+    variant: Optional[str] = None
+    window: Optional[int] = None
+    sinks: int = 0
+    tolerance: Optional[Mapping[str, float]] = None
+    calibration: Any = None
+    output: Optional[Callable[[Any], torch.Tensor]] = None
+
+    @classmethod
+    def create(cls, max_len: Union[int, str], device: Union[str, torch.device, DeviceSpec], policy: str = "exact",
+               **options: Any) -> "PlanOptions":
+        """Parse and check every argument (raising InvalidArgumentError/UnknownDeviceError at once, before any slow
+        capture)."""
+        from planner.fidelity import require_calibration
+
+        if policy not in POLICIES:
+            raise InvalidArgumentError(f"policy={policy!r} is not a policy; accepted: {', '.join(POLICIES)}")
+        require_calibration(policy, options.get("tolerance"), options.get("calibration"))
+        return cls(max_len=parse_length(max_len), device=device_spec(device), policy=policy, **options)
+
+
+def run_passes(graph_module: torch.fx.GraphModule, options: PlanOptions, model_name: str = "GraphModule") -> Report:
+    """Find every attention site in `graph_module` (an ATen graph whose nodes carry meta["val"]), plan each under
+    `options`, and rewrite the graph in place. Returns the report; a graph with no attention is left untouched and
+    its report says so.
+
+    options.variant overrides the planner's choice wherever it applies (the cost model still runs, and the report
+    keeps its estimates and says that the choice was forced). Under policy "approximate" or "any", every
+    approximate choice is measured on options.calibration and kept only within options.tolerance
+    (planner.fidelity.calibrate_plan).
+    """
+    from planner.fidelity import calibrate_plan
+
+    sites = find_sites(graph_module)
+    plan = make_plan(sites, options.device, options.policy, options.max_len, train=options.train,
+                     window=options.window, sinks=options.sinks, graph_module=graph_module)
+    if options.variant is not None:
+        plan = force_variant(plan, options.variant)
+    fidelity = None
+    if options.policy != "exact" and sites:
+        plan, fidelity = calibrate_plan(graph_module, plan, options.calibration, options.tolerance,
+                                        output=options.output)
+    report = Report(plan=plan, model=model_name, fidelity=fidelity)
+    if not sites:
+        report.notes.append(NO_ATTENTION_NOTE)
+        return report
+    rewrite(graph_module, plan)
+    return report
 
 
 def plan_and_rewrite(
@@ -28,44 +92,10 @@ def plan_and_rewrite(
     policy: str,
     max_len: Union[int, str],
     model_name: str = "GraphModule",
-    *,
-    train: bool = False,
-    variant: Optional[str] = None,
-    window: Optional[int] = None,
-    sinks: int = 0,
-    tolerance: Optional[Mapping[str, float]] = None,
-    calibration: Any = None,
-    output: Optional[Callable[[Any], torch.Tensor]] = None,
+    **options: Any,
 ) -> Report:
-    """Find every attention site in `graph_module` (an ATen graph whose nodes carry meta["val"]), plan each for
-    `max_len` tokens on `device` under `policy`, and rewrite the graph in place. Returns the report; a graph with no
-    attention is left untouched and its report says so.
-
-    variant: overrides the planner's choice with this variant wherever it applies (the cost model still runs, and
-    the report keeps its estimates and says that the choice was forced).
-    window, sinks: a sliding window to offer where sites have none (approximate unless it covers max_len).
-    tolerance, calibration, output: under policy "approximate" or "any", every approximate choice is measured on the
-    calibration batches and kept only within the tolerance (planner.fidelity.calibrate_plan).
-    """
-    from planner.fidelity import calibrate_plan, require_calibration
-
-    tokens = parse_length(max_len)
-    spec = device_spec(device)
-    require_calibration(policy, tolerance, calibration)
-    sites = find_sites(graph_module)
-    plan = make_plan(sites, spec, policy, tokens, train=train, window=window, sinks=sinks,
-                     graph_module=graph_module)
-    if variant is not None:
-        plan = force_variant(plan, variant)
-    fidelity = None
-    if policy != "exact" and sites:
-        plan, fidelity = calibrate_plan(graph_module, plan, calibration, tolerance, output=output)
-    report = Report(plan=plan, model=model_name, fidelity=fidelity)
-    if not sites:
-        report.notes.append(NO_ATTENTION_NOTE)
-        return report
-    rewrite(graph_module, plan)
-    return report
+    """run_passes with its options given as arguments (see PlanOptions for their meaning)."""
+    return run_passes(graph_module, PlanOptions.create(max_len, device, policy, **options), model_name)
 
 
 def force_variant(plan: Plan, variant: str) -> Plan:

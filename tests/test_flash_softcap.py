@@ -298,7 +298,7 @@ def test_planner_rewrites_soft_capped_and_sink_models_exactly(build):
                                  example_kwargs={"attention_mask": capture_mask},
                                  output=lambda output: output.last_hidden_state)
     decisions = optimized.report.plan.decisions if hasattr(optimized.report, "plan") else None
-    flash_calls = [node for node in optimized.graph.nodes if "attention_planner.flash_attention" in str(node.target)]
+    flash_calls = [node for node in optimized.graph_module.graph.nodes if "attention_planner.flash_attention" in str(node.target)]
     assert len(flash_calls) == 2, decisions
     assert all(len(node.args) == 12 for node in flash_calls)  # softcap / sink logits passed
 
