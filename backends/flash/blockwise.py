@@ -198,8 +198,11 @@ def blockwise_attention_forward(
     group = q_heads // k.shape[1]
     compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     attn_mask = _broadcast_mask(attn_mask, batch, q_heads, q_len, kv_len)
-    # SDPA's fused kernel has no soft-capping; the sink logits are merged after the tiles, so they do not matter here.
-    fused = q.device.type == "cpu" and key_padding_mask is None and attn_mask is None and softcap is None
+    # SDPA's fused kernel has no soft-capping and needs one head dim for q, k and v (a value head dim of its own, as
+    # multi-head latent attention has, takes the PyTorch tiles); the sink logits are merged after the tiles, so they
+    # do not matter here.
+    fused = (q.device.type == "cpu" and key_padding_mask is None and attn_mask is None and softcap is None
+             and v.shape[-1] == q.shape[-1])
     sink = None
     if sink_logits is not None:
         sink = sink_logits.to(device=q.device, dtype=compute_dtype)[None, :, None].expand(batch, q_heads, QUERY_BLOCK)
@@ -297,12 +300,12 @@ def blockwise_attention_backward(
             grad_v[:, :, k_start:k_end] += probabilities.transpose(-1, -2) @ grad_out_tile
             grad_probabilities = grad_out_tile @ values.transpose(-1, -2)
             grad_scores = probabilities * (grad_probabilities - delta[:, :, q_start:q_end])
+            if grad_mask is not None:  # an additive mask joins the scores after the cap: no tanh factor for it
+                grad_mask[..., q_start:q_end, k_start:k_end] += _sum_to_shape(grad_scores, grad_mask.shape)
             if tanh is not None:  # through the cap: d (c * tanh(s / c)) / ds = 1 - tanh^2
                 grad_scores = grad_scores * (1 - tanh * tanh)
             grad_q[:, :, q_start:q_end] += (grad_scores @ keys) * scale
             grad_k[:, :, k_start:k_end] += (grad_scores.transpose(-1, -2) @ q_tile) * scale
-            if grad_mask is not None:
-                grad_mask[..., q_start:q_end, k_start:k_end] += _sum_to_shape(grad_scores, grad_mask.shape)
 
     if group > 1:  # each kv head collects the gradients of its whole query-head group
         grad_k = grad_k.view(batch, kv_heads, group, kv_len, -1).sum(dim=2)

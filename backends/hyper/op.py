@@ -43,6 +43,10 @@ def validate_hyper_inputs(q, k, v, causal, block_size, sample_size, num_projecti
     if k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0] or q.shape[1] % k.shape[1] or q.shape[3] != k.shape[3]:
         raise BackendError(f"shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit: k and v "
                            "need the same (batch, heads, keys), heads dividing q's, and k the head dim of q")
+    if v.shape[3] != q.shape[3]:
+        raise BackendError(f"HyperAttention needs v with the head dim of q and k; got q/k {q.shape[3]}, v {v.shape[3]} "
+                           "(a value head dim of its own, as in multi-head latent attention, runs exactly with "
+                           "backends.flash_attention)")
     if causal and q.shape[2] != k.shape[2]:
         raise BackendError(f"causal HyperAttention needs as many queries as keys; got {q.shape[2]} and {k.shape[2]}")
     for name, value, low in (("block_size", block_size, 1), ("sample_size", sample_size, 1),
