@@ -1,6 +1,7 @@
 """Worker for tests/test_kernels_compile_sm90.py: compiles flash kernel variants for sm_90 with Triton's compiler
 (not its interpreter, so run it without TRITON_INTERPRET) and prints one JSON object: per variant, whether it
-compiled, and how many TMA tile copies and bulk reduce-adds its PTX holds."""
+compiled, and how many TMA tile copies, bulk reduce-adds, ex2 instructions, shared-memory accesses and shuffles its
+PTX holds."""
 from __future__ import annotations
 
 import json
@@ -21,14 +22,17 @@ BACKWARD_POINTERS = dict(Q="*bf16", K="*bf16", V="*bf16", DO="*bf16", LSE="*fp32
                          DK="*bf16", DV="*bf16", DQ="*fp32")
 
 
-def forward(use_tma: bool, tensor_desc: bool = False, window: bool = False):
+def forward(use_tma: bool, tensor_desc: bool = False, window: bool = False, poly_exp2: int = 0):
     return flash_triton._attn_fwd, FORWARD_POINTERS, dict(
         FLAGS, BLOCK_M=128, BLOCK_N=128, HAS_SINK_LOGITS=False, USE_TMA=use_tma, TENSOR_DESC=tensor_desc,
-        HAS_WINDOW=window), 8, 3
+        HAS_WINDOW=window, POLY_EXP2=poly_exp2, POLY_DEGREE=3), 8, 3
 
 
 VARIANTS = {
     "forward, per-head descriptors, window": forward(True, window=True),
+    # 2 column chunks of each unmasked tile through the polynomial exp2: the same kernel as the one above but for
+    # the exponentials, so the two PTX texts differ in ex2 instructions and in nothing that moves data
+    "forward, per-head descriptors, window, polynomial exp2 2 chunks": forward(True, window=True, poly_exp2=2),
     "forward, tensor-wide descriptors": forward(True, tensor_desc=True),
     "forward, pointer loads": forward(False),
     "dK/dV, descriptors, bulk dQ reduce": (flash_triton._attn_bwd_dkdv, BACKWARD_POINTERS, dict(
@@ -70,7 +74,9 @@ def main() -> None:
         try:
             ptx = compile_ptx(kernel, pointers, constexprs, num_warps, num_stages)
             results[name] = {"ok": True, "tma_copies": ptx.count("cp.async.bulk.tensor"),
-                             "bulk_reduces": ptx.count("cp.reduce.async.bulk")}
+                             "bulk_reduces": ptx.count("cp.reduce.async.bulk"), "ex2": ptx.count("ex2.approx"),
+                             "shared_accesses": ptx.count("st.shared") + ptx.count("ld.shared"),
+                             "shuffles": ptx.count("shfl.sync")}
         except Exception as error:  # noqa: BLE001 - reported to the test, which fails on it
             results[name] = {"ok": False, "error": f"{type(error).__name__}: {error}"[:2000]}
     json.dump(results, sys.stdout)

@@ -10,10 +10,12 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from backends.flash.naive import attention_reference
 from backends.flash.op import flash_attention, flash_attention_op, tiled_attention
-from backends.flash.triton import flash_backward, flash_forward
+from backends.flash.triton import EXP2_CHUNKS, _exp2_poly, _exp2_split, flash_backward, flash_forward
 from planner.errors import BackendError
 
 pytestmark = pytest.mark.skipif(
@@ -238,3 +240,91 @@ def test_forward_without_tensor_descriptors_and_on_strided_views(layout, monkeyp
             # gradients grow with |scale|: so does their fp32 rounding
             torch.testing.assert_close(actual.double(), expected, rtol=1e-4, atol=5e-5 * max(1.0, abs(scale)),
                                        msg=lambda m, name=name: f"{name}: {m}")
+
+
+@triton.jit
+def _poly_exp2_kernel(X, Y, N: tl.constexpr, DEGREE: tl.constexpr):
+    offsets = tl.arange(0, N)
+    tl.store(Y + offsets, _exp2_poly(tl.load(X + offsets), DEGREE))
+
+
+@triton.jit
+def _split_exp2_kernel(X, Y, M: tl.constexpr, N: tl.constexpr, POLY: tl.constexpr, CHUNKS: tl.constexpr):
+    offsets = tl.arange(0, M)[:, None] * N + tl.arange(0, N)[None, :]
+    tl.store(Y + offsets, _exp2_split(tl.load(X + offsets), POLY, CHUNKS, 3))
+
+
+# Max relative error of the fp32 polynomial with its fp32 evaluation, for x >= -125 (normal results): degree 3
+# 1.02e-4 (minimax 1.01e-4), degree 5 1.8e-7 (minimax 1.1e-7 plus rounding): under the rounding of the formats they
+# serve (bf16/fp16 P: half-ulp 2^-9 = 2.0e-3 and 2^-12 = 2.4e-4; fp32: a few ulp).
+POLY_EXP2_BOUNDS = {3: 1.1e-4, 5: 3e-7}
+
+
+@pytest.mark.parametrize("degree", [3, 5])
+def test_polynomial_exp2_relative_error_against_torch(degree):
+    x = torch.cat([torch.rand(40000) * -126.0,  # what the kernel passes: scores minus the row maximum, <= 0
+                   torch.rand(20000) * 20.0 - 10.0,
+                   torch.arange(-126, 11).float(),  # integers and half-integers: the rounding's edges
+                   torch.arange(-126, 11).float() + 0.5, torch.arange(-126, 11).float() - 0.5,
+                   torch.tensor([0.0, -0.0, 1e-30, -1e-7, -125.99, 127.4])])
+    n = 1 << (x.numel() - 1).bit_length()
+    x = torch.nn.functional.pad(x, (0, n - x.numel()), value=-1.0).to(DEVICE)
+    y = torch.empty_like(x)
+    _poly_exp2_kernel[(1,)](x, y, n, degree)
+    expected = torch.exp2(x.double())
+    normal = x >= -125.0  # results of normal fp32 numbers; below, 2^x is within 2^-125 of 0 (checked next)
+    relative = ((y.double() - expected) / expected).abs()[normal]
+    assert relative.max().item() <= POLY_EXP2_BOUNDS[degree], relative.max().item()
+    assert (y[x == 0] == 1.0).all()  # a row's maximum gets exactly 1
+    assert ((y[~normal] >= 0) & (y[~normal] <= 2.0**-124)).all()
+    # below -126 the clamp gives 2^-126 at most: zero next to a row maximum of 1, never garbage from the exponent bits
+    far = torch.tensor([-126.5, -127.0, -200.0, -1e4, -3e38], device=DEVICE)
+    n = 8
+    x_far = torch.nn.functional.pad(far, (0, n - far.numel()), value=-1000.0)
+    y_far = torch.empty_like(x_far)
+    _poly_exp2_kernel[(1,)](x_far, y_far, n, degree)
+    assert ((y_far >= 0) & (y_far <= 2.0**-126)).all(), y_far
+
+
+@pytest.mark.parametrize("poly_chunks", [0, 1, 3, 8, 13, 16])
+def test_exponential_split_puts_exactly_the_leading_chunks_on_the_polynomial(poly_chunks):
+    x = (torch.randn(16, 64) * 6.0 - 6.0).to(DEVICE)
+    y = torch.empty_like(x)
+    _split_exp2_kernel[(1,)](x, y, 16, 64, poly_chunks, EXP2_CHUNKS)
+    expected = torch.exp2(x.double())
+    relative = ((y.double() - expected) / expected).abs()
+    assert relative.max().item() <= POLY_EXP2_BOUNDS[3]
+    # the polynomial's error shows in every column it computes (exp2 is good to ~1e-7): its columns are the first
+    on_polynomial = (relative > 1e-6).any(0)
+    assert on_polynomial.tolist() == [column < poly_chunks * 64 // EXP2_CHUNKS for column in range(64)]
+
+
+# batch, heads, kv_heads, q_len, kv_len, head_dim, causal, window, config with the polynomial's chunk count
+POLY_CASES = [
+    (1, 2, 1, 77, 77, 16, True, None, (16, 32, 4, 1, 3)),  # causal, GQA, odd length, 3/16
+    (2, 2, 2, 45, 93, 32, False, None, (16, 16, 4, 1, 16)),  # every interior exponential on the polynomial
+    (1, 2, 2, 90, 90, 16, True, 50, (16, 16, 4, 1, 8)),  # sliding window: unmasked tiles between masked edges
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", POLY_CASES, ids=[f"poly{i}" for i in range(len(POLY_CASES))])
+def test_forward_with_polynomial_exponentials_matches_float64(case, dtype):
+    """fp32 inputs take the degree-5 polynomial (fp32-exact: the usual tolerance); fp16 inputs the degree-3 one,
+    whose 1e-4 relative error in P must stay under fp16's own rounding of P and of the output. Scores are spread
+    (x3 gain) so that exponents reach far below each row's maximum."""
+    batch, heads, kv_heads, q_len, kv_len, head_dim, causal, window, config = case
+    q, k, v = _inputs(batch, heads, kv_heads, q_len, kv_len, head_dim, dtype=dtype)
+    q = q * 3
+    options = dict(causal=causal, window=window, sinks=0, scale=head_dim**-0.5, key_padding_mask=None)
+    reference, reference_lse = attention_reference(q.double(), k.double(), v.double(), return_lse=True, **options)
+    out, lse = flash_forward(q, k, v, config=config, **options)
+    today, _ = flash_forward(q, k, v, config=config[:4], **options)
+    if dtype == torch.float32:
+        _assert_close("out", out, reference)
+    else:
+        # no worse than 1.5x today's kernel (all exponentials exp2) against the same float64 reference
+        error, today_error = ((t.double() - reference).abs().max().item() for t in (out, today))
+        assert error <= 1.5 * today_error + 1e-4, (error, today_error)
+        assert (out.double() - today.double()).abs().max().item() <= 5e-3
+    _assert_close("lse", lse.double(), reference_lse, tolerance=1e-4 if dtype == torch.float16 else TOLERANCE)

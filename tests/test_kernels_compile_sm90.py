@@ -2,7 +2,8 @@
 Triton's wheel. The CPU interpreter runs the kernels' Python, not Triton's compiler, so code that only the compiler
 rejects (a tensor descriptor reaching code after a `return` in a constexpr branch, found in session 3) would
 otherwise first fail on the GPU. Each variant must compile, and its PTX must hold the copies it is meant to use (TMA
-tile copies; the bulk reduce-add of dQ). The compiler runs in a subprocess: this process has TRITON_INTERPRET set."""
+tile copies; the bulk reduce-add of dQ), and the polynomial exp2 variant must trade ex2 instructions for nothing that
+moves data. The compiler runs in a subprocess: this process has TRITON_INTERPRET set."""
 from __future__ import annotations
 
 import json
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from backends.flash.triton import EXP2_CHUNKS
 
 triton = pytest.importorskip("triton")
 
@@ -46,3 +49,14 @@ def test_descriptor_variants_copy_tiles_with_tma_and_reduce_dq_in_bulk(compiled)
     assert copies.pop("forward, pointer loads") == 0
     assert all(count > 0 for count in copies.values()), copies
     assert compiled["dK/dV, descriptors, bulk dQ reduce"]["bulk_reduces"] > 0
+
+
+def test_polynomial_exp2_split_replaces_exponentials_without_moving_data(compiled):
+    """2 of EXP2_CHUNKS column chunks of a 128 x 128 score tile on the polynomial: per thread (8 warps) 64 scores,
+    64 * 2 / EXP2_CHUNKS of them off the special-function unit, in the one unmasked loop body. The column split (reshape, permute, split, join)
+    must cost no shared-memory round trip and no shuffle: the chunk bits are register bits of the MMA layout."""
+    exp2 = compiled["forward, per-head descriptors, window"]
+    split = compiled["forward, per-head descriptors, window, polynomial exp2 2 chunks"]
+    assert exp2["ex2"] - split["ex2"] == 128 * 128 // 256 * 2 // EXP2_CHUNKS, (exp2["ex2"], split["ex2"])
+    assert split["shared_accesses"] == exp2["shared_accesses"]
+    assert split["shuffles"] == exp2["shuffles"]
