@@ -351,15 +351,52 @@ def match_softmax_attention(node: torch.fx.Node) -> Optional[AttentionSite]:
     for scores_path in score_paths(node.args[0]):
         for probabilities_path in value_paths(node):
             try:
-                return build_site(node, scores_path, probabilities_path)
+                site = build_site(node, scores_path, probabilities_path)
             except NotAttention:
                 continue
             except (UnsupportedSite, LayoutError) as error:
                 if unsupported is None:
                     unsupported = (scores_path, probabilities_path, str(error))
+                continue
+            escaping = _escaping_probabilities(node, probabilities_path)
+            if escaping is None:
+                return site
+            if unsupported is None:
+                unsupported = (scores_path, probabilities_path, (
+                    f"the attention weights are used beyond the product with V ({escaping.name}: returned, as with "
+                    "need_weights=True or output_attentions=True): the quadratic matrix is computed anyway"))
     if unsupported is not None:
         return unsupported_site(node, *unsupported)
     return None
+
+
+def _escaping_probabilities(softmax: torch.fx.Node, path: list) -> Optional[torch.fx.Node]:
+    """A user of the probabilities (the softmax or an op on the way to V) outside the path to V whose value reaches
+    the graph's outputs (returned attention weights), if any."""
+    on_path = set(path)
+    for node in [softmax] + path[:-1]:
+        for user in node.users:
+            if user in on_path:
+                continue
+            if node.target == aten.native_dropout.default and user.target is operator.getitem and user.args[1] == 1:
+                continue  # the dropout mask, not the probabilities
+            if _reaches_output(user):
+                return user
+    return None
+
+
+def _reaches_output(node: torch.fx.Node) -> bool:
+    """Whether the value of `node` flows into the graph's outputs (dead code and assertions do not count)."""
+    seen, frontier = set(), [node]
+    while frontier:
+        current = frontier.pop()
+        if current.op == "output":
+            return True
+        if current in seen or len(seen) > 10_000:
+            continue
+        seen.add(current)
+        frontier.extend(current.users)
+    return False
 
 
 def _form(scores: Scores, value_contraction: Contraction) -> str:

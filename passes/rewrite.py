@@ -54,6 +54,15 @@ def rewrite(graph_module: torch.fx.GraphModule, plan: Plan) -> list[str]:
     return rewritten
 
 
+def _ceil_division(numerator: Any, denominator: Any) -> Any:
+    return -(-numerator // denominator)
+
+
+# torch's symbolic integer divisions (the sizes of strided front ends, patches, halves), as graph arithmetic.
+_INTEGER_DIVISIONS = {"FloorDiv": operator.floordiv, "CeilDiv": _ceil_division, "Mod": operator.mod,
+                      "PythonMod": operator.mod}
+
+
 class _Emitter:
     """Emits layout steps and sizes into a graph at the current insertion point."""
 
@@ -102,6 +111,14 @@ class _Emitter:
             if denominator != 1:
                 value = self.graph.call_function(operator.floordiv, (value, int(denominator)))
             return value
+        division = _INTEGER_DIVISIONS.get(type(expression).__name__)
+        if division is not None and len(expression.args) == 2:
+            numerator, denominator = (self.size(argument) for argument in expression.args)
+            return self.graph.call_function(division, (numerator, denominator))
+        if isinstance(expression, sympy.floor) and expression.args[0].is_Mul:
+            numerator, denominator = sympy.fraction(expression.args[0])
+            if denominator != 1:
+                return self.graph.call_function(operator.floordiv, (self.size(numerator), self.size(denominator)))
         if expression.is_Pow and expression.exp.is_Integer and expression.exp > 0:
             base = self.size(expression.base)
             value = base

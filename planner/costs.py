@@ -109,6 +109,18 @@ def time_expression(costs: Costs, device: DeviceSpec, dtype: str) -> sympy.Expr:
     return sympy.Max(*terms) + sympy.sympify(costs.launches) * device.launch_overhead_s
 
 
+def plain_sympy(expression: Any) -> Any:
+    """A size from torch's symbolic shapes in plain sympy: torch's integer division functions (FloorDiv, CeilDiv,
+    CleanDiv, ...) become floor and ceiling of a quotient, which sympy's solvers, lambdify and printers know."""
+    if not isinstance(expression, sympy.Basic):
+        return expression
+    rules = {"FloorDiv": lambda a, b: sympy.floor(a / b), "CleanDiv": lambda a, b: a / b,
+             "IntTrueDiv": lambda a, b: a / b, "CeilDiv": lambda a, b: sympy.ceiling(a / b),
+             "Mod": lambda a, b: a - b * sympy.floor(a / b), "PythonMod": lambda a, b: a - b * sympy.floor(a / b)}
+    return expression.replace(lambda node: type(node).__name__ in rules and len(node.args) == 2,
+                              lambda node: rules[type(node).__name__](*node.args))
+
+
 def evaluate(expression: Number, sequence_length: int) -> float:
     """The value of a cost expression at a sequence length."""
     return float(sympy.sympify(expression).subs(SEQUENCE_LENGTH, sequence_length))

@@ -21,7 +21,7 @@ import sympy
 import torch
 
 from backends.registry import EXACTNESS_ALLOWED, VARIANTS, Offer, PlanContext, keeps_mask_tensor, variants_for
-from planner.costs import SEQUENCE_LENGTH, CostShape, Costs, as_function, evaluate, time_expression
+from planner.costs import SEQUENCE_LENGTH, CostShape, Costs, as_function, evaluate, plain_sympy, time_expression
 from planner.devices import DeviceSpec
 from planner.errors import InvalidArgumentError
 from planner.records import POLICIES, AttentionSite, Candidate, Crossover, Plan, SiteDecision
@@ -134,7 +134,7 @@ def cost_shape(site: AttentionSite, max_len: int, variant: str = ORIGINAL, offer
     sequence = {symbol: SEQUENCE_LENGTH for symbol in site.sequence_symbols}
 
     def length(size):
-        return size.subs(sequence) if isinstance(size, sympy.Expr) else size
+        return plain_sympy(size).subs(sequence) if isinstance(size, sympy.Expr) else size
 
     def other(size):
         if isinstance(size, sympy.Expr):
@@ -385,7 +385,10 @@ def decide_site(site: AttentionSite, device: DeviceSpec, policy: str, max_len: i
         return SitePlan(site, tuple(candidates), None, f"left as it is: no candidate fits ({needs})", crossovers,
                         envelope)
     choice = feasible[_fastest_index([candidate.time_s for candidate in feasible])]
-    return SitePlan(site, tuple(candidates), choice, _choice_reason(choice, candidates), crossovers, envelope)
+    reason = _choice_reason(choice, candidates)
+    if site.unsupported and choice.variant == ORIGINAL:
+        reason = f"kept: {site.unsupported}"
+    return SitePlan(site, tuple(candidates), choice, reason, crossovers, envelope)
 
 
 def _choice_reason(choice: Estimate, candidates: list[Estimate]) -> str:
@@ -608,8 +611,18 @@ def _tensor_bytes(value: torch.Tensor, sequence_symbols: set, max_len: int) -> t
     for dimension in value.shape:
         numel = numel * _dimension_expr(dimension, sequence_symbols)
     numel = sympy.sympify(numel)
-    degree = sympy.degree(numel, SEQUENCE_LENGTH) if SEQUENCE_LENGTH in numel.free_symbols else 0
-    return float(numel.subs(SEQUENCE_LENGTH, max_len)) * value.element_size(), int(degree)
+    return float(numel.subs(SEQUENCE_LENGTH, max_len)) * value.element_size(), _growth_degree(numel)
+
+
+def _growth_degree(numel: sympy.Expr) -> int:
+    """How a size grows with the sequence length (0 constant, 1 linear, 2 quadratic), read off two large lengths:
+    sizes such as L // 5 (a strided front end, patches) are not polynomials, but grow as L does."""
+    if SEQUENCE_LENGTH not in numel.free_symbols:
+        return 0
+    small, large = (float(numel.subs(SEQUENCE_LENGTH, length)) for length in (2 ** 20, 2 ** 22))
+    if small <= 0 or large <= 0:
+        return 0
+    return max(0, round(math.log(large / small, 4)))
 
 
 def _dimension_expr(dimension, sequence_symbols: set):
@@ -626,7 +639,7 @@ def _dimension_expr(dimension, sequence_symbols: set):
             replacements[symbol] = SEQUENCE_LENGTH
         else:
             replacements[symbol] = int(var_to_val.get(symbol, 1))
-    return expression.xreplace(replacements)
+    return plain_sympy(expression.xreplace(replacements))
 
 
 def fit_memory(model: ModelMemory, decisions: Iterable[SiteDecision], device: DeviceSpec,

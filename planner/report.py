@@ -65,13 +65,26 @@ def _size(value: Any) -> Any:
     return value if isinstance(value, int) else str(value)
 
 
+def _readable_size(value: Any, site: AttentionSite) -> str:
+    """A size for people: the input's sequence length reads 'seq', any other symbolic size 'any'."""
+    if isinstance(value, int):
+        return str(value)
+    sequence = {str(symbol) for symbol in site.sequence_symbols}
+    text = str(value)
+    for symbol in sorted(getattr(value, "free_symbols", ()), key=lambda item: -len(str(item))):
+        text = re.sub(rf"\b{re.escape(str(symbol))}\b", "seq" if str(symbol) in sequence else "any", text)
+    return text.replace("((", "(").replace("))", ")")
+
+
 def _shape_text(site: AttentionSite) -> str:
+    """'B=any H=32/8kv L=S=seq D=128': sizes as the site sees them ('seq': the input's length)."""
     heads = f"{site.heads}" if site.heads == site.kv_heads else f"{site.heads}/{site.kv_heads}kv"
     if site.q_len == site.kv_len:
-        lengths = f"L=S={_size(site.q_len)}"
+        lengths = f"L=S={_readable_size(site.q_len, site)}"
     else:
-        lengths = f"L={_size(site.q_len)} S={_size(site.kv_len)}"
-    return f"B={_size(site.batch)} H={heads} {lengths} D={site.head_dim}"
+        lengths = f"L={_readable_size(site.q_len, site)} S={_readable_size(site.kv_len, site)}"
+    dims = f"D={site.head_dim}" if site.value_dim in (None, site.head_dim) else f"D={site.head_dim} Dv={site.value_dim}"
+    return f"B={_readable_size(site.batch, site)} H={heads} {lengths} {dims}"
 
 
 def _format_bytes(count: Optional[float]) -> str:

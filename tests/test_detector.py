@@ -549,3 +549,26 @@ def test_grouped_query_heads_with_a_batch_of_one_are_reported_as_heads():
     with torch.no_grad():
         torch.testing.assert_close(optimized(other).logits, model(other, use_cache=False).logits, atol=1e-5,
                                    rtol=1e-5)
+
+
+def test_returned_attention_weights_keep_the_site_with_the_reason():
+    """need_weights=True with the weights returned: the quadratic matrix is an output, so rewriting saves nothing;
+    the site is kept (the outputs, weights included, are the original's)."""
+
+    class ReturnsWeights(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention = nn.MultiheadAttention(DIM, HEADS, batch_first=True)
+
+        def forward(self, x):
+            return self.attention(x, x, x, need_weights=True)
+
+    model = ReturnsWeights().eval()
+    fast = planner.optimize(model, "32k", "h200", example_inputs=(torch.randn(2, 17, DIM),))
+    (decision,) = fast.report.decisions
+    assert decision.choice is None or decision.choice.variant == "dense"
+    assert "attention weights are used beyond the product with V" in decision.reason
+    x = torch.randn(3, 11, DIM)
+    with torch.no_grad():
+        for got, expected in zip(fast(x), model(x)):
+            torch.testing.assert_close(got, expected)

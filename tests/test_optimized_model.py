@@ -235,3 +235,33 @@ def test_a_failing_graph_falls_back_to_the_original_and_the_report_says_why(llam
     assert any("kernel exploded" in note and "run the original" in note for note in fast.report.notes)
     with pytest.raises(IndexError):
         fast(torch.full((1, 3), 500))  # the original's own error for a bad token id, not ours
+
+
+class _StridedFrontEnd(torch.nn.Module):
+    """Attention over a sequence whose length is a floor division of the input's (a strided convolution, as audio
+    front ends and patch embeddings make), then over its second half."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv1d(8, 16, kernel_size=5, stride=5)
+        self.qkv = torch.nn.Linear(16, 48)
+
+    def forward(self, x):
+        h = self.conv(x.transpose(1, 2)).transpose(1, 2)
+        h = h[:, h.shape[1] // 2:]
+        batch, length, _ = h.shape
+        q, k, v = self.qkv(h).view(batch, length, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def test_a_sequence_that_is_a_floor_division_of_the_input_is_planned_and_rewritten():
+    torch.manual_seed(2)
+    model = _StridedFrontEnd().eval()
+    fast = planner.optimize(model, "32k", device="h200", example_inputs=(torch.randn(2, 67, 8),))
+    assert len(fast.report.rewritten) == 1
+    assert "seq//5" in fast.report.summary()
+    for length in (40, 67, 203):
+        x = torch.randn(3, length, 8)
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-5)
+    assert _rewritten_calls(fast) == 1
