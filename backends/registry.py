@@ -208,7 +208,7 @@ def _sliding_window_offer(site: AttentionSite, context: PlanContext) -> Offer:
 def _ring_offer(site: AttentionSite, context: PlanContext) -> Offer:
     reason = tiled_obstacle(site) or score_modifier_obstacle(site, "ring attention")
     if reason is None and context.world_size < 2:
-        reason = "runs over world_size > 1 devices (make_plan(world_size=P)); planned for one device"
+        reason = "runs over world_size > 1 devices (optimize(..., world_size=P), --world-size P); planned for one device"
     if reason is None and (keeps_mask_tensor(site) or site.mask.key_padding or site.q_len != site.kv_len):
         reason = f"ring attention takes self-attention with a structured mask; the site has {site.mask.describe()}"
     parameters = (("world_size", context.world_size), ("layout", "zigzag"))

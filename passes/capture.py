@@ -6,9 +6,11 @@ code specializes it. An already traced GraphModule or an ExportedProgram is acce
 """
 from __future__ import annotations
 
+import contextlib
 import enum
 import inspect
 import keyword
+import logging
 import types
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -46,6 +48,21 @@ def _auto_dynamic_shapes(example_args: tuple, example_kwargs: dict):
     return dims_of(tuple(example_args)), dims_of(dict(example_kwargs))
 
 
+@contextlib.contextmanager
+def quiet_export_logs():
+    """torch.export logs each dim it fixes (a batch of one, a size-1 dim) as a warning: details of our capture
+    hints that the user cannot act on. What capture fixes shows in the report instead."""
+    loggers = [logging.getLogger(name) for name in ("torch._export.non_strict_utils", "torch.export")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def guess_example_inputs(model: torch.nn.Module) -> tuple[tuple, dict]:
     """Example inputs for a model that did not come with any: token ids when the model embeds tokens."""
     config = getattr(model, "config", None)
@@ -56,7 +73,8 @@ def guess_example_inputs(model: torch.nn.Module) -> tuple[tuple, dict]:
     if vocab_size is None:
         raise InvalidArgumentError(
             f"cannot guess example inputs for {type(model).__name__}: it has no token embedding; pass "
-            "example_inputs=(tensor, ...) (and example_kwargs=) with a sequence length > 1"
+            "example_inputs=(tensor, ...) (and example_kwargs=) with a sequence length > 1 (on the command line: "
+            "have MODEL's function return (model, example_inputs))"
         )
     device = next((parameter.device for parameter in model.parameters()), torch.device("cpu"))
     if device.type == "meta":
@@ -84,11 +102,12 @@ def capture(model: Any, example_args: Optional[tuple] = None, example_kwargs: Op
     example_kwargs = dict(example_kwargs or {})
     dynamic_args, dynamic_kwargs = _auto_dynamic_shapes(example_args, example_kwargs)
     try:
-        exported = torch.export.export(
-            model, example_args, example_kwargs,
-            dynamic_shapes=_by_parameter(model, dynamic_args, dynamic_kwargs) if example_kwargs else dynamic_args,
-            strict=False,
-        )
+        with quiet_export_logs():
+            exported = torch.export.export(
+                model, example_args, example_kwargs,
+                dynamic_shapes=_by_parameter(model, dynamic_args, dynamic_kwargs) if example_kwargs else dynamic_args,
+                strict=False,
+            )
     except Exception as error:  # export raises many types; the user needs the module and the reason
         message = str(error).strip().splitlines()[0] if str(error).strip() else ""
         hint = ""
@@ -336,7 +355,8 @@ def capture_call(model: torch.nn.Module, bound: inspect.BoundArguments,
     adapter = _CallAdapter(model, signature, tensor_input_names(bound))
     dynamic = tuple({index: Dim.AUTO for index in range(tensor.dim())} or None for tensor in tensors)
     try:
-        exported = torch.export.export(adapter, tensors, dynamic_shapes=dynamic, strict=False)
+        with quiet_export_logs():
+            exported = torch.export.export(adapter, tensors, dynamic_shapes=dynamic, strict=False)
     except Exception as error:  # export raises many types; the user needs the module and the reason
         message = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise CaptureError(

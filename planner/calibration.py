@@ -287,8 +287,8 @@ def calibrate(
 
     torch_device = torch.device(device)
     if torch_device.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidArgumentError(f"calibrate({device!r}) needs a visible CUDA device; calibrate('cpu') measures the "
-                                   "CPU")
+        raise InvalidArgumentError(f"calibrating {device!r} needs a visible CUDA device; the CPU is measured with "
+                                   "calibrate('cpu') (attention-planner calibrate --device cpu)")
     on_gpu = torch_device.type == "cuda"
     spec = device_spec(str(torch_device) if on_gpu else "cpu")
     dtype = torch.bfloat16 if on_gpu else torch.float32

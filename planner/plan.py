@@ -162,6 +162,14 @@ def cost_shape(site: AttentionSite, max_len: int, variant: str = ORIGINAL, offer
     )
 
 
+def _mask_dropped_when_eager(site: AttentionSite) -> bool:
+    """transformers builds a causal mask tensor only while traced: run eagerly without padding, its SDPA path passes
+    is_causal=True and no tensor (the report's baseline is what the user's eager call runs)."""
+    mask = site.mask
+    return (site.form == "sdpa" and "transformers" in site.source.replace("\\", "/").split("/")
+            and mask.kind in ("none", "causal") and mask.key_padding is None and mask.bias is None)
+
+
 def _dtype_bytes(dtype: str) -> int:
     from planner.costs import DTYPE_BYTES
 
@@ -385,15 +393,20 @@ def decide_site(site: AttentionSite, device: DeviceSpec, policy: str, max_len: i
         return SitePlan(site, tuple(candidates), None, f"left as it is: no candidate fits ({needs})", crossovers,
                         envelope)
     choice = feasible[_fastest_index([candidate.time_s for candidate in feasible])]
-    reason = _choice_reason(choice, candidates)
+    reason = _choice_reason(choice, candidates, site)
     if site.unsupported and choice.variant == ORIGINAL:
         reason = f"kept: {site.unsupported}"
     return SitePlan(site, tuple(candidates), choice, reason, crossovers, envelope)
 
 
-def _choice_reason(choice: Estimate, candidates: list[Estimate]) -> str:
+def _choice_reason(choice: Estimate, candidates: list[Estimate], site: Optional[AttentionSite] = None) -> str:
     by_variant = {candidate.variant: candidate for candidate in candidates}
     original, ours = by_variant.get(ORIGINAL), by_variant.get("flash")
+    cudnn = by_variant.get("sdpa_cudnn")
+    if site is not None and _mask_dropped_when_eager(site) and cudnn is not None and cudnn.time_s is not None:
+        # The baseline is what the user's eager call runs: on Hopper, SDPA's cuDNN kernel with is_causal (measured:
+        # identical logits to our sdpa_cudnn rewrite), not the traced graph's mask tensor.
+        original = dataclasses.replace(cudnn, implementation="sdpa-cudnn, is_causal, as transformers runs it eagerly")
     if choice.variant == ORIGINAL:
         reason = f"kept: the original ({choice.implementation}) is the fastest that fits ({choice.reason})"
         if ours is not None and ours.time_s is not None:
@@ -700,7 +713,7 @@ def fit_memory(model: ModelMemory, decisions: Iterable[SiteDecision], device: De
         else:
             verdict = (f"does not fit {where}: {sum_text} > {format_bytes(usable)} usable on {device.name} at "
                        f"{context.max_len:,} tokens; a ring of {ring} devices fits "
-                       f"(make_plan(..., world_size={ring}))")
+                       f"(optimize(..., world_size={ring}); --world-size {ring} on the command line)")
     return MemoryFit(usable, weights, activations, masks, attention, total, False, ring, verdict + unknown,
                      model.method)
 

@@ -261,14 +261,24 @@ def load_model_function(spec: str):
     function = getattr(module, function_name, None)
     if not callable(function):
         raise InvalidArgumentError(f"{module_name} has no function {function_name!r} (model {spec!r})")
-    return function()
+    try:
+        result = function()
+    except Exception as error:  # the user's code: say what failed and what MODEL must be
+        raise InvalidArgumentError(f"calling {spec}() to build the model failed with {type(error).__name__}: "
+                                   f"{error}; MODEL must be a preset or a function that takes no arguments and "
+                                   "returns a model, or (model, example_inputs)") from error
+    model = result[0] if isinstance(result, tuple) and len(result) == 2 else result
+    if not isinstance(model, torch.nn.Module):
+        raise InvalidArgumentError(f"{spec}() returned a {type(model).__name__}; MODEL must return an nn.Module, "
+                                   "or (model, example_inputs)")
+    return result
 
 
 def plan_callable(spec: str, max_len: int, device: Any = "h200", policy: str = "exact", *, world_size: int = 1,
                   train: bool = False, window: Optional[int] = None, sinks: int = 0,
                   progress: Optional[Callable[[str], None]] = None):
     """Plan the model that 'package.module:function' returns (a model, or (model, example_inputs))."""
-    from passes.capture import capture
+    from passes.capture import capture_call, example_call
     from passes.match import find_sites
     from planner.devices import device_spec
     from planner.plan import make_plan
@@ -282,7 +292,7 @@ def plan_callable(spec: str, max_len: int, device: Any = "h200", policy: str = "
         example_inputs = (example_inputs,)
     spec_device = device_spec(device)
     progress(f"capturing {type(model).__name__} with torch.export")
-    captured = capture(model, example_inputs, None)
+    captured, _ = capture_call(model, example_call(model, example_inputs, None))
     sites = find_sites(captured.graph_module)
     progress(f"planning {len(sites)} attention sites for {max_len:,} tokens on {spec_device.name}")
     plan = make_plan(sites, spec_device, policy, max_len, world_size, train=train, window=window, sinks=sinks,
