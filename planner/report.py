@@ -58,7 +58,7 @@ from planner.lengths import format_length
 from planner.records import AttentionSite, Candidate, Plan, SiteDecision
 
 SCHEMA_VERSION = 1
-PLOT_EXTRA = "pip install attention-planner[plot]"
+PLOT_EXTRA = "pip install matplotlib (or, from a clone, pip install -e '.[plot]')"
 
 
 def _size(value: Any) -> Any:
@@ -345,7 +345,7 @@ class Report:
         return "\n".join(parts)
 
     def save_html(self, path: Union[str, Path], plot_format: str = "svg") -> Path:
-        """Write the page of `to_html()` to `path`; needs matplotlib (pip install attention-planner[plot])."""
+        """Write the page of `to_html()` to `path`; needs matplotlib (see PLOT_EXTRA)."""
         path = Path(path)
         path.write_text(self.to_html(plot_format), encoding="utf-8")
         return path

@@ -265,3 +265,21 @@ def test_a_sequence_that_is_a_floor_division_of_the_input_is_planned_and_rewritt
         with torch.no_grad():
             torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-5)
     assert _rewritten_calls(fast) == 1
+
+
+def test_find_attention_takes_a_stock_transformers_model_as_the_readme_shows():
+    model = _llama(seed=4)
+    sites = planner.find_attention(model, (_ids(1, 21),))
+    assert [site.mask.kind for site in sites] == ["causal", "causal"]
+
+
+def test_calibration_batches_given_as_token_ids_measure_approximate_choices():
+    model = _llama(seed=5)
+    calibration = [_ids(2, 48) for _ in range(2)]
+    fast = planner.optimize(model, "128k", device="h200", policy="approximate", window=8,
+                            tolerance={"kl_mean": 1e-9}, calibration=calibration)
+    assert fast.report.fidelity is not None
+    assert all(decision.choice.exactness == "exact" for decision in fast.report.decisions)  # refused: too far
+    with torch.no_grad():
+        ids = _ids(2, 30)
+        _same(fast(ids), model(ids))
