@@ -328,3 +328,28 @@ def test_forward_with_polynomial_exponentials_matches_float64(case, dtype):
         assert error <= 1.5 * today_error + 1e-4, (error, today_error)
         assert (out.double() - today.double()).abs().max().item() <= 5e-3
     _assert_close("lse", lse.double(), reference_lse, tolerance=1e-4 if dtype == torch.float16 else TOLERANCE)
+
+
+@pytest.mark.parametrize("causal, window, head_dim, length, dtype, expected", [
+    (False, None, 128, 20000, torch.bfloat16, True),  # the one measured win: non-causal, head dim 128, 16k-32k keys
+    (False, None, 128, 32768, torch.float16, True),
+    (True, None, 128, 32768, torch.bfloat16, False),  # causal measured slower
+    (False, 4096, 128, 32768, torch.bfloat16, False),  # windowed too
+    (False, None, 64, 32768, torch.bfloat16, False),  # head dim 64 too
+    (False, None, 128, 16384, torch.bfloat16, False),  # no gain at 16k
+    (False, None, 128, 65536, torch.bfloat16, False),  # unmeasured: today's kernel
+    (False, None, 128, 32768, torch.float32, False),
+])
+def test_polynomial_exponentials_are_tuned_in_only_where_they_measured_faster(monkeypatch, causal, window, head_dim,
+                                                                                length, dtype, expected):
+    """Which forward candidates the tuner gets on a GPU (the interpreter always takes one small tile): the
+    polynomial share only for the shape where it won (benchmarks/RESULTS.md, "Exponentials on the FMA units")."""
+    import backends.flash.triton as flash_triton
+
+    offered = []
+    monkeypatch.setattr(flash_triton, "_interpreting", lambda: False)
+    monkeypatch.setattr(flash_triton, "_launch_tuned", lambda name, key, configs, launch, prepare=None:
+                        offered.extend(configs))
+    q = torch.empty(1, 1, length, head_dim, dtype=dtype)  # never reaches a kernel: only shape and dtype count
+    flash_forward(q, q, q, causal=causal, window=window, sinks=0, scale=0.1, key_padding_mask=None)
+    assert offered and any(len(config) > 4 and config[4] > 0 for config in offered) == expected, offered

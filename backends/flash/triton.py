@@ -25,7 +25,8 @@ GPUs take pointer loads (`_load_rows`). Measured on the H200: 9-12% faster forwa
 Exponentials: all on the special-function unit (exp2, 16 per clock per SM) by default; a forward launch configuration
 may put a fixed share of each unmasked score tile's columns on a polynomial exp2 evaluated with FMAs (`_exp2_split`,
 as FlashAttention-4 does). That share is tuned in only for non-causal attention without a window at head dim 128,
-16-bit, over 16k keys (1 of 16 chunks, 3-4% faster at 32k on the H100); elsewhere it measured slower or no faster.
+16-bit, 16k-32k keys (1 of 16 chunks, 3-4% faster at 32k on the H100); elsewhere it measured slower or no faster
+(or, from 64k keys, was not measured).
 """
 from __future__ import annotations
 
@@ -671,10 +672,11 @@ _FORWARD_CONFIGS = {
     # to run on the H200: left out, so that tuning does not pick a noisy winner.
     "small": [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3)],
     "large": [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3)],  # head dim 256 or fp32: shared memory bound
-    # Non-causal, no window, head dim 128, 16-bit, over 16k keys: the 128-key tiles put 1 of EXP2_CHUNKS (16) column
-    # chunks of their exponentials on the FMA units. Measured on the H100 at 32k: 3.3% and 4.1% faster than the
-    # same tiles all on exp2 (two runs, faster in 10 of 10 interleaved rounds). Not kept elsewhere (RESULTS.md,
-    # "Exponentials on the FMA units"): 8k and 16k no gain, causal 2-6% slower, window 1-2%, head dim 64 5-9%.
+    # Non-causal, no window, head dim 128, 16-bit, length bucket 32k (16k-32k keys): the 128-key tiles put 1 of
+    # EXP2_CHUNKS (16) column chunks of their exponentials on the FMA units. Measured on the H100 at 32k: 3.3% and
+    # 4.1% faster than the same tiles all on exp2 (two runs, faster in 10 of 10 interleaved rounds). Not kept
+    # elsewhere (RESULTS.md, "Exponentials on the FMA units"): 8k and 16k no gain, causal 1-5% slower, window 1-2%,
+    # head dim 64 5-9%; 64k and longer unmeasured, so today's kernel there.
     "small, full, long": [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2, 1), (128, 128, 8, 3, 1)],
 }
 _DKDV_CONFIGS = {
@@ -943,7 +945,7 @@ def flash_forward(
         key += ("tensor descriptors",) if tensor_desc else ()
         configs = _config_set(_FORWARD_CONFIGS, head_dim, q.dtype)
         if (configs is _FORWARD_CONFIGS["small"] and head_dim == 128 and not causal and not has_window
-                and bucket >= 32768):
+                and bucket == 32768):
             configs = _FORWARD_CONFIGS["small, full, long"]
         _launch_tuned("forward", key, configs, launch)
     return (out if d_v_pad == d_v else out[..., :d_v]), lse
