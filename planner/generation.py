@@ -1,0 +1,427 @@
+"""Generation: a captured model decoded token by token, each attention site reading and appending to its own cache.
+
+From one capture of the model (token ids and explicit positions as inputs), two graphs are derived: the *prefill*
+graph, whose sites run the tiled kernel over the prompt and write its keys and values into the caches, and the
+*decode* graph, whose sites append the new tokens' keys and values and read the cache with the split-K decoding
+kernel (backends/decode). Each site's cache follows its proved mask: a causal site keeps every position up to
+max_len; a sliding-window site keeps a rolling buffer of its window, whatever the context length.
+
+Positions are an input of both graphs (each row's count of real tokens so far), so left-padded batches decode as
+transformers does. Before first use the derived graphs are checked against the model's own full forward on a short
+random prompt; a model whose sites or positions cannot be carried into a decode step (a bidirectional or arbitrary
+mask, positions built inside the model, no `position_ids` argument) is decoded by running its whole sequence through
+the optimized forward at every step instead: exact, slower, and `report` says why.
+
+    state = fast.prefill(input_ids)                 # state.logits: (batch, vocab) at the last position
+    logits, state = fast.decode(state, next_ids)    # next_ids: (batch,) or (batch, 1)
+    tokens = fast.generate(input_ids, max_new_tokens=64)   # transformers models: model.generate's common cases
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from backends.decode.cache import append_to_cache, cache_slots
+from backends.decode.cost import cache_bytes, time_per_token
+from backends.decode.op import DecodeOptions, decode_attention
+from passes.capture import bind_call, capture_call
+from passes.match import find_sites
+from passes.rewrite import erase_dead_inputs, prepare_inputs, restore_output
+from planner.errors import InvalidArgumentError, PlannerError
+from planner.fidelity import first_tensor
+from planner.lengths import format_length
+from planner.records import AttentionSite
+
+CHECK_PROMPT = 13  # the length of the random prompt the derived graphs are checked on (odd, short)
+CHECK_STEPS = 3
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The cached attention a site becomes
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     cache_len: torch.Tensor, start: torch.Tensor, sink_logits: Optional[torch.Tensor], scale: float,
+                     window: int, softcap: Optional[float], rolling: bool, prefill: bool) -> torch.Tensor:
+    """Append the step's keys and values (positions cache_len .. cache_len + T - 1 of each row) to the site's cache,
+    then attend: causally, from each row's first real position `start`, within `window` keys (-1: none).
+
+    prefill: the cache was empty, so the T queries need only the step's own keys: the tiled kernel runs on them (its
+    memory is linear in T) instead of the decoding kernel, whose tile holds every query."""
+    append_to_cache(k_cache, v_cache, k, v, cache_len, rolling=rolling)
+    if prefill:
+        import backends
+
+        keys = torch.arange(k.shape[2], device=k.device)
+        padding = keys[None, :] >= start[:, None]
+        if window > 0:
+            return backends.sliding_window_attention(q, k, v, window, causal=True, scale=scale,
+                                                     key_padding_mask=padding, softcap=softcap,
+                                                     sink_logits=sink_logits)
+        return backends.flash_attention(q, k, v, causal=True, scale=scale, key_padding_mask=padding, softcap=softcap,
+                                        sink_logits=sink_logits)
+    options = DecodeOptions(scale=scale, window=window if window > 0 else None, softcap=softcap, rolling=rolling)
+    return decode_attention(q, k_cache, v_cache, cache_len + q.shape[2], options, start=start,
+                            sink_logits=sink_logits)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The decode plan and the state
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SiteCache:
+    """How one site decodes: its cache form, the cache's size at max_len and the estimated time per token."""
+
+    site: str
+    kind: str  # "full" (every position up to max_len) or "rolling" (the proved window)
+    window: Optional[int]
+    kv_heads: int
+    head_dim: int
+    value_dim: int
+    slots: int
+    bytes_at_max_len: float
+    seconds_per_token: float
+
+    def describe(self) -> str:
+        from planner.plan import format_bytes, format_seconds
+
+        form = f"rolling buffer of {self.window}" if self.kind == "rolling" else "full cache"
+        return (f"{self.site}: {form}, {format_bytes(self.bytes_at_max_len)} per sequence at max_len, "
+                f"~{format_seconds(self.seconds_per_token)} per token (cache read)")
+
+
+@dataclass
+class GenerationState:
+    """What decoding carries between steps. `logits`: (batch, vocab) at the last position of the latest step;
+    `tokens`: every token so far (prompt included, left padding kept); `length`: positions written per row."""
+
+    logits: torch.Tensor
+    tokens: torch.Tensor
+    attention_mask: torch.Tensor
+    length: torch.Tensor
+    start: torch.Tensor
+    caches: list = field(default_factory=list)
+    recompute: bool = False
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Deriving the graphs
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _decode_obstacle(site: AttentionSite) -> Optional[str]:
+    """Why a site cannot read a cache in a decode step (None: it can). A key padding mask is allowed: the step's
+    padding input is all ones, and the caches carry each row's padding as its start."""
+    mask = site.mask
+    if site.unsupported:
+        return site.unsupported
+    if mask.kind not in ("causal", "sliding_window"):
+        return f"its mask is {mask.describe()}: only causal and sliding-window sites decode from a cache"
+    if mask.bias:
+        return f"its mask is {mask.describe()}"
+    if site.q_len != site.kv_len:
+        return "its queries and keys are different sequences"
+    return None
+
+
+class Generator:
+    """The prefill and decode graphs of one model, derived once (see the module docstring)."""
+
+    def __init__(self, model: torch.nn.Module, max_len: int, bandwidth: float,
+                 forward: Optional[Any] = None):
+        self.model = model
+        self.forward = forward or model  # what a recomputing step runs: the optimized model
+        self.max_len = max_len
+        self.sites: list[SiteCache] = []
+        self.recompute_because: Optional[str] = None
+        self._graphs: dict = {}
+        try:
+            self._derive(bandwidth)
+        except PlannerError as error:
+            self.recompute_because = str(error)
+
+    def _parameters(self) -> dict:
+        return inspect.signature(self.model.forward).parameters
+
+    def _call(self, ids: torch.Tensor, positions: torch.Tensor):
+        kwargs = {"position_ids": positions}
+        if "attention_mask" in self._parameters():
+            # All ones: padding is the caches' business (each row's start). Without a mask, transformers reads
+            # position_ids that restart as packed sequences, and the mask would depend on them.
+            kwargs["attention_mask"] = torch.ones_like(ids)
+        if "logits_to_keep" in self._parameters():
+            kwargs["logits_to_keep"] = 1  # a long prompt's logits are (length, vocab): only the last is needed
+        return bind_call(self.model, (ids,), kwargs)
+
+    def _derive(self, bandwidth: float) -> None:
+        if "position_ids" not in self._parameters():
+            raise PlannerError(f"{type(self.model).__name__}.forward takes no position_ids: positions cannot be "
+                               "offset by the tokens already seen")
+        device = next((tensor.device for tensor in self.model.parameters()), torch.device("cpu"))
+        vocab = _vocab_size(self.model)
+        # A generator of its own: deriving the graphs must not move the global seed a sampling call relies on.
+        ids = torch.randint(0, vocab, (2, 67), generator=torch.Generator().manual_seed(0)).to(device)
+        positions = torch.arange(67, device=device).expand(2, 67).contiguous()
+        captured, _ = capture_call(self.model, self._call(ids, positions), widen_batch=False)
+        sites = find_sites(captured.graph_module)
+        if not sites:
+            raise PlannerError("no attention site was found to cache")
+        for site in sites:
+            obstacle = _decode_obstacle(site)
+            if obstacle:
+                raise PlannerError(f"site {site.name} cannot decode from a cache: {obstacle}")
+        dtype_bytes = next(self.model.parameters()).element_size()
+        for site in sites:
+            window = site.mask.window if site.mask.kind == "sliding_window" else None
+            rolling = window is not None and window < self.max_len
+            slots = cache_slots(self.max_len, window=window, rolling=rolling)
+            self.sites.append(SiteCache(
+                site.name, "rolling" if rolling else "full", window, site.kv_heads, site.head_dim, site.value_dim,
+                slots, cache_bytes(self.max_len, site.kv_heads, site.head_dim, dtype_bytes, value_dim=site.value_dim,
+                                   window=window, rolling=rolling),
+                time_per_token(self.max_len, site.kv_heads, site.head_dim, dtype_bytes, bandwidth,
+                               value_dim=site.value_dim, window=window, rolling=rolling)))
+        for prefill in (True, False):
+            # A new module over a copy of the graph: the weights stay shared with the model, not copied.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecation inside TreeSpec's copy
+                graph = copy.deepcopy(captured.graph_module.graph)
+            graph_module = torch.fx.GraphModule(captured.graph_module, graph)
+            self._graphs[prefill] = _with_caches(graph_module, sites, self.sites, prefill)
+
+    def check(self) -> None:
+        """Prefill a short random prompt and decode a few tokens; compare with the model's full forward. A mismatch
+        (positions the graphs do not carry, say) switches to recomputation, with the reason."""
+        if self.recompute_because is not None:
+            return
+        device = next((tensor.device for tensor in self.model.parameters()), torch.device("cpu"))
+        generator = torch.Generator(device="cpu").manual_seed(0)
+        tokens = torch.randint(0, _vocab_size(self.model), (2, CHECK_PROMPT + CHECK_STEPS), generator=generator)
+        tokens = tokens.to(device)
+        mask = torch.ones_like(tokens)
+        mask[1, :2] = 0  # a left-padded row too
+        with torch.no_grad():
+            state = self.prefill(tokens[:, :CHECK_PROMPT], mask[:, :CHECK_PROMPT])
+            for step in range(CHECK_STEPS):
+                end = CHECK_PROMPT + step
+                # Positions as generation gives them: each row's count of real tokens (what prefill/decode pass).
+                positions = (mask[:, :end].cumsum(-1) - 1).clamp_min(0)
+                full = first_tensor(self.model(tokens[:, :end], attention_mask=mask[:, :end],
+                                               position_ids=positions))[:, -1]
+                scale = full.abs().max().clamp_min(1e-6)
+                error = ((state.logits - full).abs().max() / scale).item()
+                if not error < 1e-3:
+                    self.recompute_because = (f"the derived decode step did not reproduce the model's forward (relative "
+                                              f"error {error:.1e} at step {step}): its positions or masks are not "
+                                              "carried into a step")
+                    return
+                state = self.decode(state, tokens[:, CHECK_PROMPT + step])[1]
+
+    # -- the steps ---------------------------------------------------------------------------------------------------
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> GenerationState:
+        if input_ids.dim() != 2:
+            raise InvalidArgumentError(f"input_ids must be (batch, length) token ids; got shape {tuple(input_ids.shape)}")
+        batch, length = input_ids.shape
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.device)
+        self._check_room(length)
+        start = (mask.cumsum(-1) == 0).sum(-1)
+        left_padded = bool((mask == (torch.arange(length, device=mask.device)[None, :] >= start[:, None])).all())
+        recompute = self.recompute_because is not None or not left_padded
+        zero = torch.zeros(batch, dtype=torch.int64, device=input_ids.device)
+        state = GenerationState(logits=None, tokens=input_ids, attention_mask=mask, length=zero, start=start,
+                                recompute=recompute)
+        if recompute:
+            state.logits = self._recomputed_logits(state)
+            return state
+        state.caches = [self._new_cache(site, batch, input_ids) for site in self.sites]
+        state.logits = self._step(state, input_ids, prefill=True)
+        return state
+
+    def decode(self, state: GenerationState, next_ids: torch.Tensor) -> tuple[torch.Tensor, GenerationState]:
+        next_ids = next_ids.reshape(state.tokens.shape[0], -1).to(state.tokens.device)
+        self._check_room(state.tokens.shape[1] + next_ids.shape[1])
+        state = dataclasses.replace(
+            state, tokens=torch.cat([state.tokens, next_ids], dim=1),
+            attention_mask=torch.cat([state.attention_mask, torch.ones_like(next_ids)], dim=1))
+        if state.recompute:
+            state.logits = self._recomputed_logits(state)
+        else:
+            state.logits = self._step(state, next_ids, prefill=False)
+        return state.logits, state
+
+    def _check_room(self, length: int) -> None:
+        if length > self.max_len:
+            raise InvalidArgumentError(f"the sequence would reach {length:,} tokens, past max_len="
+                                       f"{format_length(self.max_len)} that the model was optimized for: optimize "
+                                       "with a larger max_len or ask for fewer new tokens")
+
+    def _new_cache(self, site: SiteCache, batch: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        weight = next(self.model.parameters())
+        shape = (batch, site.kv_heads, site.slots)
+        # Zeros, not empty: a slot not written yet is never visible, but 0 * NaN garbage would still be NaN.
+        return (torch.zeros(shape + (site.head_dim,), dtype=weight.dtype, device=like.device),
+                torch.zeros(shape + (site.value_dim,), dtype=weight.dtype, device=like.device))
+
+    def _step(self, state: GenerationState, ids: torch.Tensor, prefill: bool) -> torch.Tensor:
+        graph = self._graphs[prefill]
+        positions = state.length[:, None] + torch.arange(ids.shape[1], device=ids.device)[None, :] - state.start[:, None]
+        positions = positions.clamp_min(0)
+        for index, (k_cache, v_cache) in enumerate(state.caches):
+            setattr(graph, f"_decode_k_{index}", k_cache)
+            setattr(graph, f"_decode_v_{index}", v_cache)
+        graph._decode_length = state.length
+        graph._decode_start = state.start
+        output = graph(*_call_tensors(self._call(ids, positions)))
+        state.length = state.length + ids.shape[1]
+        return first_tensor(output)[:, -1]
+
+    def _recomputed_logits(self, state: GenerationState) -> torch.Tensor:
+        if "attention_mask" in self._parameters():
+            positions = {"position_ids": (state.attention_mask.cumsum(-1) - 1).clamp_min(0)} \
+                if "position_ids" in self._parameters() else {}
+            output = self.forward(state.tokens, attention_mask=state.attention_mask, **positions)
+        elif bool(state.attention_mask.all()):
+            output = self.forward(state.tokens)
+        else:
+            raise InvalidArgumentError(f"{type(self.model).__name__}.forward takes no attention_mask: a padded batch "
+                                       "cannot be generated; give rows of one length")
+        return first_tensor(output)[:, -1]
+
+
+def _call_tensors(bound: inspect.BoundArguments) -> tuple:
+    from passes.capture import call_signature
+
+    return call_signature(bound)[1]
+
+
+def _vocab_size(model: torch.nn.Module) -> int:
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is None:
+        embeddings = [module for module in model.modules() if isinstance(module, torch.nn.Embedding)]
+        if not embeddings:
+            raise PlannerError(f"{type(model).__name__} has no token embedding to generate with")
+        vocab = embeddings[0].num_embeddings
+    return int(vocab)
+
+
+def _with_caches(graph_module: torch.fx.GraphModule, sites: list[AttentionSite], caches: list[SiteCache],
+                 prefill: bool) -> torch.fx.GraphModule:
+    """Each site replaced by cached_attention over the graph's cache attributes (set per state before a call)."""
+    graph = graph_module.graph
+    nodes = {node.name: node for node in graph.nodes}
+    # Buffers that each state replaces with its own tensors before a call.
+    graph_module.register_buffer("_decode_length", torch.zeros(1, dtype=torch.int64), persistent=False)
+    graph_module.register_buffer("_decode_start", torch.zeros(1, dtype=torch.int64), persistent=False)
+    for index, (site, cache) in enumerate(zip(sites, caches)):
+        graph_module.register_buffer(f"_decode_k_{index}", torch.empty(0), persistent=False)
+        graph_module.register_buffer(f"_decode_v_{index}", torch.empty(0), persistent=False)
+        node = nodes[site.node]
+        with graph.inserting_before(node):
+            emitted, extra = prepare_inputs(graph, site, nodes)
+            everything = {**nodes, **extra}
+            from backends.registry import _emit_sink_logits
+
+            arguments = (
+                everything[emitted.query], everything[emitted.key], everything[emitted.value],
+                graph.get_attr(f"_decode_k_{index}"), graph.get_attr(f"_decode_v_{index}"),
+                graph.get_attr("_decode_length"), graph.get_attr("_decode_start"),
+                _emit_sink_logits(graph, site, everything), float(site.effective_scale()),
+                int(cache.window) if cache.window is not None else -1,
+                None if site.softcap is None else float(site.softcap), cache.kind == "rolling", prefill,
+            )
+            replacement = graph.call_function(cached_attention, arguments)
+            output = restore_output(graph, replacement, site, extra)
+        node.replace_all_uses_with(output)
+        inputs = node.all_input_nodes
+        graph.erase_node(node)
+        erase_dead_inputs(graph, inputs)
+    graph.eliminate_dead_code()
+    graph_module.recompile()
+    return graph_module
+
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# model.generate's common cases
+# ----------------------------------------------------------------------------------------------------------------------
+
+# Generation options this loop follows as transformers does; any other option set away from its default sends the
+# call to the model's own generate (noted in the report).
+FOLLOWED = {"max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "eos_token_id",
+            "pad_token_id", "bos_token_id", "num_beams", "num_return_sequences", "use_cache", "cache_implementation",
+            "transformers_version", "_from_model_config", "decoder_start_token_id", "return_dict_in_generate",
+            "output_scores", "output_logits", "output_attentions", "output_hidden_states"}
+
+
+def unfollowed_options(config: Any) -> list[str]:
+    """Options of a GenerationConfig that this loop does not follow (set away from their defaults)."""
+    names = [name for name in config.to_diff_dict() if name not in FOLLOWED]
+    if (config.num_beams or 1) != 1:
+        names.append("num_beams")
+    if (config.num_return_sequences or 1) != 1:
+        names.append("num_return_sequences")
+    for name in ("return_dict_in_generate", "output_scores", "output_logits"):
+        if getattr(config, name, False):
+            names.append(name)
+    return names
+
+
+def sample_processors(config: Any) -> list:
+    """transformers' warpers for sampling, in its order: temperature, top-k, top-p."""
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    warpers = []
+    if config.temperature is not None and config.temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(config.temperature))
+    if config.top_k is not None and config.top_k != 0:
+        warpers.append(TopKLogitsWarper(top_k=config.top_k, min_tokens_to_keep=1))
+    if config.top_p is not None and config.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p=config.top_p, min_tokens_to_keep=1))
+    return warpers
+
+
+def generate_tokens(generator: Generator, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                    config: Any, streamer: Any = None) -> torch.Tensor:
+    """The token loop of transformers' greedy search and sampling (without beams), over prefill/decode."""
+    length = input_ids.shape[1]
+    max_length = length + config.max_new_tokens if config.max_new_tokens is not None else config.max_length
+    eos = config.eos_token_id
+    eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else None)
+    warpers = sample_processors(config) if config.do_sample else []
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+    tokens = input_ids
+    unfinished = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+    state = generator.prefill(input_ids, attention_mask) if tokens.shape[1] < max_length else None
+    while tokens.shape[1] < max_length:
+        scores = state.logits.float()
+        for warper in warpers:
+            scores = warper(tokens, scores)
+        if config.do_sample:
+            next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+        else:
+            next_tokens = torch.argmax(scores, dim=-1)
+        if pad is not None:
+            next_tokens = next_tokens * unfinished + pad * (1 - unfinished)
+        tokens = torch.cat([tokens, next_tokens[:, None]], dim=-1)
+        if streamer is not None:
+            streamer.put(next_tokens.cpu())
+        if eos:
+            unfinished = unfinished & ~torch.isin(next_tokens, torch.tensor(eos, device=next_tokens.device))
+        if unfinished.max() == 0 or tokens.shape[1] >= max_length:
+            break
+        _, state = generator.decode(state, next_tokens)
+    if streamer is not None:
+        streamer.end()
+    return tokens

@@ -1,0 +1,128 @@
+"""Generation through the planner's caches (planner/generation.py): the same tokens as the original model's own
+generate, for every cache form, and prefill/decode equal to the model's full forward."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import planner
+
+transformers = pytest.importorskip("transformers")
+
+NEW_TOKENS = 64
+
+
+def _small(config_class, **overrides):
+    # initializer_range 0.2: peaked next-token distributions, so that greedy choices are not near-ties that float32
+    # rounding could flip (the comparison is of tokens, not of logits).
+    config = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, initializer_range=0.2, max_position_embeddings=512)
+    config.update(overrides)
+    return config_class(**config)
+
+
+def _build(kind: str):
+    torch.manual_seed(0)
+    if kind == "llama":
+        model = transformers.LlamaForCausalLM(_small(transformers.LlamaConfig))
+    elif kind == "mistral":  # a window smaller than the prompt: the rolling buffer wraps many times
+        model = transformers.MistralForCausalLM(_small(transformers.MistralConfig, sliding_window=8))
+    elif kind == "qwen2":
+        model = transformers.Qwen2ForCausalLM(_small(transformers.Qwen2Config))
+    elif kind == "gemma2":  # soft-capping, window and full layers alternating
+        model = transformers.Gemma2ForCausalLM(_small(transformers.Gemma2Config, head_dim=16, sliding_window=8,
+                                                      attn_logit_softcapping=20.0, final_logit_softcapping=None))
+    elif kind == "gpt2":
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=97, n_embd=64, n_layer=2, n_head=4,
+                                                                     n_positions=512, initializer_range=0.2))
+    elif kind == "gpt_neox":
+        model = transformers.GPTNeoXForCausalLM(_small(transformers.GPTNeoXConfig))
+    else:
+        raise ValueError(kind)
+    return model.eval()
+
+
+def _decodes_from_caches(fast) -> bool:
+    return any(note.startswith("decoding:") for note in fast.report.notes) and not any(
+        "recomputes the whole sequence" in note for note in fast.report.notes)
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "gemma2", "gpt2", "gpt_neox"])
+def test_greedy_tokens_equal_the_models_own_generate(kind):
+    model = _build(kind)
+    fast = planner.optimize(model, "1k", device="h200")
+    prompt = torch.randint(0, 97, (1, 21))
+    with torch.no_grad():
+        expected = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    got = fast.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    assert got.shape == expected.shape
+    assert torch.equal(got, expected)
+    assert _decodes_from_caches(fast), fast.report.notes
+    if kind == "mistral":
+        assert any("rolling buffer of 8 positions" in note for note in fast.report.notes)
+
+
+def test_sampling_with_a_seed_and_a_left_padded_batch_equal_the_models_own_generate():
+    model = _build("llama")
+    fast = planner.optimize(model, "1k", device="h200")
+    prompt = torch.randint(1, 97, (3, 17))
+    mask = torch.ones_like(prompt)
+    mask[1, :4] = 0
+    mask[2, :9] = 0
+    prompt = prompt * mask
+    options = dict(max_new_tokens=24, do_sample=True, temperature=0.8, top_k=20, top_p=0.9, pad_token_id=0)
+    with torch.no_grad():
+        torch.manual_seed(7)
+        expected = model.generate(prompt, attention_mask=mask, **options)
+    torch.manual_seed(7)
+    got = fast.generate(prompt, attention_mask=mask, **options)
+    assert torch.equal(got, expected)
+    assert _decodes_from_caches(fast)
+
+
+def test_prefill_and_decode_equal_the_full_forward_and_max_len_is_enforced():
+    model = _build("mistral")
+    fast = planner.optimize(model, 40, device="h200")
+    tokens = torch.randint(0, 97, (2, 33))
+    with torch.no_grad():
+        state = fast.prefill(tokens[:, :30])
+        torch.testing.assert_close(state.logits, model(tokens[:, :30]).logits[:, -1], rtol=1e-4, atol=1e-4)
+        for step in range(30, 33):
+            logits, state = fast.decode(state, tokens[:, step])
+            torch.testing.assert_close(logits, model(tokens[:, :step + 1]).logits[:, -1], rtol=1e-4, atol=1e-4)
+        with pytest.raises(planner.PlannerError, match="max_len"):
+            fast.generate(tokens, max_new_tokens=20)
+
+
+class TinyGPT(torch.nn.Module):
+    """A nanoGPT-style model: positions made inside forward from the length (no position_ids argument)."""
+
+    def __init__(self, vocab: int = 61, dim: int = 32, heads: int = 4, layers: int = 2):
+        super().__init__()
+        self.heads = heads
+        self.tokens = torch.nn.Embedding(vocab, dim)
+        self.positions = torch.nn.Embedding(256, dim)
+        self.blocks = torch.nn.ModuleList(torch.nn.Linear(dim, 3 * dim) for _ in range(layers))
+        self.head = torch.nn.Linear(dim, vocab)
+
+    def forward(self, ids):
+        batch, length = ids.shape
+        x = self.tokens(ids) + self.positions(torch.arange(length, device=ids.device))
+        for block in self.blocks:
+            q, k, v = block(x).view(batch, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + y.transpose(1, 2).reshape(batch, length, -1)
+        return self.head(x)
+
+
+def test_a_plain_pytorch_model_decodes_exactly_and_says_how():
+    torch.manual_seed(3)
+    model = TinyGPT().eval()
+    fast = planner.optimize(model, "256", device="h200")
+    tokens = torch.randint(0, 61, (2, 25))
+    with torch.no_grad():
+        state = fast.prefill(tokens[:, :20])
+        for step in range(20, 25):
+            logits, state = fast.decode(state, tokens[:, step])
+            torch.testing.assert_close(logits, model(tokens[:, :step + 1])[:, -1], rtol=1e-4, atol=1e-5)
+    assert any("recomputes the whole sequence" in note and "position_ids" in note for note in fast.report.notes)
