@@ -339,8 +339,8 @@ def _emit_sdpa_cudnn(graph, node, site, nodes, candidate=None) -> torch.fx.Node:
 
 
 def _emit_ring(graph, node, site, nodes, candidate=None) -> torch.fx.Node:
-    """attention_planner::ring_attention on the default process group; the partition pass (issue 7) shards the
-    positions around it. Needs torch.distributed initialized when the rewrite runs."""
+    """attention_planner::ring_attention on the default process group; the partition pass (passes/partition.py)
+    shards the positions around it. Needs torch.distributed initialized when the rewrite runs."""
     importlib.import_module("backends.ring.op")
     from backends.ring.comm import group_name_of
 

@@ -1,4 +1,4 @@
-"""Exact causal attention kernels by head dim, grouped-query shapes (issue 10's Llama-3.2-1B has head dim 64): which
+"""Exact causal attention kernels by head dim, grouped-query shapes (Llama-3.2-1B has head dim 64): which
 of SDPA flash (what transformers' sdpa path runs, grouped heads passed with enable_gqa), SDPA cuDNN behind the
 planner's `sdpa_preferring_cudnn` (k/v repeated to the query heads) and our Triton kernel is fastest, so that the
 cost model's per-implementation efficiencies can be checked away from head dim 128.

@@ -1,4 +1,4 @@
-"""End to end on a long context (issue 10): real model shapes, random weights, one H200, one device call.
+"""End to end on a long context: real model shapes, random weights, one H200, one device call.
 
 What runs (B=1, bf16, CUDA), in this order, each step skipped with its reason when the time budget is short:
   1. planning llama-3-70b on the CPU with the CLI, in a fresh process (`attention-planner plan llama-3-70b
@@ -85,7 +85,7 @@ TRANSFORMERS_CONFIGS = ("eager", "sdpa")  # "transformers' own implementations" 
 CLI_COMMAND = ("plan", "llama-3-70b", "--max-len", "128k", "--device", "h200", "--quiet")
 # What a step is assumed to cost before anything is measured (seconds on the H200; only for the budget's decisions).
 GUESS = {"inductor_compile": 75.0, "train_compile": 110.0, "first_call": 1.0, "train_step": 3.0, "optimize": 10.0}
-# Figures measured before this script, quoted where this run skips the measurement (issue 10).
+# Figures measured before this script, quoted where this run skips the measurement.
 KNOWN_SECONDS = {("llama-3.2-1b", "sdpa", 131072): 3.1, ("mistral-1b-w4096", "sdpa", 131072): 10.8}
 
 
@@ -998,7 +998,7 @@ def measurably_slower(record: dict) -> bool:
 
 
 def goals(records: list[dict], lengths: tuple) -> list[str]:
-    """The issue's goals, each with its figures and a verdict; and, for reference, the planner against Inductor."""
+    """The end-to-end goals, each with its figures and a verdict; and, for reference, the planner against Inductor."""
     forward, paired = index(records, "forward"), paired_index(records)
     models = list(dict.fromkeys([key[0] for key in forward] + [key[0] for key in paired]))
     speed, against_inductor, beyond, missing, noise = [], [], [], [], []
@@ -1040,7 +1040,7 @@ def goals(records: list[dict], lengths: tuple) -> list[str]:
         source = "this run"
         if sdpa_rate is None and (window_model, "sdpa", longest) in KNOWN_SECONDS:
             sdpa_rate = longest / KNOWN_SECONDS[(window_model, "sdpa", longest)]
-            source = f"the issue's {KNOWN_SECONDS[(window_model, 'sdpa', longest)]} s figure"
+            source = f"a prior run's {KNOWN_SECONDS[(window_model, 'sdpa', longest)]} s figure"
         verdict = (f"{planner_rate / sdpa_rate:.1f}x (sdpa from {source})", planner_rate / sdpa_rate >= 5) \
             if planner_rate and sdpa_rate else ("not measured", False)
         lines.append(f"| sliding-window model at {fmt_length(longest)}: planner ≥ 5x sdpa's tokens/s | "
@@ -1146,7 +1146,7 @@ def environment(settings: Settings, specs: list[ModelSpec], models: dict) -> dic
 def tables(records: list[dict], settings: Settings) -> str:
     env = next((r for r in records if r.get("section") == "env"), {})
     keep = env.get("logits_to_keep")
-    lines = [f"## End to end on a long context: 1B models on {env.get('device', '?')} (issue 10)", "",
+    lines = [f"## End to end on a long context: 1B models on {env.get('device', '?')}", "",
              f"torch {env.get('torch')}, triton {env.get('triton')}, transformers {env.get('transformers')}, "
              f"revision `{env.get('revision')}`; B=1, {env.get('dtype')}, random weights; command: "
              f"`PYTHONPATH=. {env.get('command')}`.",

@@ -5,7 +5,7 @@ visible (query, key) pairs: 4 * D * pairs per head forward, 2.5x that backward. 
 
     PYTHONPATH=. python3 benchmarks/bench_flash.py            # prints a table, writes $OUT/bench_flash.jsonl
 
-Goals (issue 5): causal sliding window W=4096 at 32k >= 1.2x FlexAttention, <= 16 ms at 128k; exact causal at 32k
+Goals: causal sliding window W=4096 at 32k >= 1.2x FlexAttention, <= 16 ms at 128k; exact causal at 32k
 >= 0.85x cuDNN; causal backward at 16k >= 0.8x cuDNN's backward.
 """
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Forward launch configurations of our tiled kernel, each forced (no tuner), beside SDPA's cuDNN kernel in the same
-run: exact causal attention at head dim 64 with grouped heads (H=32, 8 kv heads: the Llama-3.2-1B shape of issue 10)
-and the causal window of 4096 at 128k, head dim 128 (issue 5). B=1, bf16, triton.testing.do_bench medians.
+run: exact causal attention at head dim 64 with grouped heads (H=32, 8 kv heads: the Llama-3.2-1B shape of the
+end-to-end benchmark) and the causal window of 4096 at 128k, head dim 128 (its 16 ms goal). B=1, bf16,
+triton.testing.do_bench medians.
 
     PYTHONPATH=. python3 benchmarks/bench_launch_configs.py            # prints a markdown table last
 

@@ -1,4 +1,4 @@
-"""How long planning takes on the CPU: `attention-planner plan llama-3-70b --max-len 128k --device h200` (issue 4's
+"""How long planning takes on the CPU: `attention-planner plan llama-3-70b --max-len 128k --device h200` (the
 goal: under 10 s on a 2-core CPU, with no weight memory), and optimize() on the demo model.
 
 Runs the CLI in fresh processes (wall time, as a user sees it, imports included), and once in process with the time
@@ -98,7 +98,7 @@ def main() -> int:
     load = os.getloadavg()[0]
     lines = [
         "",
-        "## Planner overhead on the CPU — planner/cli.py, planner/presets.py (issue 4)",
+        "## Planner overhead on the CPU — planner/cli.py, planner/presets.py",
         "",
         f"Machine: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), load average "
         f"{load:.1f} at the end of the run; Python {platform.python_version()}; revision `{revision}`.",

@@ -190,7 +190,7 @@ def time_linear_and_ssd(seq_len, device):
         forward = bench(lambda: backends.ssd(x, dt, A, B, C, chunk_size=chunk_size))
         RESULTS["timings"][f"ssd (groups=1, P=N=128), chunk {chunk_size}"] = {"forward_ms": forward}
         log(f"ssd chunk {chunk_size}: forward {forward:.3f} ms")
-    # Forward + backward, for the record (not a goal of the issue).
+    # Forward + backward, for the record (no goal is set on it).
     for name, decay in list(decays.items())[:2]:
         leaves = [t.detach().requires_grad_() for t in (q, k, v)]
         grad = torch.randn_like(v)

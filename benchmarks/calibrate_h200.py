@@ -1,5 +1,5 @@
-"""Calibrate the planner on the H200 and check its estimates against measured times (issue 4: "where kernels exist,
-the estimate at 32k and 128k is within 2x of the time measured on the H200").
+"""Calibrate the planner on the H200 and check its estimates against measured times (the goal: where kernels exist,
+the estimate at 32k and 128k is within 2x of the time measured on the H200).
 
 One run (a few minutes): `planner.calibrate("cuda")` (matmul and copy ceilings, each kernel's efficiency at 8k and
 32k, saved under ~/.cache/attention-planner/ and copied to $OUT), then every kernel timed at 32k and 128k (B=1, H=32,

@@ -1,4 +1,4 @@
-"""Variants of the forward kernel, timed on the H200 before one goes into backends/flash/triton.py (issue 5).
+"""Variants of the forward kernel, timed on the H200 before one goes into backends/flash/triton.py.
 
 A reduced kernel (causal, optionally windowed; no padding, sinks or soft-capping; D=128; lengths a multiple of 128)
 with constexpr switches, beside the package's kernel and its competitors, B=1, H=32, bf16:
@@ -13,7 +13,7 @@ with constexpr switches, beside the package's kernel and its competitors, B=1, H
     PYTHONPATH=. python3 benchmarks/explore_flash_forward.py              # every variant, 3 cases (~3 min)
     PYTHONPATH=. python3 benchmarks/explore_flash_forward.py --isolate    # the package against the best variant
 
-Findings (benchmarks/RESULTS.md, session 3): TMA + FMA kept; PIPE 40-100% slower; WS no effect on Hopper.
+Findings (benchmarks/RESULTS.md, "Tiled attention kernels with tensor descriptors"): TMA + FMA kept; PIPE 40-100% slower; WS no effect on Hopper.
 """
 import os
 import sys

@@ -1,4 +1,4 @@
-"""Where HyperAttention's causal time goes at 128k on the GPU (issue 8: the 5x goal against cuDNN).
+"""Where HyperAttention's causal time goes at 128k on the GPU (the goal: 5x cuDNN's exact causal attention).
 
 Times the whole call and its pieces (the exact causal leaves, one level's sortLSH, its block-diagonal and sampled
 attention calls, the merge) and prints torch.profiler's CUDA kernel table, so that the next change targets the

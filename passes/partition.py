@@ -1,4 +1,4 @@
-"""Partition: rewrite a captured ATen graph so that it runs on one rank's shard of the sequence (issue 7).
+"""Partition: rewrite a captured ATen graph so that it runs on one rank's shard of the sequence.
 
 Every input tensor is split along its sequence dimension over the P ranks of a process group, in the layout of
 backends/ring/layout.py ("zigzag": rank r holds chunks r and 2P-1-r of 2P; "contiguous"); the rewritten graph takes

@@ -41,25 +41,26 @@ H200_MATMUL_FLOPS = 788e12  # 8192³ bf16 product, random data
 H200_COPY_BANDWIDTH = 4.3e12  # device-to-device copy, bytes read + written
 H200_KERNELS: tuple = (
     ("sdpa-cudnn", "backends.dense.cost", "sdpa-cudnn", True, None, 32768, 14.6e-3),
-    ("sdpa-cudnn", "backends.dense.cost", "sdpa-cudnn", True, None, 32768, 15.05e-3),  # RESULTS.md, issue 5
+    ("sdpa-cudnn", "backends.dense.cost", "sdpa-cudnn", True, None, 32768, 15.05e-3),  # RESULTS.md, rev. 23e124d
     ("sdpa-cudnn", "backends.dense.cost", "sdpa-cudnn", True, None, 131072, 256e-3),
-    ("sdpa-flash", "backends.dense.cost", "sdpa-flash", True, None, 32768, 25.54e-3),  # RESULTS.md, issue 5
-    # Ours (benchmarks/RESULTS.md, session 3, issue 5, revision 1d84af4: loads through tensor descriptors): exact
+    ("sdpa-flash", "backends.dense.cost", "sdpa-flash", True, None, 32768, 25.54e-3),  # RESULTS.md, rev. 23e124d
+    # Ours (benchmarks/RESULTS.md, "Tiled attention kernels with tensor descriptors", revision 1d84af4): exact
     # causal, and the causal window of 4096. The earlier kernel's figures are gone with it.
     ("flash", "backends.flash.cost", "triton", True, None, 32768, 15.655e-3),
     ("sliding_window", "backends.sliding_window.cost", "triton", True, 4096, 32768, 4.045e-3),
     ("sliding_window", "backends.sliding_window.cost", "triton", True, 4096, 131072, 17.87e-3),
-    ("sdpa-cudnn", "backends.dense.cost", "sdpa-cudnn", True, None, 131072, 243.9e-3),  # RESULTS.md, issue 8
-    # Ours (benchmarks/RESULTS.md, issue 8, revision 68da512): linear attention without decay (chunk 64), SSD (chunk
-    # 256), HyperAttention causal with its defaults (run 1, PyTorch merges).
+    ("sdpa-cudnn", "backends.dense.cost", "sdpa-cudnn", True, None, 131072, 243.9e-3),  # RESULTS.md, rev. 68da512
+    # Ours (benchmarks/RESULTS.md, "Linear attention, Mamba-2 SSD, HyperAttention", revision 68da512): linear
+    # attention without decay (chunk 64), SSD (chunk 256).
     ("linear", "backends.linear.cost", "triton", True, None, 131072, 3.01e-3),
     ("ssd", "backends.ssd.cost", "triton", True, None, 131072, 2.92e-3),
-    # HyperAttention causal, inference path with Triton gathers and ranks (RESULTS.md, issue 8, revision 5554c1b).
+    # HyperAttention causal, inference path with Triton gathers and ranks (RESULTS.md, "HyperAttention causal at
+    # 128k", revision 5554c1b).
     ("hyper", "backends.hyper.cost", "triton", True, None, 131072, 39.49e-3),
-    # benchmarks/calibrate_h200.py, session 2 (RESULTS.md, issue 4, revision 52cb1f7).
+    # benchmarks/calibrate_h200.py (RESULTS.md, "Cost model against measurements on the H200", revision 52cb1f7).
     ("sdpa-cudnn", "backends.dense.cost", "sdpa-cudnn", True, None, 131072, 261.91e-3),
     # Head dim 64 (H=32, 8 kv heads): "@d64" keys apply to head dims up to 64 (planner/costs.py work_for_head_dim).
-    # Ours and cuDNN in one run (RESULTS.md, session 4, "Head dim 64 with tensor descriptors", revision 0811dc3; ours
+    # Ours and cuDNN in one run (RESULTS.md, "Head dim 64 with tensor descriptors", revision 0811dc3; ours
     # at (128, 64, 8, 3), the tuner's choice): ours 8% slower at 8k, even at 32k, 2% faster at 128k.
     ("flash@d64", "backends.flash.cost", "triton", True, None, 8192, 0.6771e-3),
     ("flash@d64", "backends.flash.cost", "triton", True, None, 32768, 9.444e-3),
@@ -69,7 +70,8 @@ H200_KERNELS: tuple = (
     ("sdpa-cudnn@d64", "backends.dense.cost", "sdpa-cudnn", True, None, 131072, 151.35e-3),
     ("sdpa-flash@d64", "backends.dense.cost", "sdpa-flash", True, None, 8192, 0.999e-3),
     ("sdpa-flash@d64", "backends.dense.cost", "sdpa-flash", True, None, 32768, 14.216e-3),
-    # Ring of 2 H200s, Triton blocks, causal zigzag at 256k, forward (RESULTS.md, issue 7): per-rank time.
+    # Ring of 2 H200s, Triton blocks, causal zigzag at 256k, forward (RESULTS.md, "Ring attention on 2 × H200",
+    # revision dc5e8e4): per-rank time.
     ("ring", "backends.ring.cost", "triton", True, None, 262144, 597e-3, 2),
 )
 BUILTIN_MEASUREMENTS = {"h200": (H200_MEASURED_DATE, H200_MATMUL_FLOPS, H200_COPY_BANDWIDTH, H200_KERNELS)}

@@ -1,4 +1,4 @@
-"""Sequence parallelism over a torch.distributed process group (issue 7): the `world_size` path of `optimize`, and the
+"""Sequence parallelism over a torch.distributed process group: the `world_size` path of `optimize`, and the
 helpers that split inputs into this rank's shard and put outputs back together.
 
     # under torchrun, every rank:

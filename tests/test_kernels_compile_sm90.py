@@ -1,6 +1,6 @@
 """The flash kernels compiled for an H100/H200 (sm_90) on a machine without a GPU, with the ptxas that ships in
 Triton's wheel. The CPU interpreter runs the kernels' Python, not Triton's compiler, so code that only the compiler
-rejects (a tensor descriptor reaching code after a `return` in a constexpr branch, found in session 3) would
+rejects (a tensor descriptor reaching code after a `return` in a constexpr branch) would
 otherwise first fail on the GPU. Each variant must compile, and its PTX must hold the copies it is meant to use (TMA
 tile copies; the bulk reduce-add of dQ), and the polynomial exp2 variant must trade ex2 instructions for nothing that
 moves data. The compiler runs in a subprocess: this process has TRITON_INTERPRET set."""

@@ -1,6 +1,6 @@
-"""The partitioned graph (issue 7): a model's sequence sharded over P ranks, every attention site on the ring,
-positions made global, reductions over the sequence completed by all_reduce, everything else that mixes positions
-refused with an error naming the node.
+"""The partitioned graph (passes/partition.py, planner/distributed.py): a model's sequence sharded over P ranks,
+every attention site on the ring, positions made global, reductions over the sequence completed by all_reduce,
+everything else that mixes positions refused with an error naming the node.
 
 In process (no process group needed): positions made global at every rank and layout, the refusals and their
 messages, shard_inputs. On 4 gloo processes (one spawn; the 2-rank cases on the subgroup [0, 1]): the demo model and a

@@ -249,6 +249,6 @@ def test_ring_runs_multiple_head_passes(ring_results):
 
 
 def test_eight_zigzag_ranks_did_equal_work(ring_results):
-    """Eight gloo processes (issue 11's GPU count, on the CPU): zigzag causal work is the same on every rank."""
+    """Eight gloo processes (the largest GPU count of one host, on the CPU): zigzag causal work is the same on every rank."""
     counted = [results["zigzag-causal1"]["counted_work"] for results in ring_results[8]]
     assert len({tuple(c) for c in counted}) == 1, counted
