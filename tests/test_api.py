@@ -1,4 +1,5 @@
-"""Issue 2: optimize() end to end on the CPU: capture, find, plan, rewrite, report; errors; memory."""
+"""planner.optimize and planner.find_attention end to end on the CPU: capture, find, plan, rewrite, report; errors;
+memory."""
 import copy
 import json
 
