@@ -14,6 +14,10 @@ _PUBLIC = {
     "linear_attention": "backends.linear.op",
     "ssd": "backends.ssd.op",
     "hyper_attention": "backends.hyper.op",
+    "decode_attention": "backends.decode.op",
+    "DecodeOptions": "backends.decode.op",
+    "append_to_cache": "backends.decode.cache",
+    "new_cache": "backends.decode.cache",
 }
 
 __all__ = sorted(_PUBLIC)
@@ -23,3 +27,8 @@ def __getattr__(name: str) -> Any:
     if name in _PUBLIC:
         return getattr(importlib.import_module(_PUBLIC[name]), name)
     raise AttributeError(f"module 'backends' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The public functions beside the module's own names, so that they complete in an editor before first use."""
+    return sorted(set(globals()) | set(_PUBLIC))
