@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from backends.common import check_qkv
 from backends.hyper.blockwise import hyper_attention_forward
 from planner.errors import BackendError
 
@@ -32,14 +33,7 @@ hyper_attention_op = torch.ops.attention_planner.hyper_attention.default
 
 def validate_hyper_inputs(q, k, v, causal, block_size, sample_size, num_projections, min_seq_len) -> None:
     """Raise BackendError naming the first argument that HyperAttention cannot take."""
-    for name, tensor in (("q", q), ("k", k), ("v", v)):
-        if tensor.dim() != 4:
-            raise BackendError(f"{name} must have 4 dims (batch, heads, sequence, head_dim); got shape "
-                               f"{tuple(tensor.shape)}")
-        if tensor.dtype not in DTYPES:
-            raise BackendError(f"{name} has dtype {tensor.dtype}; accepted: float16, bfloat16, float32, float64")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise BackendError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_qkv(q, k, v, DTYPES)
     if k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0] or q.shape[1] % k.shape[1] or q.shape[3] != k.shape[3]:
         raise BackendError(f"shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit: k and v "
                            "need the same (batch, heads, keys), heads dividing q's, and k the head dim of q")

@@ -15,7 +15,7 @@ from backends.linear.chunk import accumulator_dtype, chunk_backward, chunk_forwa
 from backends.linear.naive import (Decay, FeatureMap, apply_feature_map, linear_attention_naive,
                                    linear_attention_naive_backward, log_decay_per_position)
 from backends.linear.recurrent import recurrent_forward
-from backends.common import contiguous_or_none, triton_usable
+from backends.common import check_qkv, contiguous_or_none, triton_usable
 from planner.errors import BackendError
 
 CHUNK_SIZE = 64
@@ -129,14 +129,7 @@ def _(q, k, v, log_decay, initial_state):
 def validate_linear_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            initial_state: Optional[torch.Tensor]) -> None:
     """Raise BackendError naming the first input that linear attention cannot take."""
-    for name, tensor in (("q", q), ("k", k), ("v", v)):
-        if tensor.dim() != 4:
-            raise BackendError(f"{name} must have 4 dims (batch, heads, sequence, head_dim); got shape "
-                               f"{tuple(tensor.shape)}")
-        if tensor.dtype not in DTYPES:
-            raise BackendError(f"{name} has dtype {tensor.dtype}; accepted: float16, bfloat16, float32, float64")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise BackendError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_qkv(q, k, v, DTYPES)
     if q.shape != k.shape:
         raise BackendError(f"q and k must have the same shape; got {tuple(q.shape)} and {tuple(k.shape)}")
     batch, heads, seq_len, value_dim = v.shape
