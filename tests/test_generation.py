@@ -126,3 +126,24 @@ def test_a_plain_pytorch_model_decodes_exactly_and_says_how():
             logits, state = fast.decode(state, tokens[:, step])
             torch.testing.assert_close(logits, model(tokens[:, :step + 1])[:, -1], rtol=1e-4, atol=1e-5)
     assert any("recomputes the whole sequence" in note and "position_ids" in note for note in fast.report.notes)
+
+
+class IgnoresPositionIds(TinyGPT):
+    """Takes position_ids but builds positions from the length: a cached step would see positions from 0 again."""
+
+    def forward(self, ids, position_ids=None):
+        return super().forward(ids)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_step_that_does_not_carry_positions_is_caught_and_recomputed(dtype):
+    torch.manual_seed(5)
+    model = IgnoresPositionIds().eval().to(dtype)
+    fast = planner.optimize(model, "256", device="h200")
+    tokens = torch.randint(0, 61, (2, 24))
+    with torch.no_grad():
+        state = fast.prefill(tokens[:, :20])
+        for step in range(20, 24):
+            logits, state = fast.decode(state, tokens[:, step])
+            torch.testing.assert_close(logits, model(tokens[:, :step + 1])[:, -1])
+    assert any("did not reproduce the model's forward" in note for note in fast.report.notes), fast.report.notes
