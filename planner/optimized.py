@@ -91,8 +91,9 @@ class OptimizedModel(torch.nn.Module):
         key = (signature, self._state())
         entry = self._signatures.get(key)
         if entry is None:
-            entry = self._capture(bound, reason=None if not self._signatures else "a new call signature",
-                                  signature=signature, key=key)
+            same_call = any(known == signature for known, _ in self._signatures)
+            reason = "a new mode, dtype or device of the weights" if same_call else "a new call signature"
+            entry = self._capture(bound, reason=reason, signature=signature, key=key)
         if entry.original_because is not None:
             return self._original(*args, **kwargs)
         for graph in entry.graphs:
