@@ -1,4 +1,4 @@
-"""Generation (decode) benchmark of issue 19, "Speed and memory": one device call, every competitor in the same run.
+"""Generation (decode) benchmark: the planner's caches against transformers' dynamic and static caches, one device call, every competitor in the same run.
 
 Models: the 1B Llama shape and the 1B Mistral shape with a 4096-token sliding window, built exactly as
 benchmarks/bench_e2e.py builds them (`model_specs`, `build_model`: random weights, seed 0, sdpa), bf16, batch 1, with
@@ -605,14 +605,14 @@ def tables(records: list[dict], args: argparse.Namespace) -> str:
 
 
 def goals(records: list[dict], args: argparse.Namespace) -> list[str]:
-    """Issue 19's goals, each met / missed / not run, with the figures."""
+    """The generation goals (2x the dynamic cache, parity with the static one, roofline, constant cost per token), each met / missed / not run, with the figures."""
     ok = {(r["model"], r["config"], r["length"]): r for r in records
           if r.get("kind") == "generate" and r.get("status") == "ok"}
     kernels = {(r["model"], r["length"]): r for r in records if r.get("kind") == "kernel" and r.get("status") == "ok"}
     llama, mistral = (MODEL_KEYS["llama"], MODEL_KEYS["mistral"]) if not args.smoke else \
         ("llama-3.2-1b", "mistral-1b-w4096")
     lengths = args.lengths
-    out = ["Goals of issue 19:"]
+    out = ["Generation goals:"]
     for length in lengths:
         planner_r = ok.get((llama, "planner", length))
         for base, target in (("dynamic", 2.0), ("static", 1.0)):
