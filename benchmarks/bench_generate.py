@@ -1,4 +1,5 @@
-"""Generation (decode) benchmark: the planner's caches against transformers' dynamic and static caches, one device call, every competitor in the same run.
+"""Generation (decode) benchmark: the planner's caches against transformers' dynamic and static caches, one device
+call, every competitor in the same run.
 
 Models: the 1B Llama shape and the 1B Mistral shape with a 4096-token sliding window, built exactly as
 benchmarks/bench_e2e.py builds them (`model_specs`, `build_model`: random weights, seed 0, sdpa), bf16, batch 1, with
@@ -605,7 +606,8 @@ def tables(records: list[dict], args: argparse.Namespace) -> str:
 
 
 def goals(records: list[dict], args: argparse.Namespace) -> list[str]:
-    """The generation goals (2x the dynamic cache, parity with the static one, roofline, constant cost per token), each met / missed / not run, with the figures."""
+    """The generation goals (2x the dynamic cache, parity with the static one, roofline, constant cost per token),
+    each met / missed / not run, with the figures."""
     ok = {(r["model"], r["config"], r["length"]): r for r in records
           if r.get("kind") == "generate" and r.get("status") == "ok"}
     kernels = {(r["model"], r["length"]): r for r in records if r.get("kind") == "kernel" and r.get("status") == "ok"}
