@@ -38,7 +38,7 @@ def rewrite(graph_module: torch.fx.GraphModule, plan: Plan) -> list[str]:
         with graph.inserting_before(node):
             emitted_site, extra = prepare_inputs(graph, site, nodes)
             replacement = variant.emit(graph, node, emitted_site, {**nodes, **extra}, decision.choice)
-            output = restore_output(graph, replacement, site, extra)
+            output = match_memory_order(graph, restore_output(graph, replacement, site, extra), node)
         for key in ("val", "stack_trace", "nn_module_stack", "source_fn_stack"):
             if key in node.meta:
                 output.meta[key] = node.meta[key]
@@ -214,6 +214,25 @@ def restore_output(graph: torch.fx.Graph, replacement: torch.fx.Node, site: Atte
     if adapter is None or adapter.output is None:
         return replacement
     return extra["__emitter__"].adapt(adapter.output, replacement)
+
+
+def match_memory_order(graph: torch.fx.Graph, output: torch.fx.Node, replaced: torch.fx.Node) -> torch.fx.Node:
+    """The output laid out in memory as the replaced node's was. SDPA returns (batch, heads, length, dim) stored as
+    (batch, length, heads, dim); models then transpose and `view` it, which needs that order. Our kernels return
+    contiguous outputs: where the original's order differs, one copy puts the output in it."""
+    value = replaced.meta.get("val")
+    if not isinstance(value, torch.Tensor) or value.dim() < 2 or value.is_contiguous():
+        return output
+    try:
+        order = list(value.dim_order())  # outermost dim in memory first; symbolic strides compare by their hints
+    except Exception:  # strides the shape environment cannot order: leave the output as the kernel returns it
+        return output
+    if order == list(range(value.dim())):
+        return output
+    inverse = [order.index(dim) for dim in range(value.dim())]
+    permuted = graph.call_function(aten.permute.default, (output, order))
+    contiguous = graph.call_function(aten.clone.default, (permuted,), {"memory_format": torch.contiguous_format})
+    return graph.call_function(aten.permute.default, (contiguous, inverse))
 
 
 # Ops FX keeps as impure that may still go once their result is unused: checks on metadata, and dropout (impure

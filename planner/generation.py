@@ -32,7 +32,7 @@ from backends.decode.cost import cache_bytes, time_per_token
 from backends.decode.op import DecodeOptions, decode_attention
 from passes.capture import bind_call, capture_call
 from passes.match import find_sites
-from passes.rewrite import erase_dead_inputs, prepare_inputs, restore_output
+from passes.rewrite import erase_dead_inputs, match_memory_order, prepare_inputs, restore_output
 from planner.errors import InvalidArgumentError, PlannerError
 from planner.fidelity import first_tensor
 from planner.lengths import format_length
@@ -346,7 +346,7 @@ def _with_caches(graph_module: torch.fx.GraphModule, sites: list[AttentionSite],
                 None if site.softcap is None else float(site.softcap), cache.kind == "rolling", prefill,
             )
             replacement = graph.call_function(cached_attention, arguments)
-            output = restore_output(graph, replacement, site, extra)
+            output = match_memory_order(graph, restore_output(graph, replacement, site, extra), node)
         node.replace_all_uses_with(output)
         inputs = node.all_input_nodes
         graph.erase_node(node)

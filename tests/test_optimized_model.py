@@ -283,3 +283,32 @@ def test_calibration_batches_given_as_token_ids_measure_approximate_choices():
     with torch.no_grad():
         ids = _ids(2, 30)
         _same(fast(ids), model(ids))
+
+
+class _ViewAfterAttention(torch.nn.Module):
+    """SDPA's output stored as (batch, length, heads, dim), then transposed and viewed without a copy (as
+    Data2Vec-Vision and JetMoE do): the rewritten output must have that memory order too."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(24, 72)
+
+    def forward(self, x):
+        batch, length, _ = x.shape
+        q, k, v = self.qkv(x).view(batch, length, 3, 4, 6).permute(2, 0, 3, 1, 4)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return out.permute(0, 2, 1, 3).view(batch, length, 24)
+
+
+def test_the_rewritten_output_keeps_the_memory_order_the_model_views():
+    model = _ViewAfterAttention().eval()
+    try:
+        model(torch.randn(2, 9, 24))
+    except RuntimeError:
+        pytest.skip("this torch's SDPA returns a contiguous output here")
+    fast = planner.optimize(model, "32k", device="h200", example_inputs=(torch.randn(2, 67, 24),))
+    x = torch.randn(3, 31, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-5)
+    assert _rewritten_calls(fast) == 1
+    assert not any("run the original" in note for note in fast.report.notes), fast.report.notes
