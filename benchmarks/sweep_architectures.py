@@ -417,7 +417,7 @@ def _run_case(model_type, implementation, head, auto_name, result, find_from_rep
     import torch
 
     import planner
-    from passes.capture import capture
+    from passes.capture import capture_call, example_call
     from passes.match import find_sites
 
     if head is None or auto_name is None:
@@ -474,7 +474,8 @@ def _run_case(model_type, implementation, head, auto_name, result, find_from_rep
     try:
         if find_from_report:
             raise Skip("find from report")
-        captured = capture(model, args, kwargs)  # = planner.find_attention(model, args, kwargs), keeping the graph
+        # what planner.find_attention(model, args, kwargs) does, keeping the graph to count its attention ops
+        captured, _ = capture_call(model, example_call(model, args, kwargs), widen_batch=False)
         sites = find_sites(captured.graph_module)
         result["graph_ops"] = count_attention_ops(captured.graph_module)
         del captured

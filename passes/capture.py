@@ -97,6 +97,7 @@ def capture(model: Any, example_args: Optional[tuple] = None, example_kwargs: Op
                                    f"{type(model).__name__}")
     if example_args is None and not example_kwargs:
         example_args, example_kwargs = guess_example_inputs(model)
+    example_kwargs = _without_cache(model, dict(example_kwargs or {}))
     if not isinstance(example_args, tuple):
         example_args = (example_args,)
     example_kwargs = dict(example_kwargs or {})
@@ -241,10 +242,22 @@ def example_call(model: torch.nn.Module, example_args: Optional[tuple],
                                    f"{error}; its parameters: {inspect.signature(model.forward)}") from None
 
 
+def _without_cache(model: torch.nn.Module, kwargs: dict) -> dict:
+    """use_cache=False for a model that takes it only through **kwargs (its config has use_cache): else it returns
+    a KV-cache object, which no graph can output."""
+    parameters = inspect.signature(model.forward).parameters
+    takes_keywords = any(parameter.kind == parameter.VAR_KEYWORD for parameter in parameters.values())
+    if ("use_cache" not in parameters and takes_keywords and "use_cache" not in kwargs
+            and getattr(getattr(model, "config", None), "use_cache", None) is not None):
+        return {**kwargs, "use_cache": False}
+    return kwargs
+
+
 def bind_call(model: torch.nn.Module, args: tuple, kwargs: dict) -> inspect.BoundArguments:
     """`args`/`kwargs` bound to `model.forward`'s parameters, defaults filled in. Raises TypeError as the model would
     for a call it does not take."""
-    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    signature = inspect.signature(model.forward)
+    bound = signature.bind(*args, **_without_cache(model, kwargs))
     bound.apply_defaults()
     if "use_cache" in bound.arguments and bound.arguments["use_cache"] is None:
         # A KV-cache object in the outputs is not a tensor a graph can return; a forward call that did not ask for

@@ -39,6 +39,9 @@ def rewrite(graph_module: torch.fx.GraphModule, plan: Plan) -> list[str]:
             emitted_site, extra = prepare_inputs(graph, site, nodes)
             replacement = variant.emit(graph, node, emitted_site, {**nodes, **extra}, decision.choice)
             output = match_memory_order(graph, restore_output(graph, replacement, site, extra), node)
+            if any(_writes_its_input(user) for user in node.users):
+                # The kernel keeps its output for the backward; a model that adds into it in place would change it.
+                output = graph.call_function(aten.clone.default, (output,))
         for key in ("val", "stack_trace", "nn_module_stack", "source_fn_stack"):
             if key in node.meta:
                 output.meta[key] = node.meta[key]
@@ -214,6 +217,15 @@ def restore_output(graph: torch.fx.Graph, replacement: torch.fx.Node, site: Atte
     if adapter is None or adapter.output is None:
         return replacement
     return extra["__emitter__"].adapt(adapter.output, replacement)
+
+
+def _writes_its_input(node: torch.fx.Node) -> bool:
+    """An in-place op on its first argument (aten.add_, aten.mul_, ...)."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None or not schema.arguments:
+        return False
+    alias = schema.arguments[0].alias_info
+    return alias is not None and alias.is_write
 
 
 def match_memory_order(graph: torch.fx.Graph, output: torch.fx.Node, replaced: torch.fx.Node) -> torch.fx.Node:

@@ -1,6 +1,7 @@
 """The public front door: `optimize` and `find_attention`. The torch.compile backend runs the same passes."""
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
@@ -8,10 +9,10 @@ import torch
 from passes.capture import capture, capture_call, example_call
 from passes.match import find_sites
 from planner.devices import DeviceSpec
-from planner.errors import InvalidArgumentError
+from planner.errors import CaptureError, InvalidArgumentError
 from planner.optimized import OptimizedModel
 from planner.pipeline import PlanOptions, run_passes
-from planner.records import AttentionSite
+from planner.records import AttentionSite, Plan
 from planner.report import Report
 
 
@@ -108,7 +109,17 @@ def optimize(
     if not isinstance(model, torch.nn.Module):
         raise InvalidArgumentError(f"model must be an nn.Module, a torch.fx.GraphModule or an ExportedProgram; got "
                                    f"{type(model).__name__}")
-    optimized = OptimizedModel(model, options, example_call(model, _as_tuple(example_inputs), example_kwargs))
+    bound = example_call(model, _as_tuple(example_inputs), example_kwargs)
+    try:
+        optimized = OptimizedModel(model, options, bound)
+    except CaptureError as error:
+        # What torch.export cannot capture runs as the user wrote it; the report says why nothing was planned.
+        report = Report(plan=Plan(device=options.device, policy=options.policy, max_len=options.max_len,
+                                  decisions=()), model=type(model).__name__)
+        report.notes.append(f"the model is returned unchanged: {error}")
+        warnings.warn(f"attention-planner: {error}; the model is returned unchanged", stacklevel=2)
+        _attach_report(model, report)
+        return model
     if not optimized.report.decisions:
         _attach_report(model, optimized.report)
         return model

@@ -138,7 +138,14 @@ def _compiled(expression: sympy.Expr) -> Callable[[float], float]:
         return lambda _length: constant
     modules = [{"ceiling": math.ceil, "floor": math.floor}, "math"]
     function = sympy.lambdify(SEQUENCE_LENGTH, expression, modules=modules)
-    return lambda length: float(function(length))
+
+    def at(length: float) -> float:
+        try:
+            return float(function(length))
+        except ZeroDivisionError:  # a size such as L // 64 is 0 below 64 tokens: no cost is defined there
+            return math.inf
+
+    return at
 
 
 def visible_pairs(q_len: Number, kv_len: Number, causal: bool, window: Optional[int], sinks: int = 0) -> sympy.Expr:

@@ -138,7 +138,11 @@ def cost_shape(site: AttentionSite, max_len: int, variant: str = ORIGINAL, offer
 
     def other(size):
         if isinstance(size, sympy.Expr):
-            return int(size.subs({symbol: hints.get(str(symbol), 1) for symbol in size.free_symbols}))
+            try:
+                value = plain_sympy(size).subs({symbol: hints.get(str(symbol), 1) for symbol in size.free_symbols})
+                return max(1, int(value))
+            except (ZeroDivisionError, TypeError):  # a size undefined at the hints (a division by a size of 0)
+                return 1
         return size
 
     mask = site.mask

@@ -139,9 +139,14 @@ def test_model_without_attention_comes_back_unchanged():
     assert "no softmax attention" in optimized.report.summary()
 
 
-def test_unexportable_model_names_the_module():
+def test_unexportable_model_comes_back_unchanged_and_the_report_names_the_module():
+    model = DataDependent()
+    with pytest.warns(UserWarning, match="DataDependent"):
+        optimized = planner.optimize(model, "1k", device="cpu", example_inputs=(torch.randn(2, 8),))
+    assert optimized is model
+    assert any("returned unchanged" in note and "DataDependent" in note for note in optimized.report.notes)
     with pytest.raises(planner.CaptureError, match="DataDependent"):
-        planner.optimize(DataDependent(), "1k", device="cpu", example_inputs=(torch.randn(2, 8),))
+        planner.find_attention(model, (torch.randn(2, 8),))
 
 
 def test_unknown_device_lists_known_ones(demo_model):

@@ -312,3 +312,34 @@ def test_the_rewritten_output_keeps_the_memory_order_the_model_views():
         torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-5)
     assert _rewritten_calls(fast) == 1
     assert not any("run the original" in note for note in fast.report.notes), fast.report.notes
+
+
+class _AddsIntoTheOutput(torch.nn.Module):
+    """Adds into the attention output in place (as Nystromformer does with its convolution of V)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(16, 48)
+
+    def forward(self, x):
+        batch, length, _ = x.shape
+        q, k, v = self.qkv(x).view(batch, length, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        scores = (q @ k.transpose(-1, -2)) * 8 ** -0.5  # written by hand: matmul does not keep its output
+        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        out = scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v
+        out += v * 0.5
+        return out
+
+
+def test_an_in_place_add_into_the_output_keeps_the_backward_right():
+    model = _AddsIntoTheOutput()
+    fast = planner.optimize(model, "32k", device="h200", example_inputs=(torch.randn(2, 67, 16),), train=True)
+    fast.train()
+    x = torch.randn(3, 23, 16)
+    fast(x).square().sum().backward()
+    got = [parameter.grad.clone() for parameter in model.parameters()]
+    model.zero_grad()
+    model(x).square().sum().backward()
+    for mine, theirs in zip(got, model.parameters()):
+        torch.testing.assert_close(mine, theirs.grad, rtol=1e-4, atol=1e-5)
+    assert _rewritten_calls(fast) == 1

@@ -142,5 +142,5 @@ def test_html_is_self_contained_and_has_the_plots(report, tmp_path):
 
 def test_html_without_matplotlib_names_the_extra(report, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
-    with pytest.raises(PlannerError, match=r"pip install attention-planner\[plot\]"):
+    with pytest.raises(PlannerError, match=r"needs matplotlib.*pip install matplotlib"):
         report.to_html()
