@@ -1,4 +1,4 @@
-"""Coverage sweep (issue 17, "Coverage, measured"): every architecture family (model type) of the installed
+"""Coverage sweep: every architecture family (model type) of the installed
 transformers that has a causal-LM, masked-LM, encoder-decoder, vision (image classification) or audio head, built
 from its default config shrunk to 2 small layers, in attn_implementation "eager" and "sdpa", through the planner:
 

@@ -1,4 +1,4 @@
-"""The architecture sweep (benchmarks/sweep_architectures.py, issue 17 "Coverage, measured").
+"""The architecture sweep (benchmarks/sweep_architectures.py): every transformers family through the planner.
 
 A fast sample of families runs in CI; the full sweep (every transformers family, tens of minutes on two cores) is
 marked slow and runs only with PLANNER_FULL_SWEEP=1, since the repository's pytest configuration does not deselect
