@@ -97,7 +97,6 @@ def capture(model: Any, example_args: Optional[tuple] = None, example_kwargs: Op
                                    f"{type(model).__name__}")
     if example_args is None and not example_kwargs:
         example_args, example_kwargs = guess_example_inputs(model)
-    example_kwargs = _without_cache(model, dict(example_kwargs or {}))
     if not isinstance(example_args, tuple):
         example_args = (example_args,)
     example_kwargs = dict(example_kwargs or {})

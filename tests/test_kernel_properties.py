@@ -301,7 +301,7 @@ def _check_exact_attention(case: AttentionCase, impl: str) -> None:
 
 
 @given(case=attention_cases(windowed=False), impl=st.sampled_from(["blockwise", "reference", "auto"]))
-@_settings(100)
+@_settings(20)
 def test_flash_attention_matches_reference(case, impl):
     _check_exact_attention(case, impl)
 
@@ -314,7 +314,7 @@ def test_flash_attention_triton_matches_reference(case):
 
 
 @given(case=attention_cases(windowed=True), impl=st.sampled_from(["blockwise", "reference", "auto"]))
-@_settings(100)
+@_settings(20)
 def test_sliding_window_attention_matches_reference(case, impl):
     _check_exact_attention(case, impl)
 
@@ -468,7 +468,7 @@ def _check_decode(case: DecodeCase, impl: str) -> None:
 
 
 @given(case=decode_cases())
-@_settings(50)
+@_settings(25)
 def test_decode_attention_reference_matches_oracle(case):
     _check_decode(case, "reference")
 
@@ -596,7 +596,7 @@ def _check_linear(case: LinearCase, impl: str) -> None:
 
 
 @given(case=linear_cases())
-@_settings(40)
+@_settings(20)
 def test_linear_attention_cpu_fallback_matches_reference(case):
     _check_linear(case, "fallback")
 
@@ -696,7 +696,7 @@ def _check_ssd(case: SSDCase, impl: str) -> None:
 
 
 @given(case=ssd_cases())
-@_settings(30)
+@_settings(15)
 def test_ssd_cpu_fallback_matches_reference(case):
     _check_ssd(case, "fallback")
 
@@ -898,7 +898,7 @@ def _check_ring(case: RingCase, impl: str) -> None:
 
 
 @given(case=ring_cases(), impl=st.sampled_from(["blockwise", "reference"]))
-@_settings(60)
+@_settings(30)
 def test_ring_blocks_merged_over_the_schedule_equal_attention(case, impl):
     _check_ring(case, impl)
 
