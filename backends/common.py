@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from planner.errors import BackendError
+from passes.errors import BackendError
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 

@@ -23,8 +23,9 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from planner.errors import BackendError
-from planner.records import AttentionSite
+from backends.ring.rule import emit_ring
+from passes.errors import BackendError
+from passes.records import AttentionSite
 
 EXACTNESS_ALLOWED = {"exact": ("exact",), "approximate": ("exact", "approximate"),
                      "any": ("exact", "approximate", "retrain")}
@@ -42,7 +43,7 @@ class PlanContext:
     under policy "approximate" or "any" (make_plan's `window=`, `sinks=`). train: the model will be trained, which
     is what lets the retrain variants (linear, ssd) in under policy "any"."""
 
-    device: Any  # planner.devices.DeviceSpec
+    device: Any  # backends.hardware.DeviceSpec
     policy: str = "exact"
     max_len: int = 1
     world_size: int = 1
@@ -338,21 +339,6 @@ def _emit_sdpa_cudnn(graph, node, site, nodes, candidate=None) -> torch.fx.Node:
         return graph.call_function(sdpa_preferring_cudnn, arguments)
 
 
-def _emit_ring(graph, node, site, nodes, candidate=None) -> torch.fx.Node:
-    """attention_planner::ring_attention on the default process group; the partition pass (passes/partition.py)
-    shards the positions around it. Needs torch.distributed initialized when the rewrite runs."""
-    importlib.import_module("backends.ring.op")
-    from backends.ring.comm import group_name_of
-
-    mask = site.mask
-    window = mask.window if mask.kind == "sliding_window" else -1
-    arguments = (nodes[site.query], nodes[site.key], nodes[site.value], group_name_of(None), mask.is_causal,
-                 window, "zigzag", float(site.effective_scale()), "auto")
-    with graph.inserting_before(node):
-        call = graph.call_function(torch.ops.attention_planner.ring_attention.default, arguments)
-        return graph.call_function(operator.getitem, (call, 0))
-
-
 def _scaled_query(graph, site: AttentionSite, query: torch.fx.Node) -> torch.fx.Node:
     """q times scale·sqrt(D), for kernels that apply the default 1/sqrt(D) themselves."""
     factor = site.effective_scale() * math.sqrt(site.head_dim)
@@ -411,7 +397,7 @@ VARIANTS: dict[str, Variant] = {
     "flash": Variant("flash", "exact tiled", "backends.flash.cost", _flash_offer, _emit_flash),
     "sliding_window": Variant("sliding_window", "sliding window", "backends.sliding_window.cost",
                               _sliding_window_offer, _emit_sliding_window),
-    "ring": Variant("ring", "ring", "backends.ring.cost", _ring_offer, _emit_ring),
+    "ring": Variant("ring", "ring", "backends.ring.cost", _ring_offer, emit_ring),
     "hyper": Variant("hyper", "HyperAttention", "backends.hyper.cost", _hyper_offer, _emit_hyper),
     "linear": Variant("linear", "linear attention", "backends.linear.cost", _retrain_offer("linear attention", False),
                       _emit_linear),

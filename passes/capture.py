@@ -19,7 +19,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch.export import Dim
 
-from planner.errors import CaptureError, InvalidArgumentError
+from passes.errors import CaptureError, InvalidArgumentError
 
 DEFAULT_EXAMPLE_LENGTH = 67  # odd, and unlike any hidden size, so that export never confuses it with another dim
 

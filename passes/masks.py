@@ -42,7 +42,7 @@ from passes.detect_symbolic import (
     fold,
 )
 from passes.graph_info import size_expr, symbol_hint, tensor_meta
-from planner.records import MaskSpec
+from passes.records import MaskSpec
 
 CHECK_LENGTHS = (1, 2, 3, 7, 64, 257)
 

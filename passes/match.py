@@ -12,20 +12,13 @@ from typing import Callable, Optional
 
 import torch
 
-from passes.graph_info import (
-    dtype_name,
-    module_path,
-    node_argument,
-    shape_of,
-    size_hints,
-    source_line,
-)
 from passes.detect_adapters import KeyPaddingAdapter, SiteAdapter
-from passes.detect_attention import UnsupportedSite, build_sdpa_site, match_softmax_attention
+from passes.detect_attention import UnsupportedSite, _with_symbols, build_sdpa_site, match_softmax_attention
 from passes.detect_layout import LayoutError
 from passes.detect_symbolic import index_symbol
+from passes.graph_info import dtype_name, module_path, node_argument, shape_of, size_hints, source_line
 from passes.masks import IndexSpace, MaskTerm, analyze_mask, padding_drop_dims, sdpa_mask
-from planner.records import AttentionSite, MaskSpec
+from passes.records import AttentionSite, MaskSpec
 
 # Set to re-raise matcher errors instead of skipping the node (tests do).
 STRICT = os.environ.get("ATTENTION_PLANNER_STRICT") == "1"
@@ -129,8 +122,6 @@ def _sdpa_mask_and_adapter(node, attn_mask, is_causal, q_shape, k_shape, unsuppo
                                     padding_drop_dims(len(shape_of(finding.node)), finding))
     adapter = SiteAdapter(key_padding=padding)
     if padding is not None:
-        from passes.detect_attention import UnsupportedSite, _with_symbols
-
         try:
             adapter = _with_symbols(adapter, node.graph)
         except UnsupportedSite as error:

@@ -1,4 +1,4 @@
-"""Rewrite: replace each site that the plan rewrites with the call its variant emits.
+"""Rewrite: replace each site that the plan rewrites with the call its variant emits (the planner hands the variants).
 
 A site found in a hand-written form carries a SiteAdapter (passes/detect_adapters.py): before the variant's call, the
 rewrite emits the layout steps that turn the site's roots into (batch, heads, sequence, head_dim) q, k and v, the key
@@ -9,52 +9,70 @@ that return the output to the replaced node's layout and dtype. Sizes are emitte
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import operator
-from typing import Any, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import sympy
 import torch
 
-from backends.registry import VARIANTS
 from passes.detect_adapters import SiteAdapter, TensorAdapter
-from planner.errors import PlanError
-from planner.records import AttentionSite, Plan
+from passes.errors import PlanError
+from passes.records import AttentionSite, Plan
 
 aten = torch.ops.aten
 
 
-def rewrite(graph_module: torch.fx.GraphModule, plan: Plan) -> list[str]:
-    """Rewrite `graph_module` in place following `plan`; return the names of the rewritten sites."""
+Emit = Callable[[torch.fx.Graph, torch.fx.Node, AttentionSite, dict], torch.fx.Node]
+
+
+def rewrite_sites(graph_module: torch.fx.GraphModule, plan: Plan, variants: Mapping[str, Any]) -> list[str]:
+    """Rewrite `graph_module` in place following `plan`: each rewritten site's node becomes the call that its chosen
+    variant emits (`variants[name].emit(graph, node, site, nodes, candidate)`, as backends/registry.py's VARIANTS).
+    Returns the names of the rewritten sites."""
     graph = graph_module.graph
     nodes = {node.name: node for node in graph.nodes}
     rewritten = []
     for decision in plan.decisions:
         if not decision.rewritten:
             continue
-        site = decision.site
-        node = nodes[site.node]
-        variant = VARIANTS[decision.choice.variant]
-        with graph.inserting_before(node):
-            emitted_site, extra = prepare_inputs(graph, site, nodes)
-            replacement = variant.emit(graph, node, emitted_site, {**nodes, **extra}, decision.choice)
-            output = match_memory_order(graph, restore_output(graph, replacement, site, extra), node)
-            if any(_writes_its_input(user) for user in node.users):
-                # The kernel keeps its output for the backward; a model that adds into it in place would change it.
-                output = graph.call_function(aten.clone.default, (output,))
-        for key in ("val", "stack_trace", "nn_module_stack", "source_fn_stack"):
-            if key in node.meta:
-                output.meta[key] = node.meta[key]
-        node.replace_all_uses_with(output)
-        inputs = node.all_input_nodes
-        graph.erase_node(node)
-        erase_dead_inputs(graph, inputs)
-        rewritten.append(site.name)
+        emit = functools.partial(variants[decision.choice.variant].emit, candidate=decision.choice)
+        replace_site(graph, nodes, decision.site, emit, like_the_original=True)
+        rewritten.append(decision.site.name)
     drop_dead_metadata_asserts(graph)
     graph.eliminate_dead_code()
     graph.lint()
     graph_module.recompile()
     return rewritten
+
+
+def replace_site(graph: torch.fx.Graph, nodes: dict, site: AttentionSite, emit: Emit, *,
+                 like_the_original: bool = False) -> torch.fx.Node:
+    """Replace the site's node by what `emit(graph, node, site, nodes)` returns, through the site's adapters (the
+    site and nodes `emit` sees are in (batch, heads, sequence, head_dim)); the replacement takes the node's metadata
+    and users, and the node is erased. Returns the replacement.
+
+    like_the_original: also lay the output out in memory as the node's was, copy it where a user writes into it in
+    place, and erase what only the node used (its scores, softmax, mask building)."""
+    node = nodes[site.node]
+    with graph.inserting_before(node):
+        emitted_site, extra = prepare_inputs(graph, site, nodes)
+        output = restore_output(graph, emit(graph, node, emitted_site, {**nodes, **extra}), site, extra)
+        if like_the_original:
+            output = match_memory_order(graph, output, node)
+            if any(_writes_its_input(user) for user in node.users):
+                # The kernel keeps its output for the backward; a model that adds into it in place would change it.
+                output = graph.call_function(aten.clone.default, (output,))
+    for key in ("val", "stack_trace", "nn_module_stack", "source_fn_stack"):
+        if key in node.meta:
+            output.meta[key] = node.meta[key]
+    node.replace_all_uses_with(output)
+    inputs = node.all_input_nodes
+    graph.erase_node(node)
+    if like_the_original:
+        erase_dead_inputs(graph, inputs)
+    return output
 
 
 def _ceil_division(numerator: Any, denominator: Any) -> Any:

@@ -5,16 +5,16 @@ and device memory, and rewrite it into the variant that runs it best.
     fast = planner.optimize(model, max_len="128k", device="h200", example_inputs=(input_ids,))
     print(fast.report.summary())
 
-Names are imported on first use, so that `import passes...` or `import backends...` before `planner` works (the
-passes import the records, which live here). Importing planner registers backend="attention_planner" with
-torch.compile.
+The layers point one way: passes (graph IR, records, errors, generic rewrite) <- backends (variants, costs, devices)
+<- planner (plans, policies, fidelity, report, API, CLI). Names are imported on first use. Importing planner
+registers backend="attention_planner" with torch.compile.
 """
 from __future__ import annotations
 
 import importlib
 from typing import Any
 
-from planner.errors import (
+from passes.errors import (
     BackendError,
     CaptureError,
     InvalidArgumentError,
@@ -27,17 +27,17 @@ _LAZY = {
     "optimize": "planner.api",
     "find_attention": "planner.api",
     "calibrate": "planner.calibration",
-    "DeviceSpec": "planner.devices",
-    "device_spec": "planner.devices",
-    "known_devices": "planner.devices",
+    "DeviceSpec": "backends.hardware",
+    "device_spec": "backends.devices",
+    "known_devices": "backends.hardware",
     "gather_outputs": "planner.distributed",
     "shard_inputs": "planner.distributed",
     "parse_length": "planner.lengths",
-    "AttentionSite": "planner.records",
-    "Candidate": "planner.records",
-    "MaskSpec": "planner.records",
-    "Plan": "planner.records",
-    "SiteDecision": "planner.records",
+    "AttentionSite": "passes.records",
+    "Candidate": "passes.records",
+    "MaskSpec": "passes.records",
+    "Plan": "passes.records",
+    "SiteDecision": "passes.records",
     "Report": "planner.report",
     "backend": "planner.compile_backend",
     "last_report": "planner.compile_backend",

@@ -6,13 +6,14 @@ from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 
+from backends.hardware import DeviceSpec
 from passes.capture import capture, capture_call, example_call
+from passes.errors import CaptureError, InvalidArgumentError
 from passes.match import find_sites
-from planner.devices import DeviceSpec
-from planner.errors import CaptureError, InvalidArgumentError
+from passes.records import AttentionSite, Plan
+from planner.distributed import optimize_partitioned
 from planner.optimized import OptimizedModel
 from planner.pipeline import PlanOptions, run_passes
-from planner.records import AttentionSite, Plan
 from planner.report import Report
 
 
@@ -97,8 +98,6 @@ def optimize(
         if variant not in (None, "ring"):
             raise InvalidArgumentError(f"variant={variant!r} with world_size={world_size}: a sharded sequence runs "
                                        "ring attention at every site")
-        from planner.distributed import optimize_partitioned
-
         return optimize_partitioned(model, options, world_size=world_size, group=group,
                                     example_inputs=example_inputs, example_kwargs=example_kwargs, layout=layout)
     if isinstance(model, (torch.fx.GraphModule, torch.export.ExportedProgram)):

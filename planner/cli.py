@@ -15,7 +15,11 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from planner.errors import PlannerError
+from passes.errors import PlannerError
+from planner.calibration import calibrate
+from planner import demo
+from planner.lengths import parse_length
+from planner.presets import PRESETS, Progress, plan_callable, plan_preset
 
 COMMANDS = ("plan", "presets", "calibrate", "demo")
 
@@ -43,9 +47,6 @@ def _plan_parser() -> argparse.ArgumentParser:
 
 
 def plan_command(argv: Sequence[str]) -> int:
-    from planner.lengths import parse_length
-    from planner.presets import PRESETS, Progress, plan_callable, plan_preset
-
     arguments = _plan_parser().parse_args(argv)
     progress = Progress(quiet=arguments.quiet)
     max_len = parse_length(arguments.max_len, name="--max-len")
@@ -66,8 +67,6 @@ def plan_command(argv: Sequence[str]) -> int:
 
 
 def presets_command(argv: Sequence[str]) -> int:
-    from planner.presets import PRESETS
-
     argparse.ArgumentParser(prog="attention-planner presets", description="List the model presets.").parse_args(argv)
     for name, chosen in sorted(PRESETS.items()):
         config = chosen.config
@@ -84,8 +83,6 @@ def calibrate_command(argv: Sequence[str]) -> int:
                                                  "them for the planner.")
     parser.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (default cuda)")
     arguments = parser.parse_args(argv)
-    from planner.calibration import calibrate
-
     spec = calibrate(arguments.device, verbose=True)
     print(f"{spec.name}: {spec.source}")
     return 0
@@ -106,9 +103,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if command == "calibrate":
             return calibrate_command(rest)
         if command == "demo":
-            from planner.demo import main as demo_main
-
-            return demo_main(rest)
+            return demo.main(rest)
     except PlannerError as error:
         print(f"attention-planner {command}: error: {error}", file=sys.stderr)
         return 1

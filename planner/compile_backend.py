@@ -38,9 +38,11 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
-from planner.devices import DeviceSpec, device_spec
+from backends.devices import DeviceSpec, device_spec
+from passes.errors import InvalidArgumentError
+from passes.records import POLICIES, Plan
 from planner.lengths import format_length, parse_length
-from planner.records import POLICIES, Plan
+from planner.pipeline import plan_and_rewrite
 from planner.report import Report
 
 logger = logging.getLogger("planner")
@@ -100,8 +102,6 @@ class AttentionPlannerBackend:
         inductor_options: Optional[dict] = None,
         eager_backward: bool = True,
     ):
-        from planner.errors import InvalidArgumentError
-
         if policy not in POLICIES:
             raise InvalidArgumentError(f"policy={policy!r} is not a policy; accepted: {', '.join(POLICIES)}")
         self.max_len = parse_length(max_len) if max_len is not None else None
@@ -142,8 +142,6 @@ class AttentionPlannerBackend:
         try:
             rewritten = trace_to_aten(graph_module, example_inputs)
             specialized_before = _specializations(rewritten)
-            from planner.pipeline import plan_and_rewrite  # here, not at import: `import planner` stays light
-
             report = plan_and_rewrite(rewritten, device, self.policy, max_len, model_name=f"graph {compile_id}",
                                       train=_is_training(example_inputs), variant=self.variant)
             _note_specializations(report, rewritten, specialized_before)

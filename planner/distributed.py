@@ -8,7 +8,7 @@ helpers that split inputs into this rank's shard and put outputs back together.
 
 The module takes this rank's shard of every input (split along `dim` in `layout`, see backends/ring/layout.py) and
 returns this rank's shard of every output that has the sequence; outputs without it (a loss, a mean over the
-sequence) come back whole on every rank. The graph pass is passes/partition.py; the report shows the partition:
+sequence) come back whole on every rank. The graph pass is backends/ring/partition.py; the report shows the partition:
 shard lengths, bytes sent per ring step and per layer, and whether compute hides the transfer on the target's
 interconnect (from the ring's cost model, backends/ring/cost.py).
 """
@@ -22,10 +22,20 @@ import torch
 import torch.distributed as dist
 from torch.utils import _pytree as pytree
 
-from planner.errors import InvalidArgumentError, PlanError
+from backends.costs import evaluate
+from backends.registry import VARIANTS, Offer
+from backends.ring.comm import group_name_of
+from backends.ring.layout import LAYOUTS, check_layout, chunks_per_rank, local_chunks, shard, unshard
+from backends.ring.partition import SequenceShard, check_ring_site, partition, sequence_symbols
+from passes.capture import capture
+from passes.errors import InvalidArgumentError, PlanError
+from passes.match import find_sites
+from planner.pipeline import PlanOptions
+from planner.plan import cost_shape, format_bytes, format_seconds, make_plan
+from planner.report import Report
 
 # The passes, backends and planner modules are imported inside the functions: planner/__init__ exports this module,
-# and backends.ring.layout imports planner.errors, so a top-level import here would make a cycle.
+# and backends.ring.layout imports passes.errors, so a top-level import here would make a cycle.
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -37,8 +47,6 @@ def shard_inputs(inputs: Any, world_size: int, rank: int, layout: str = "zigzag"
     than `dim` dims is split along `dim` (the sequence) in `layout`; other values are returned as they are.
 
     The sequence length must be divisible by world_size (by 2·world_size in the zigzag layout)."""
-    from backends.ring.layout import check_layout, shard
-
     check_layout(layout)
     _check_world(world_size, rank)
 
@@ -58,8 +66,6 @@ def gather_outputs(outputs: Any, group: Optional[dist.ProcessGroup] = None, layo
     Which outputs are shards: with `module` (the partitioned module that returned `outputs`), exactly those it
     returns sharded, each along its own sequence dim; the others (a loss, a mean over the sequence: every rank holds
     them whole) come back as they are. Without `module`: every tensor with more than `dim` dims, along `dim`."""
-    from backends.ring.layout import check_layout
-
     check_layout(layout)
     _require_initialized("gather_outputs")
     leaves, spec = pytree.tree_flatten(outputs)
@@ -81,8 +87,6 @@ def gather_outputs(outputs: Any, group: Optional[dist.ProcessGroup] = None, layo
 
 
 def _gather_one(value: torch.Tensor, dim: int, size: int, group, layout: str) -> torch.Tensor:
-    from backends.ring.layout import unshard
-
     sent = value.detach().contiguous()
     if sent.dtype == torch.bool:  # gloo has no bool collectives
         sent = sent.to(torch.uint8)
@@ -153,8 +157,6 @@ class Partition:
 
     def chunks(self, rank: Optional[int] = None) -> list[tuple[int, int]]:
         """[start, end) global positions held by `rank` (default: this rank) at max_len."""
-        from backends.ring.layout import local_chunks
-
         rank = self.rank if rank is None else rank
         return [(chunk.global_start, chunk.global_start + chunk.length)
                 for chunk in local_chunks(self.shard_length, rank, self.world_size, self.layout)]
@@ -165,9 +167,6 @@ class Partition:
 
     def summary(self) -> list[str]:
         """Lines for the report's notes."""
-        from backends.ring.layout import chunks_per_rank
-        from planner.plan import format_bytes, format_seconds
-
         held = ", ".join(f"[{start:,}, {end:,})" for start, end in self.chunks())
         lines = [f"partition: the sequence (dim {self.dim}) of max_len {self.max_len:,} over {self.world_size} ranks, "
                  f"layout {self.layout}: {self.shard_length:,} tokens per rank"
@@ -211,10 +210,6 @@ def _names(names: tuple[str, ...]) -> str:
 def ring_traffic(plan: Any, device: Any) -> list[RingTraffic]:
     """Per group of identical ring decisions of `plan` (a planner Plan): what the ring's cost model says it sends and
     computes per step on `device` (a DeviceSpec)."""
-    from backends.registry import VARIANTS, Offer
-    from planner.costs import evaluate
-    from planner.plan import cost_shape
-
     groups: dict = {}
     for decision in plan.decisions:
         choice = decision.choice
@@ -281,15 +276,6 @@ def optimize_partitioned(
             sequence, over all ranks. max_len may also be a planner.pipeline.PlanOptions already validated by a front
             door (its max_len, device, policy and train are then used).
     """
-    from backends.ring.comm import group_name_of
-    from backends.ring.layout import LAYOUTS
-    from passes.capture import capture
-    from passes.match import find_sites
-    from passes.partition import SequenceShard, check_ring_site, partition, sequence_symbols
-    from planner.pipeline import PlanOptions
-    from planner.plan import make_plan
-    from planner.report import Report
-
     options = max_len if isinstance(max_len, PlanOptions) else PlanOptions.create(max_len, device, policy, train=train)
     tokens, spec, policy, train = options.max_len, options.device, options.policy, options.train
     if layout not in LAYOUTS:

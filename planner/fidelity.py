@@ -32,8 +32,11 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 import torch
 import torch.utils._pytree as pytree
 
-from planner.errors import InvalidArgumentError
-from planner.records import AttentionSite, Candidate, Plan, SiteDecision
+from backends.flash.op import tiled_attention
+from backends.registry import HYPER_DEFAULTS, VARIANTS
+from passes.errors import InvalidArgumentError
+from passes.records import AttentionSite, Candidate, Plan, SiteDecision
+from passes.rewrite import prepare_inputs, rewrite_sites
 
 # name -> (direction, meaning). "max": the measured value must not exceed the limit; "min": must not fall below.
 TOLERANCE_KEYS: dict[str, tuple[str, str]] = {
@@ -308,8 +311,6 @@ def make_candidate(variant: str, exactness: str = "approximate", implementation:
         parameters.setdefault("sinks", 0)
         parameters.setdefault("imposed", True)
     if variant == "hyper":
-        from backends.registry import HYPER_DEFAULTS
-
         parameters = {**dict(HYPER_DEFAULTS), **parameters}
     return Candidate(variant=variant, implementation=implementation, exactness=exactness, time_s=None,
                      memory_bytes=None, feasible=True, reason="built by hand for a measurement",
@@ -349,11 +350,9 @@ def copy_graph_module(graph_module: torch.fx.GraphModule) -> torch.fx.GraphModul
 def rewrite_copy(graph_module: torch.fx.GraphModule, switches: Mapping[str, Candidate],
                  sites: Sequence[AttentionSite], tap_outputs: Iterable[str] = ()) -> tuple[torch.fx.GraphModule, dict]:
     """A deep copy of `graph_module` with each site named in `switches` rewritten to its candidate by
-    passes.rewrite.rewrite (the candidate's parameters, e.g. an imposed window, reach the variant's emit), and with
+    passes.rewrite.rewrite_sites (the candidate's parameters, e.g. an imposed window, reach the variant's emit), and with
     the output of each site in `tap_outputs` recorded. Returns the copy and the store its taps fill:
     {(site name, "output"): [tensor per call]}."""
-    from passes.rewrite import rewrite
-
     module = copy_graph_module(graph_module)
     store: dict = {}
     nodes = {node.name: node for node in module.graph.nodes}
@@ -367,7 +366,7 @@ def rewrite_copy(graph_module: torch.fx.GraphModule, switches: Mapping[str, Cand
         if candidate is not None and candidate.variant != "dense":
             decisions.append(SiteDecision(site, (candidate,), candidate, "fidelity measurement"))
     if decisions:
-        rewrite(module, Plan(device=None, policy="any", max_len=0, decisions=tuple(decisions)))
+        rewrite_sites(module, Plan(device=None, policy="any", max_len=0, decisions=tuple(decisions)), VARIANTS)
     else:
         module.recompile()
     return module, store
@@ -376,8 +375,6 @@ def rewrite_copy(graph_module: torch.fx.GraphModule, switches: Mapping[str, Cand
 def _tap_prepared_inputs(module: torch.fx.GraphModule, site: AttentionSite, store: dict) -> None:
     """Record q, k, v (batch, heads, sequence, head_dim), the key padding mask and the kept mask tensor of a site,
     as a rewrite would hand them to a variant (the detector's adapters emitted before the site node)."""
-    from passes.rewrite import prepare_inputs
-
     nodes = {node.name: node for node in module.graph.nodes}
     with module.graph.inserting_before(nodes[site.node]):
         prepared, extra = prepare_inputs(module.graph, site, nodes)
@@ -534,8 +531,6 @@ def window_bound_check(site: AttentionSite, query: torch.Tensor, key: torch.Tens
     "mass": the softmax mass m_w that a window of `window` keys plus the first `sinks` keys keeps, from the tiled
     op's log-sum-exps (linear memory): m_w = exp(lse_window - lse_full); "bound": 2 (1 - m_w) max_j ||v_j||;
     "error": ||o - o_w||; "holds": error <= bound (+ rounding slack) for every query."""
-    from backends.flash.op import tiled_attention
-
     options = dict(causal=site.mask.is_causal, scale=site.effective_scale(), key_padding_mask=key_padding_mask,
                    attn_mask=attn_mask, return_lse=True)
     if site.mask.kind == "sliding_window" and site.mask.window is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from typing import Union
 
-from planner.errors import InvalidArgumentError
+from passes.errors import InvalidArgumentError
 
 _UNITS = {"": 1, "k": 1024, "m": 1024**2}
 _PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmM]?)\s*$")

@@ -21,6 +21,7 @@ lengths). Both are tested to agree.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -28,8 +29,12 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from planner.errors import InvalidArgumentError
-from planner.records import AttentionSite
+from passes.capture import capture
+from passes.errors import InvalidArgumentError
+from passes.match import find_sites
+from passes.records import AttentionSite
+from passes.rewrite import drop_dead_metadata_asserts, replace_site
+from planner.fidelity import _tap_prepared_inputs, as_batches, first_tensor, rewrite_copy, site_error
 
 IMPLEMENTATIONS = ("auto", "kernel", "parallel")
 DENOMINATOR_FLOOR = 1e-12
@@ -178,8 +183,6 @@ def softmax_attention(site: AttentionSite, query: torch.Tensor, key: torch.Tenso
 
 
 def _errors(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]) -> tuple[float, float]:
-    from planner.fidelity import site_error
-
     error = site_error(teacher, student)
     return error.rel_frobenius_error, error.cosine
 
@@ -239,8 +242,6 @@ def linearize_graph(graph_module: torch.fx.GraphModule, sites: Sequence[Attentio
     finetune_steps: then train every feature map together, end to end, on the mean KL(original || linearized) of
     the model's output distributions (`output` maps the model's output to logits; default: its first tensor): the
     layer-wise transfer weighs every position alike, the end-to-end loss weighs what changes the predictions."""
-    from planner.fidelity import as_batches, first_tensor, rewrite_copy, _tap_prepared_inputs
-
     for name, value in (("steps", steps), ("finetune_steps", finetune_steps)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise InvalidArgumentError(f"{name}={value!r} must be a non-negative int (optimizer steps)")
@@ -320,29 +321,21 @@ def _finetune(graph_module, modules, batches, teacher_outputs, output, steps, le
 def _rewrite_sites(graph_module: torch.fx.GraphModule, sites: Sequence[AttentionSite],
                    modules: dict[str, torch.nn.Module]) -> None:
     """Replace each site's node by a call of its module, through the detector's adapters (layouts, dtypes)."""
-    from passes.rewrite import drop_dead_metadata_asserts, prepare_inputs, restore_output
-
     graph = graph_module.graph
     nodes = {node.name: node for node in graph.nodes}
     for index, site in enumerate(sites):
         name = f"linearized_{index}"
         graph_module.add_submodule(name, modules[site.name])
-        node = nodes[site.node]
-        with graph.inserting_before(node):
-            prepared, extra = prepare_inputs(graph, site, nodes)
-            everything = {**nodes, **extra}
-            call = graph.call_module(name, (everything[prepared.query], everything[prepared.key],
-                                            everything[prepared.value]))
-            output = restore_output(graph, call, site, extra)
-        for key in ("val", "stack_trace", "nn_module_stack", "source_fn_stack"):
-            if key in node.meta:
-                output.meta[key] = node.meta[key]
-        node.replace_all_uses_with(output)
-        graph.erase_node(node)
+        replace_site(graph, nodes, site, functools.partial(_call_module, name))
     drop_dead_metadata_asserts(graph)
     graph.eliminate_dead_code()
     graph.lint()
     graph_module.recompile()
+
+
+def _call_module(name: str, graph: torch.fx.Graph, node: torch.fx.Node, site: AttentionSite,
+                 nodes: dict) -> torch.fx.Node:
+    return graph.call_module(name, (nodes[site.query], nodes[site.key], nodes[site.value]))
 
 
 def linearize(model: Any, calibration: Any, steps: int = 300, *, features: Optional[int] = None,
@@ -360,10 +353,6 @@ def linearize(model: Any, calibration: Any, steps: int = 300, *, features: Optio
             (logits; `output` picks them from the model's output). The model's own weights are not trained.
         example_inputs / example_kwargs: for capture (default: the first calibration batch).
     """
-    from passes.capture import capture
-    from passes.match import find_sites
-    from planner.fidelity import as_batches
-
     if not isinstance(calibration, (torch.Tensor, dict)):
         calibration = list(calibration)  # used twice: for capture and for the distillation
     batches = as_batches(calibration)

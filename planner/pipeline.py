@@ -11,13 +11,15 @@ from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 
+from backends.devices import DeviceSpec, device_spec
+from backends.registry import VARIANTS
+from passes.errors import InvalidArgumentError
 from passes.match import find_sites
-from passes.rewrite import rewrite
-from planner.devices import DeviceSpec, device_spec
-from planner.errors import InvalidArgumentError
+from passes.records import POLICIES, Plan
+from passes.rewrite import rewrite_sites
+from planner.fidelity import calibrate_plan, require_calibration
 from planner.lengths import parse_length
 from planner.plan import make_plan
-from planner.records import POLICIES, Plan
 from planner.report import Report
 
 NO_ATTENTION_NOTE = "no softmax attention was found in the graph; the model is returned unchanged"
@@ -49,8 +51,6 @@ class PlanOptions:
                **options: Any) -> "PlanOptions":
         """Parse and check every argument (raising InvalidArgumentError/UnknownDeviceError at once, before any slow
         capture)."""
-        from planner.fidelity import require_calibration
-
         if policy not in POLICIES:
             raise InvalidArgumentError(f"policy={policy!r} is not a policy; accepted: {', '.join(POLICIES)}")
         require_calibration(policy, options.get("tolerance"), options.get("calibration"))
@@ -67,8 +67,6 @@ def run_passes(graph_module: torch.fx.GraphModule, options: PlanOptions, model_n
     approximate choice is measured on options.calibration and kept only within options.tolerance
     (planner.fidelity.calibrate_plan).
     """
-    from planner.fidelity import calibrate_plan
-
     sites = find_sites(graph_module)
     plan = make_plan(sites, options.device, options.policy, options.max_len, train=options.train,
                      window=options.window, sinks=options.sinks, graph_module=graph_module)
@@ -84,6 +82,11 @@ def run_passes(graph_module: torch.fx.GraphModule, options: PlanOptions, model_n
         return report
     rewrite(graph_module, plan)
     return report
+
+
+def rewrite(graph_module: torch.fx.GraphModule, plan: Plan) -> list[str]:
+    """Rewrite `graph_module` in place following `plan`, with the registered variants; return the rewritten sites."""
+    return rewrite_sites(graph_module, plan, VARIANTS)
 
 
 def plan_and_rewrite(

@@ -20,11 +20,20 @@ from typing import Callable, Iterable, Optional
 import sympy
 import torch
 
+from backends.costs import (
+    DTYPE_BYTES,
+    SEQUENCE_LENGTH,
+    Costs,
+    CostShape,
+    as_function,
+    evaluate,
+    plain_sympy,
+    time_expression,
+)
+from backends.hardware import DeviceSpec
 from backends.registry import EXACTNESS_ALLOWED, VARIANTS, Offer, PlanContext, keeps_mask_tensor, variants_for
-from planner.costs import SEQUENCE_LENGTH, CostShape, Costs, as_function, evaluate, plain_sympy, time_expression
-from planner.devices import DeviceSpec
-from planner.errors import InvalidArgumentError
-from planner.records import POLICIES, AttentionSite, Candidate, Crossover, Plan, SiteDecision
+from passes.errors import InvalidArgumentError
+from passes.records import POLICIES, AttentionSite, Candidate, Crossover, Plan, SiteDecision
 
 CROSSOVER_RANGE = 8  # crossovers are searched for in [1, CROSSOVER_RANGE × max_len]
 MAX_RING_DEVICES = 1024
@@ -32,7 +41,7 @@ ORIGINAL = "dense"
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Records of this module (subclasses of planner.records' classes: every consumer of those keeps working)
+# Records of this module (subclasses of passes.records' classes: every consumer of those keeps working)
 
 
 @dataclass(frozen=True)
@@ -175,8 +184,6 @@ def _mask_dropped_when_eager(site: AttentionSite) -> bool:
 
 
 def _dtype_bytes(dtype: str) -> int:
-    from planner.costs import DTYPE_BYTES
-
     return DTYPE_BYTES.get(dtype, 4)
 
 

@@ -20,7 +20,12 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from planner.errors import InvalidArgumentError, PlannerError
+from backends.devices import device_spec
+from passes.capture import capture, capture_call, example_call
+from passes.errors import InvalidArgumentError, PlannerError
+from passes.match import find_sites
+from planner.plan import _weights_bytes, format_bytes, make_plan
+from planner.report import Report
 
 EXAMPLE_LENGTH = 67  # odd and unlike any hidden size (see passes/capture.py)
 
@@ -160,12 +165,6 @@ def plan_preset(name: str, max_len: int, device: Any = "h200", policy: str = "ex
                 dtype: torch.dtype = torch.bfloat16, attention: str = "sdpa",
                 progress: Optional[Callable[[str], None]] = None):
     """Plan a preset for `max_len` tokens on `device`; returns a planner.Report. No weight memory is allocated."""
-    from passes.capture import capture
-    from passes.match import find_sites
-    from planner.devices import device_spec
-    from planner.plan import make_plan
-    from planner.report import Report
-
     progress = progress or (lambda message: None)
     chosen = preset(name)
     spec = device_spec(device)
@@ -204,8 +203,6 @@ def plan_preset(name: str, max_len: int, device: Any = "h200", policy: str = "ex
 
 def _full_weights(model: torch.nn.Module, captured_layers: int, total_layers: int) -> float:
     """Bytes of the full model's parameters: shared ones once, the captured layers' scaled to all layers."""
-    from planner.plan import _weights_bytes
-
     everything = _weights_bytes(model)
     layers = _decoder_layers(model)
     per_layers = sum(_weights_bytes(layer) for layer in layers) if layers is not None else 0.0
@@ -243,8 +240,6 @@ def _replicate_sites(sites: list, layer_types: list[str], types: list[str]) -> l
 
 
 def _gigabytes(count: float) -> str:
-    from planner.plan import format_bytes
-
     return format_bytes(count)
 
 
@@ -278,12 +273,6 @@ def plan_callable(spec: str, max_len: int, device: Any = "h200", policy: str = "
                   train: bool = False, window: Optional[int] = None, sinks: int = 0,
                   progress: Optional[Callable[[str], None]] = None):
     """Plan the model that 'package.module:function' returns (a model, or (model, example_inputs))."""
-    from passes.capture import capture_call, example_call
-    from passes.match import find_sites
-    from planner.devices import device_spec
-    from planner.plan import make_plan
-    from planner.report import Report
-
     progress = progress or (lambda message: None)
     progress(f"calling {spec}")
     result = load_model_function(spec)

@@ -53,9 +53,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from planner.errors import PlannerError
+from passes.errors import PlannerError
+from passes.records import AttentionSite, Candidate, Plan, SiteDecision
 from planner.lengths import format_length
-from planner.records import AttentionSite, Candidate, Plan, SiteDecision
+from planner.plan import _site_signature, format_bytes, format_seconds, label, memory_at, time_at
 
 SCHEMA_VERSION = 1
 PLOT_EXTRA = "pip install matplotlib (or, from a clone, pip install -e '.[plot]')"
@@ -88,20 +89,14 @@ def _shape_text(site: AttentionSite) -> str:
 
 
 def _format_bytes(count: Optional[float]) -> str:
-    from planner.plan import format_bytes
-
     return "-" if count is None else format_bytes(count)
 
 
 def _format_seconds(seconds: Optional[float]) -> str:
-    from planner.plan import format_seconds
-
     return "-" if seconds is None else format_seconds(seconds)
 
 
 def _label(candidate: Candidate) -> str:
-    from planner.plan import label
-
     return label(candidate)
 
 
@@ -159,8 +154,6 @@ class Report:
 
     def groups(self) -> list[tuple[str, list[SiteDecision]]]:
         """Decisions grouped by identical site signature and choice, in order of first appearance: (label, list)."""
-        from planner.plan import _site_signature
-
         grouped: "OrderedDict[tuple, list[SiteDecision]]" = OrderedDict()
         for decision in self.plan.decisions:
             choice = decision.choice
@@ -371,8 +364,6 @@ def _plot(decision: SiteDecision, plan: Plan, plot_format: str) -> str:
         from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
     except ImportError as error:
         raise PlannerError(f"save_html needs matplotlib for its plots: {PLOT_EXTRA}") from error
-    from planner.plan import memory_at, time_at
-
     max_len = plan.max_len
     high = 8 * max_len
     lengths = sorted({int(round(2 ** (step / 4))) for step in range(4 * 7, int(4 * math.log2(high)) + 1)})

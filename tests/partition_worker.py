@@ -74,7 +74,7 @@ def _as_is_error(model, ids, world_size, rank, group, layout, expected) -> float
 
 def _local_positions_error(exported, ids, world_size, rank, group, layout, expected) -> float:
     """Control: the partition with its arange rewrite switched off (positions stay local)."""
-    import passes.partition as partition_pass
+    import backends.ring.partition as partition_pass
     from planner.distributed import gather_outputs, optimize_partitioned, shard_inputs
 
     original = partition_pass._PositionPass.globalize_arange

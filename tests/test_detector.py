@@ -250,7 +250,7 @@ class RelativeBias(nn.Module):
 
 
 def test_unscaled_relative_position_bias():
-    from passes.rewrite import rewrite
+    from planner.pipeline import rewrite
     from planner.records import Candidate, Plan, SiteDecision
 
     model = RelativeBias().eval()
@@ -517,7 +517,7 @@ def test_core_aten_graph_after_decompositions():
     """The same detector on core ATen (matmul -> expand/view/bmm, softmax -> _softmax, masked_fill -> where), the
     level of graph that the torch.compile backend sees."""
     from passes.match import find_sites
-    from passes.rewrite import rewrite
+    from planner.pipeline import rewrite
     from test_detector_support import exact_plan
 
     model = Stack(gqa=ManualAttention(kv_heads=2), einsum=EinsumAttention(), nanogpt=NanoGPTBlock()).eval()

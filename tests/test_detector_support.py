@@ -12,7 +12,7 @@ import passes.match as match_module
 from backends.registry import VARIANTS, PlanContext
 from passes.capture import capture
 from passes.match import find_sites
-from passes.rewrite import rewrite
+from planner.pipeline import rewrite
 from planner.devices import device_spec
 from planner.records import AttentionSite, Candidate, Plan, SiteDecision
 

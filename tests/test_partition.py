@@ -1,4 +1,4 @@
-"""The partitioned graph (passes/partition.py, planner/distributed.py): a model's sequence sharded over P ranks,
+"""The partitioned graph (backends/ring/partition.py, planner/distributed.py): a model's sequence sharded over P ranks,
 every attention site on the ring, positions made global, reductions over the sequence completed by all_reduce,
 everything else that mixes positions refused with an error naming the node.
 
@@ -22,7 +22,7 @@ import partition_worker
 from backends.ring.layout import shard, unshard
 from passes.capture import capture
 from passes.match import find_sites
-from passes.partition import SequenceShard, partition
+from backends.ring.partition import SequenceShard, partition
 from planner.distributed import shard_inputs
 from planner.errors import InvalidArgumentError, PlanError
 

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from planner.errors import BackendError
+from passes.errors import BackendError
 
 
 def cache_slots(max_len: int, *, window: Optional[int] = None, sinks: int = 0, rolling: bool = False,

@@ -19,7 +19,7 @@ import torch
 
 from backends.common import triton_usable
 from backends.decode.naive import decode_attention_reference
-from planner.errors import BackendError
+from passes.errors import BackendError
 
 IMPLEMENTATIONS = ("triton", "reference", "auto")
 NO_WINDOW = -1  # the op's encoding of "no window"

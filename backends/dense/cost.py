@@ -10,7 +10,7 @@ The cost of a fused kernel does not depend on who chose it: the `sdpa_cudnn` rew
 """
 from __future__ import annotations
 
-from planner.costs import CostShape, Costs, mask_read_bytes, qkvo_bytes, visible_pairs, work_for_head_dim
+from backends.costs import CostShape, Costs, mask_read_bytes, qkvo_bytes, visible_pairs, work_for_head_dim
 
 MATERIALIZED = ("eager", "sdpa-math", "original")
 FUSED = ("sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-cpu-flash")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sympy
 
-from planner.costs import CostShape, Costs, mask_read_bytes, qkvo_bytes, visible_pairs, work_for_head_dim
+from backends.costs import CostShape, Costs, mask_read_bytes, qkvo_bytes, visible_pairs, work_for_head_dim
 
 # backends/flash/blockwise.py's tile: QUERY_BLOCK × KEY_BLOCK scores (kept here so the cost model imports no kernel).
 BLOCKWISE_QUERY_BLOCK = 512

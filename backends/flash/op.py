@@ -18,7 +18,7 @@ import torch
 from backends.flash.blockwise import blockwise_attention_backward, blockwise_attention_forward, sink_logits_gradient
 from backends.flash.naive import attention_reference
 from backends.common import triton_usable
-from planner.errors import BackendError
+from passes.errors import BackendError
 
 IMPLEMENTATIONS = ("triton", "blockwise", "reference", "auto")
 NO_WINDOW = -1  # the op's encoding of "no window" (custom ops take no Optional[int] defaults cleanly across versions)

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from planner.errors import BackendError
+from passes.errors import BackendError
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453

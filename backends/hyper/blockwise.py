@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from backends.flash.op import flash_attention
 from backends.hyper.lsh import gray_rank_table, lsh_sort_order, projection_directions, sample_positions
 from backends.hyper.naive import block_counts, causal_levels
 
@@ -44,8 +45,6 @@ def merge_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _tiled_attention(q, k, v, *, causal=False, key_padding_mask=None):
-    from backends import flash_attention
-
     return flash_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, return_lse=True)
 
 

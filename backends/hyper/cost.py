@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sympy
 
-from planner.costs import CostShape, Costs, qkvo_bytes
+from backends.costs import CostShape, Costs, qkvo_bytes
 
 DEFAULTS = {"block_size": 256, "sample_size": 256, "num_projections": 7, "min_seq_len": 4096}
 

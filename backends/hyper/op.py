@@ -11,7 +11,7 @@ import torch
 
 from backends.common import check_qkv
 from backends.hyper.blockwise import hyper_attention_forward
-from planner.errors import BackendError
+from passes.errors import BackendError
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 

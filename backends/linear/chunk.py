@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from planner.errors import BackendError
+from passes.errors import BackendError
 
 DECAY_NONE, DECAY_SCALAR, DECAY_CHANNEL = 0, 1, 2
 CHANNEL_BLOCK = 16  # sub-block for per-channel decay: the elementwise diagonal part is BLOCK x BLOCK x key_dim

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sympy
 
-from planner.costs import CostShape, Costs
+from backends.costs import CostShape, Costs
 
 CHUNK_SIZE = 64  # backends/linear/op.py's chunk
 

@@ -16,7 +16,7 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from planner.errors import BackendError
+from passes.errors import BackendError
 
 FeatureMap = Union[None, str, Callable[[torch.Tensor], torch.Tensor]]
 Decay = Union[None, float, torch.Tensor]

@@ -16,7 +16,7 @@ from backends.linear.naive import (Decay, FeatureMap, apply_feature_map, linear_
                                    linear_attention_naive_backward, log_decay_per_position)
 from backends.linear.recurrent import recurrent_forward
 from backends.common import check_qkv, contiguous_or_none, triton_usable
-from planner.errors import BackendError
+from passes.errors import BackendError
 
 CHUNK_SIZE = 64
 RECURRENT_MAX_LEN = 16  # without gradients, sequences up to this long (decoding steps) take the recurrent form

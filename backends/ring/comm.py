@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from planner.errors import BackendError
+from passes.errors import BackendError
 
 
 def resolve_group(group_name: str) -> dist.ProcessGroup:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sympy
 
-from planner.costs import CostShape, Costs, visible_pairs
+from backends.costs import CostShape, Costs, visible_pairs
 
 
 def costs(shape: CostShape) -> Costs:

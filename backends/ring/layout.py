@@ -15,7 +15,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from planner.errors import InvalidArgumentError
+from passes.errors import InvalidArgumentError
 
 LAYOUTS = ("zigzag", "contiguous")
 

@@ -23,7 +23,7 @@ import torch
 from backends.flash.naive import visible_keys
 from backends.flash.op import NO_WINDOW, flash_attention_backward_op, flash_attention_op
 from backends.ring.schedule import Block
-from planner.errors import BackendError
+from passes.errors import BackendError
 
 IMPLEMENTATIONS = ("auto", "triton", "blockwise", "reference", "sdpa")
 

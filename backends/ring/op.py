@@ -26,7 +26,7 @@ from backends.ring.comm import PendingTransfer, Ring, group_name_of, resolve_gro
 from backends.ring.layout import check_layout, chunks_per_rank
 from backends.ring.local import block_backward, block_forward, check_impl
 from backends.ring.schedule import Block, record_block, ring_schedule, ring_step_count
-from planner.errors import BackendError
+from passes.errors import BackendError
 
 NO_WINDOW = -1  # the op's encoding of "no window"
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import dataclasses
 
 from backends.flash import cost as flash_cost
-from planner.costs import CostShape, Costs, work_for_head_dim
-from planner.errors import InvalidArgumentError
+from backends.costs import CostShape, Costs, work_for_head_dim
+from passes.errors import InvalidArgumentError
 
 
 def costs(shape: CostShape) -> Costs:

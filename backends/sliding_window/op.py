@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from backends.flash.op import tiled_attention
-from planner.errors import BackendError
+from passes.errors import BackendError
 
 
 def sliding_window_attention(

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sympy
 
-from planner.costs import CostShape, Costs
+from backends.costs import CostShape, Costs
 
 CHUNK_SIZE = 256  # Mamba-2's and backends.ssd's default
 

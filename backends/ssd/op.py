@@ -16,7 +16,7 @@ from backends.ssd.chunk import ssd_chunk_backward, ssd_chunk_forward
 from backends.ssd.naive import ssd_naive
 from backends.ssd.recurrent import ssd_recurrent_forward
 from backends.common import contiguous_or_none, triton_usable
-from planner.errors import BackendError
+from passes.errors import BackendError
 
 RECURRENT_MAX_LEN = 16  # without gradients, sequences up to this long (decoding steps) take the recurrent form
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

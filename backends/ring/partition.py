@@ -23,6 +23,7 @@ and positions made by arange are made global.
 """
 from __future__ import annotations
 
+import functools
 import operator
 import os
 import re
@@ -33,10 +34,11 @@ import sympy
 import torch
 
 from backends.ring.layout import check_layout
+from backends.ring.rule import emit_ring
 from passes.graph_info import module_path, size_expr, source_line
-from passes.rewrite import drop_dead_metadata_asserts, prepare_inputs, restore_output
-from planner.errors import PlanError
-from planner.records import AttentionSite
+from passes.rewrite import drop_dead_metadata_asserts, replace_site
+from passes.errors import PlanError
+from passes.records import AttentionSite
 
 aten = torch.ops.aten
 
@@ -164,39 +166,15 @@ def check_ring_site(site: AttentionSite, symbols: frozenset) -> None:
         raise PlanError(f"partition: {where} cannot run as ring attention: {reason}")
 
 
-def emit_ring(graph: torch.fx.Graph, node: torch.fx.Node, site: AttentionSite, nodes: dict, candidate: Any = None,
-              *, group_name: str, layout: str) -> torch.fx.Node:
-    """attention_planner::ring_attention(q, k, v, group, causal, window, layout, scale, "auto")[0], before `node`
-    (the registry's emit, with the partition's group and layout)."""
-    import backends.ring.op  # noqa: F401  registers the op
-
-    mask = site.mask
-    window = int(mask.window) if mask.kind == "sliding_window" else -1
-    arguments = (nodes[site.query], nodes[site.key], nodes[site.value], group_name, mask.is_causal, window, layout,
-                 float(site.effective_scale()), "auto")
-    with graph.inserting_before(node):
-        call = graph.call_function(torch.ops.attention_planner.ring_attention.default, arguments)
-        return graph.call_function(operator.getitem, (call, 0))
-
-
 def rewrite_sites_to_ring(graph_module: torch.fx.GraphModule, sites: list[AttentionSite],
                           shard: SequenceShard) -> set:
     """Replace each site's node by ring attention (with the site's layout adapters); return the nodes created."""
     graph = graph_module.graph
     before = set(graph.nodes)
     nodes = {node.name: node for node in graph.nodes}
+    emit = functools.partial(emit_ring, group_name=shard.group_name, layout=shard.layout)
     for site in sites:
-        node = nodes[site.node]
-        with graph.inserting_before(node):
-            emitted_site, extra = prepare_inputs(graph, site, nodes)
-            replacement = emit_ring(graph, node, emitted_site, {**nodes, **extra}, group_name=shard.group_name,
-                                    layout=shard.layout)
-            output = restore_output(graph, replacement, site, extra)
-        for key in ("val", "stack_trace", "nn_module_stack", "source_fn_stack"):
-            if key in node.meta:
-                output.meta[key] = node.meta[key]
-        node.replace_all_uses_with(output)
-        graph.erase_node(node)
+        replace_site(graph, nodes, site, emit)
     drop_dead_metadata_asserts(graph)
     graph.eliminate_dead_code()
     return set(graph.nodes) - before
@@ -529,7 +507,7 @@ class _PositionPass:
             self.refuse(node, "an attention call that the detector did not report as a site is still here",
                         "its keys would be this rank's only")
         self.refuse(node, f"aten.{name} is not known to keep positions apart",
-                    "report it (passes/partition.py lists the ops it lets through)")
+                    "report it (backends/ring/partition.py lists the ops it lets through)")
 
     def visit_context(self, node: torch.fx.Node) -> None:
         """torch.autocast / torch.no_grad blocks are captured as a higher-order op around a subgraph: the subgraph
