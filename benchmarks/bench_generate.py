@@ -13,7 +13,8 @@ Configurations, each at each length of --lengths (default 8k, 32k, 128k):
            as the compile time; each length's first call (a new cache shape: recompilation) is recorded too;
   planner  `fast = planner.optimize(model, max_len=length + N rounded up to 1024, device=...)`, then
            `fast.generate(ids, max_new_tokens=N, do_sample=False)` (the optimize() and the derivation of the
-           prefill/decode graphs are timed separately).
+           prefill/decode graphs are timed separately); one-token steps replay a CUDA graph;
+  planner-uncaptured  the same, each step run op by op (no CUDA graph): not in the default --configs.
 Every configuration gets one warm-up call at each length (the same N, so a static cache has the timed call's shape),
 then one timed call. A streamer timestamps each token as generate emits it (after a device synchronization): time
 to first token = prefill (+ the first token's selection), ms per new token = median of the N - 1 gaps between
@@ -70,7 +71,7 @@ import torch  # noqa: E402
 from bench_e2e import build_model, model_specs  # noqa: E402  (the same models as the e2e benchmark)
 
 GIB = 1024 ** 3
-CONFIGS = ("dynamic", "static", "planner")
+CONFIGS = ("dynamic", "static", "planner", "planner-uncaptured")
 MODEL_KEYS = {"llama": "llama-3.2-1b", "mistral": "mistral-1b-w4096"}
 # Guesses before anything is measured (seconds on an H100/H200; only for the budget's decisions).
 GUESS = {"static_compile": 90.0, "optimize": 15.0, "call_8k": 3.0}
@@ -327,7 +328,7 @@ class Bench:
                     self.record(**common, status="skipped", reason=stop_reason)
                     continue
                 predicted = self.predict(history, length, calls=2)
-                overhead = GUESS["optimize"] if config == "planner" else 0.0
+                overhead = GUESS["optimize"] if config.startswith("planner") else 0.0
                 guess = predicted if predicted is not None else GUESS["call_8k"] * 2 * max(1.0, length / 8192) ** 2
                 if guess + overhead > self.left():
                     self.record(**common, status="skipped", predicted_s=round(guess + overhead, 1),
@@ -355,7 +356,7 @@ class Bench:
         fast = None
         extra: dict = {}
         try:
-            if config == "planner":
+            if config.startswith("planner"):
                 import planner
 
                 max_len = int(math.ceil((length + args.new_tokens) / 1024) * 1024)
@@ -370,6 +371,9 @@ class Bench:
                 self.sync()
                 extra["derive_s"] = time.perf_counter() - begin
                 extra["recompute"] = generator.recompute_because
+                extra["graph_failure"] = generator.graph_failure
+                if config == "planner-uncaptured":  # the same steps run op by op: what the CUDA graph saves
+                    generator.cuda_graphs = False
                 if generator.recompute_because and args.force_cached_decode:
                     # Diagnostic only (--force-cached-decode): decode from the caches although the check failed.
                     extra["forced_cached_decode"] = True
@@ -549,7 +553,9 @@ def tables(records: list[dict], args: argparse.Namespace) -> str:
         equal = r.get("tokens_equal_dynamic")
         equal_text = "–" if equal is None else ("yes" if equal else f"no (from token {r.get('first_diff')})")
         notes = []
-        if r["config"] == "planner":
+        if r["config"].startswith("planner"):
+            if r.get("graph_failure"):
+                notes.append(f"no CUDA graph: {r['graph_failure'][:80]}")
             notes.append(f"optimize {r.get('optimize_s', 0):.1f} s, graphs {r.get('derive_s', 0):.1f} s, "
                          f"cache {gib(r.get('cache_bytes'))} GiB")
             if r.get("recompute"):
@@ -669,7 +675,7 @@ def plot(records: list[dict], path: Path) -> None:
         return
     figure, axes = plt.subplots(2, len(models), figsize=(6 * len(models), 8), squeeze=False)
     for column, model in enumerate(models):
-        for config, marker in (("dynamic", "o"), ("static", "s"), ("planner", "^")):
+        for config, marker in (("dynamic", "o"), ("static", "s"), ("planner", "^"), ("planner-uncaptured", "v")):
             rows = sorted((r for r in generate if r["model"] == model and r["config"] == config),
                           key=lambda r: r["length"])
             if not rows:

@@ -115,6 +115,7 @@ class GenerationState:
     start: torch.Tensor
     caches: list = field(default_factory=list)
     recompute: bool = False
+    step_graph: Optional["GraphedStep"] = None  # the one-token decode step captured over these caches (CUDA)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -147,6 +148,8 @@ class Generator:
         self.max_len = max_len
         self.sites: list[SiteCache] = []
         self.recompute_because: Optional[str] = None
+        self.cuda_graphs = True  # one-token CUDA steps replay a CUDA graph (False after a capture failed)
+        self.graph_failure: Optional[str] = None
         self._graphs: dict = {}
         try:
             self._derive(bandwidth)
@@ -279,17 +282,41 @@ class Generator:
                 torch.zeros(shape + (site.value_dim,), dtype=weight.dtype, device=like.device))
 
     def _step(self, state: GenerationState, ids: torch.Tensor, prefill: bool) -> torch.Tensor:
+        if not prefill and ids.shape[1] == 1 and self.cuda_graphs and ids.is_cuda:
+            logits = self._graphed_step(state, ids)
+        else:
+            logits = self._run_step(state.caches, ids, state.length, state.start, prefill)
+        state.length = state.length + ids.shape[1]
+        return logits
+
+    def _run_step(self, caches: list, ids: torch.Tensor, length: torch.Tensor, start: torch.Tensor,
+                  prefill: bool) -> torch.Tensor:
+        """The step's graph over these caches: the last position's logits. Reads no tensor data on the host, so a
+        one-token step can be captured in a CUDA graph."""
         graph = self._graphs[prefill]
-        positions = state.length[:, None] + torch.arange(ids.shape[1], device=ids.device)[None, :] - state.start[:, None]
+        positions = (length[:, None] + torch.arange(ids.shape[1], device=ids.device)[None, :] - start[:, None])
         positions = positions.clamp_min(0)
-        for index, (k_cache, v_cache) in enumerate(state.caches):
+        for index, (k_cache, v_cache) in enumerate(caches):
             setattr(graph, f"_decode_k_{index}", k_cache)
             setattr(graph, f"_decode_v_{index}", v_cache)
-        graph._decode_length = state.length
-        graph._decode_start = state.start
+        graph._decode_length = length
+        graph._decode_start = start
         output = graph(*_call_tensors(self._call(ids, positions)))
-        state.length = state.length + ids.shape[1]
         return first_tensor(output)[:, -1]
+
+    def _graphed_step(self, state: GenerationState, ids: torch.Tensor) -> torch.Tensor:
+        """A one-token step replayed from a CUDA graph (captured on a state's first step: per-token work is then
+        the GPU's alone, not hundreds of Python dispatches). A step that cannot be captured runs as it is, noted."""
+        if state.step_graph is None:
+            try:
+                state.step_graph, logits = GraphedStep.capture(self, state, ids)
+                return logits
+            except Exception as error:  # a capture the step's ops refuse: run uncaptured from now on
+                self.cuda_graphs = False
+                self.graph_failure = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                torch.cuda.synchronize()
+                return self._run_step(state.caches, ids, state.length, state.start, prefill=False)
+        return state.step_graph.replay(ids, state.length, state.start)
 
     def _recomputed_logits(self, state: GenerationState) -> torch.Tensor:
         if "attention_mask" in self._parameters():
@@ -302,6 +329,41 @@ class Generator:
             raise InvalidArgumentError(f"{type(self.model).__name__}.forward takes no attention_mask: a padded batch "
                                        "cannot be generated; give rows of one length")
         return first_tensor(output)[:, -1]
+
+
+class GraphedStep:
+    """A state's one-token decode step as a CUDA graph: static input buffers (ids, lengths, starts) copied into before
+    each replay, the state's caches written in place by the replayed append, the logits cloned out."""
+
+    def __init__(self, graph: "torch.cuda.CUDAGraph", ids: torch.Tensor, length: torch.Tensor, start: torch.Tensor,
+                 logits: torch.Tensor):
+        self.graph, self.ids, self.length, self.start, self.logits = graph, ids, length, start, logits
+
+    @classmethod
+    def capture(cls, generator: "Generator", state: GenerationState, ids: torch.Tensor):
+        """Run the step once (warming kernels up: its logits are this step's) on a side stream, then capture it."""
+        ids_, length, start = ids.clone(), state.length.clone(), state.start.clone()
+
+        def step() -> torch.Tensor:
+            return generator._run_step(state.caches, ids_, length, start, prefill=False)
+
+        side = torch.cuda.Stream(device=ids.device)
+        side.wait_stream(torch.cuda.current_stream(ids.device))
+        with torch.cuda.stream(side):
+            logits = step().clone()
+        torch.cuda.current_stream(ids.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # Capture records the step without running it: the caches keep what the warm-up wrote.
+        with torch.cuda.graph(graph):
+            static_logits = step()
+        return cls(graph, ids_, length, start, static_logits), logits
+
+    def replay(self, ids: torch.Tensor, length: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        self.ids.copy_(ids)
+        self.length.copy_(length)
+        self.start.copy_(start)
+        self.graph.replay()
+        return self.logits.clone()
 
 
 def _call_tensors(bound: inspect.BoundArguments) -> tuple:

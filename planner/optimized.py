@@ -205,6 +205,8 @@ class OptimizedModel(torch.nn.Module):
             else:
                 for line in _decode_plan_lines(generator):
                     self._note(line)
+            if generator.graph_failure:
+                self._note(f"decoding steps run uncaptured (no CUDA graph): {generator.graph_failure}")
         return generators[state]
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None):

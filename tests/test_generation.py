@@ -147,3 +147,36 @@ def test_a_step_that_does_not_carry_positions_is_caught_and_recomputed(dtype):
             logits, state = fast.decode(state, tokens[:, step])
             torch.testing.assert_close(logits, model(tokens[:, :step + 1])[:, -1])
     assert any("did not reproduce the model's forward" in note for note in fast.report.notes), fast.report.notes
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["llama", "mistral", "gemma2"])
+def test_cuda_graph_steps_equal_uncaptured_steps_on_the_gpu(kind):
+    """A one-token step replayed from a CUDA graph gives the logits of the same step run op by op, every step, for a
+    left-padded batch, and generate gives the same tokens either way."""
+    model = _build(kind).cuda()
+    fast = planner.optimize(model, "1k", device="cuda")
+    prompt = torch.randint(0, 97, (3, 21), device="cuda")
+    mask = torch.ones_like(prompt)
+    mask[1, :4] = 0
+    mask[2, :9] = 0
+    generator = fast._generator()
+    assert generator.graph_failure is None and generator.cuda_graphs
+    steps = torch.randint(0, 97, (3, 40), device="cuda")
+    with torch.no_grad():
+        graphed = fast.prefill(prompt, mask)
+        generator.cuda_graphs = False
+        eager = fast.prefill(prompt, mask)
+        for step in range(steps.shape[1]):
+            generator.cuda_graphs = True
+            logits, graphed = fast.decode(graphed, steps[:, step])
+            generator.cuda_graphs = False
+            expected, eager = fast.decode(eager, steps[:, step])
+            torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+        generator.cuda_graphs = True
+    assert graphed.step_graph is not None and eager.step_graph is None
+    assert _decodes_from_caches(fast), fast.report.notes
+    got = fast.generate(prompt, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    generator.cuda_graphs = False
+    expected = fast.generate(prompt, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, expected)
