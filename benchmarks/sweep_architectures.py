@@ -410,7 +410,20 @@ def run_case(model_type: str, implementation: str, head: str = None, auto_name: 
         result["frames"]["harness"] = _innermost_frame(error)
     result["seconds"] = round(time.time() - started, 1)
     result["finished"] = time.strftime("%H:%M:%S", time.gmtime())
+    result["revision"] = _revision()
     return result
+
+
+def _revision() -> str:
+    """The git revision the case ran at, marked '+dirty' where product files differed from it."""
+    try:
+        revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                  cwd=str(REPO)).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", *PRODUCT_DIRS], capture_output=True, text=True,
+                               cwd=str(REPO)).stdout.strip()
+        return revision + ("+dirty" if dirty else "")
+    except Exception:
+        return "?"
 
 
 def _run_case(model_type, implementation, head, auto_name, result, find_from_report=False):
@@ -771,6 +784,16 @@ def render(records: list[dict], command: str, table: Path, expected: Optional[li
         f"git revision {revision}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
         + (f"; product files changed in the working tree while it ran: {', '.join(dirty)}" if dirty else "") + ".",
         f"`optimize` returned: {', '.join(fast_types) or '-'}.",
+    ]
+    by_revision: dict = {}
+    for record in records:
+        by_revision.setdefault(record.get("revision") or "?", []).append(record)
+    if len(by_revision) > 1:
+        lines.append("Rows by the revision they ran at: " + "; ".join(
+            f"{revision}: {len(group)} cases"
+            + (f" ({', '.join(sorted({r['arch'] for r in group}))})" if len(group) <= 40 else "")
+            for revision, group in sorted(by_revision.items(), key=lambda item: -len(item[1]))) + ".")
+    lines += [
         f"Command: `{command}`",
         "",
         f"Each family is built from its default config shrunk to 2 layers (hidden 64, 4 heads, 2 kv heads, head dim 16,"
