@@ -21,7 +21,6 @@ from typing import Any, Callable, Optional, Union
 
 import sympy
 
-from backends.hardware import DeviceSpec
 
 Number = Union[int, float, sympy.Expr]
 
@@ -97,7 +96,7 @@ def work_for_head_dim(work: str, head_dim: int) -> str:
     return f"{work}@d{SMALL_HEAD_DIM}" if int(head_dim) <= SMALL_HEAD_DIM else work
 
 
-def time_expression(costs: Costs, device: DeviceSpec, dtype: str) -> sympy.Expr:
+def time_expression(costs: Costs, device: Any, dtype: str) -> sympy.Expr:
     """Roofline: the largest of compute, memory and communication time at the achievable fractions of the peaks,
     plus the launches. Ring transfers overlap compute (double buffering), hence a max and not a sum."""
     compute = sympy.sympify(costs.flops) / (device.peak_flops(dtype) * device.efficiency_of(costs.work))

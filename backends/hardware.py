@@ -13,6 +13,7 @@ from typing import Union
 
 import torch
 
+from backends.registry import default_efficiency
 from passes.errors import InvalidArgumentError, UnknownDeviceError
 
 TERA = 1e12
@@ -23,29 +24,17 @@ MEBI = 2**20
 
 # Achievable fractions of the peaks, per kind of work, before measurement: leads, not measurements (except where
 # backends/devices.py's built-in measurements replace them). Keys: "matmul" (cuBLAS-class products), "memory"
-# (streaming copies), "interconnect" (ring transfers), and one per kernel: SDPA's "sdpa-flash", "sdpa-cudnn",
-# "sdpa-efficient", "sdpa-cpu-flash"; ours "flash", "sliding_window", "blockwise", "blockwise-sdpa", "ring",
-# "linear", "ssd", "hyper". Kernel efficiencies are of the useful FLOPs (skipped blocks are not counted).
-HOPPER_EFFICIENCY = {
-    "matmul": 0.75, "memory": 0.85, "interconnect": 0.8,
-    "sdpa-flash": 0.34, "sdpa-cudnn": 0.58, "sdpa-efficient": 0.2,
-    "flash": 0.5, "sliding_window": 0.5, "blockwise": 0.05, "blockwise-sdpa": 0.05, "ring": 0.45,
-    "linear": 0.05, "ssd": 0.05, "hyper": 0.15,
+# (streaming copies), "interconnect" (ring transfers), and one per kernel, which each variant's rule.py gives
+# ("sdpa-flash", "flash", "blockwise", "ring", ...). Kernel efficiencies are of the useful FLOPs (skipped blocks are
+# not counted).
+_CEILINGS = {
+    "hopper": {"matmul": 0.75, "memory": 0.85, "interconnect": 0.8},
+    "ampere": {"matmul": 0.8, "memory": 0.85, "interconnect": 0.8},
+    "cpu": {"matmul": 0.5, "memory": 0.5, "interconnect": 0.5},
 }
-AMPERE_EFFICIENCY = {
-    "matmul": 0.8, "memory": 0.85, "interconnect": 0.8,
-    "sdpa-flash": 0.6, "sdpa-cudnn": 0.5, "sdpa-efficient": 0.4,
-    "flash": 0.5, "sliding_window": 0.45, "blockwise": 0.05, "blockwise-sdpa": 0.05, "ring": 0.45,
-    "linear": 0.08, "ssd": 0.08, "hyper": 0.15,
-}
-CPU_EFFICIENCY = {
-    "matmul": 0.5, "memory": 0.5, "interconnect": 0.5,
-    "sdpa-flash": 0.3, "sdpa-cudnn": 0.3, "sdpa-efficient": 0.3, "sdpa-cpu-flash": 0.3,
-    "flash": 0.3, "sliding_window": 0.3, "blockwise": 0.25, "blockwise-sdpa": 0.3, "ring": 0.25,
-    "linear": 0.1, "ssd": 0.1, "hyper": 0.1,
-}
-FAMILY_EFFICIENCY = {"hopper": HOPPER_EFFICIENCY, "ampere": AMPERE_EFFICIENCY, "ada": AMPERE_EFFICIENCY,
-                     "cpu": CPU_EFFICIENCY}
+FAMILY_EFFICIENCY = {family: {**_CEILINGS[family], **default_efficiency(family)} for family in _CEILINGS}
+FAMILY_EFFICIENCY["ada"] = FAMILY_EFFICIENCY["ampere"]
+HOPPER_EFFICIENCY, AMPERE_EFFICIENCY, CPU_EFFICIENCY = (FAMILY_EFFICIENCY[name] for name in ("hopper", "ampere", "cpu"))
 
 
 @dataclass(frozen=True)

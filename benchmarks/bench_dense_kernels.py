@@ -13,7 +13,7 @@ import triton.testing
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import backends
-from backends.registry import sdpa_preferring_cudnn
+from backends.dense.rule import sdpa_preferring_cudnn
 
 
 def bench(function) -> float:

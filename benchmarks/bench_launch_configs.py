@@ -15,7 +15,7 @@ import torch
 import triton
 
 from backends.flash import triton as flash_triton
-from backends.registry import sdpa_preferring_cudnn
+from backends.dense.rule import sdpa_preferring_cudnn
 
 D64_CONFIGS = ((128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 128, 4, 3), (64, 64, 4, 3),
                (64, 128, 4, 2), (128, 128, 4, 3))

@@ -56,7 +56,7 @@ def main() -> int:
                 torch.cuda.empty_cache()
             shape = calibration.reference_shape(length, probe.implementation, window=window,
                                                 mask_tensor=probe.mask_tensor)
-            costs = calibration._cost_module(probe.module).costs(shape)
+            costs = probe.costs(shape)
             estimates = [evaluate(time_expression(costs, spec, "bfloat16"), length)
                          for spec in (leads, builtin, calibrated)]
             flops = evaluate(costs.flops, length)

@@ -16,12 +16,10 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
-import backends
 from backends.devices import (  # noqa: F401  (the measured figures and their arithmetic, re-exported)
     BUILTIN_MEASUREMENTS,
     SCHEMA_VERSION,
     DeviceSpec,
-    _cost_module,
     _value,
     apply_saved_calibration,
     builtin_calibration,
@@ -31,6 +29,8 @@ from backends.devices import (  # noqa: F401  (the measured figures and their ar
     kernel_efficiency,
     reference_shape,
 )
+from backends import registry
+from backends.registry import KernelProbe
 from passes.errors import InvalidArgumentError
 
 
@@ -65,72 +65,9 @@ def measure_copy(device: torch.device, megabytes: int) -> float:
     return 2 * source.numel() / seconds
 
 
-@dataclasses.dataclass(frozen=True)
-class KernelProbe:
-    """One kernel to time: its efficiency key, the cost module and implementation that model it, and a factory
-    that returns the call to time for (q, k, v)."""
-
-    work: str
-    module: str
-    implementation: str
-    call: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Callable[[], Any]]
-    window: Optional[int] = None
-    gpu_only: bool = True
-    mask_tensor: bool = False
-
-
-def _sdpa_backend_call(backend_name: str):
-    def factory(q, k, v):
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        backend = getattr(SDPBackend, backend_name)
-
-        def call():
-            with sdpa_kernel([backend]):
-                return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return call
-    return factory
-
-
-def _sdpa_masked_call(q, k, v):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    length = q.shape[2]
-    mask = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
-
-    def call():
-        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
-            return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return call
-
-
-def _backend_call(name: str, **keywords):
-    def factory(q, k, v):
-        function = getattr(backends, name)
-        return lambda: function(q, k, v, **keywords)
-    return factory
-
-
 def default_probes(device: torch.device) -> list[KernelProbe]:
-    """The kernels calibrate() times on `device`."""
-    probes = [
-        KernelProbe("sdpa-flash", "backends.dense.cost", "sdpa-flash", _sdpa_backend_call("FLASH_ATTENTION")),
-        KernelProbe("sdpa-cudnn", "backends.dense.cost", "sdpa-cudnn", _sdpa_backend_call("CUDNN_ATTENTION")),
-        KernelProbe("sdpa-efficient", "backends.dense.cost", "sdpa-efficient", _sdpa_masked_call, mask_tensor=True),
-        KernelProbe("flash", "backends.flash.cost", "triton", _backend_call("flash_attention", causal=True)),
-        KernelProbe("sliding_window", "backends.sliding_window.cost", "triton",
-                    lambda q, k, v: _backend_call("sliding_window_attention", window=4096)(q, k, v), window=4096),
-        KernelProbe("linear", "backends.linear.cost", "triton", _backend_call("linear_attention")),
-        KernelProbe("hyper", "backends.hyper.cost", "triton", _backend_call("hyper_attention", causal=True)),
-        KernelProbe("sdpa-cpu-flash", "backends.dense.cost", "sdpa-cpu-flash",
-                    lambda q, k, v: (lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v,
-                                                                                             is_causal=True)),
-                    gpu_only=False),
-        KernelProbe("blockwise-sdpa", "backends.flash.cost", "blockwise-sdpa",
-                    _backend_call("flash_attention", causal=True, impl="blockwise"), gpu_only=False),
-    ]
-    on_gpu = device.type == "cuda"
-    return [probe for probe in probes if probe.gpu_only == on_gpu]
+    """The kernels calibrate() times on `device` (each variant's rule.py names its own)."""
+    return registry.probes(device.type == "cuda")
 
 
 def calibrate(
@@ -194,7 +131,7 @@ def calibrate(
                     break
                 shape = reference_shape(length, probe.implementation, window=probe.window, heads=heads,
                                         head_dim=probe_head_dim, dtype=dtype_name, mask_tensor=probe.mask_tensor)
-                costs = _cost_module(probe.module).costs(shape)
+                costs = probe.costs(shape)
                 value = kernel_efficiency(measured, costs, length, seconds, dtype_name)
                 by_work.setdefault(work, []).append(value)
                 records.append({"work": work, "length": length, "seconds": seconds,

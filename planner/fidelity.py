@@ -32,8 +32,8 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 import torch
 import torch.utils._pytree as pytree
 
-from backends.flash.op import tiled_attention
-from backends.registry import HYPER_DEFAULTS, VARIANTS
+from backends.registry import VARIANTS
+from backends.sliding_window.rule import window_bound_check  # noqa: F401  (re-exported)
 from passes.errors import InvalidArgumentError
 from passes.records import AttentionSite, Candidate, Plan, SiteDecision
 from passes.rewrite import prepare_inputs, rewrite_sites
@@ -52,7 +52,6 @@ DISTRIBUTION_KEYS = ("kl_mean", "kl_p99", "top1")
 EMBEDDING_KEYS = ("cosine_mean", "cosine_min")
 SITE_KEYS = ("site_rel_error", "site_cosine")
 MEASURED_CLASSES = ("approximate",)  # what calibrate_plan measures; "retrain" sites are planner.linearize's
-BOUND_SLACK = 1e-4  # relative slack for rounding when checking the window bound
 
 
 Batch = Union[torch.Tensor, tuple, list, dict]
@@ -267,8 +266,8 @@ def candidate_label(candidate: Optional[Candidate]) -> str:
     """'sliding_window(W=64, sinks=4)', 'hyper(block_size=8, ...)', 'flash', 'dense'."""
     if candidate is None:
         return "dense"
-    shown = {"sliding_window": ("window", "sinks"),
-             "hyper": ("block_size", "sample_size", "num_projections", "min_seq_len")}.get(candidate.variant, ())
+    variant = VARIANTS.get(candidate.variant)
+    shown = variant.fidelity.shown if variant is not None else ()
     parameters = [f"{'W' if name == 'window' else name}={candidate.parameter(name)}" for name in shown
                   if candidate.parameter(name) is not None]
     return f"{candidate.variant}({', '.join(parameters)})" if parameters else candidate.variant
@@ -307,11 +306,9 @@ def make_candidate(variant: str, exactness: str = "approximate", implementation:
                    **parameters: Any) -> Candidate:
     """A Candidate built by hand, to measure a variant with chosen parameters (e.g. make_candidate(
     "sliding_window", window=64, sinks=4), make_candidate("hyper", block_size=16, min_seq_len=32))."""
-    if variant == "sliding_window":
-        parameters.setdefault("sinks", 0)
-        parameters.setdefault("imposed", True)
-    if variant == "hyper":
-        parameters = {**dict(HYPER_DEFAULTS), **parameters}
+    rule = VARIANTS.get(variant)
+    for name, value in rule.fidelity.defaults if rule is not None else ():
+        parameters.setdefault(name, value)
     return Candidate(variant=variant, implementation=implementation, exactness=exactness, time_s=None,
                      memory_bytes=None, feasible=True, reason="built by hand for a measurement",
                      parameters=tuple(parameters.items()))
@@ -499,53 +496,16 @@ class Calibrator:
         mass and bound for a sliding window)."""
         end_to_end, tapped = self.run({site_name: candidate}, tap_sites=(site_name,))
         error = site_error(self.reference_sites[site_name], tapped[site_name])
-        if candidate.variant == "sliding_window" and error.finite and (site_name, "query") in self.reference_inputs:
-            error = dataclasses.replace(error, **self.window_bound(site_name, candidate))
+        bound = VARIANTS[candidate.variant].fidelity.bound if candidate.variant in VARIANTS else None
+        if bound is not None and error.finite and (site_name, "query") in self.reference_inputs:
+            error = dataclasses.replace(error, **bound(self.by_name[site_name], self.recorded(site_name), candidate))
         return end_to_end, error
 
-    def window_bound(self, site_name: str, candidate: Candidate) -> dict:
-        """The mass a window keeps and the bound ||o - o_w|| <= 2 (1 - m_w) max||v||, checked per query on the
-        calibration batches (o and o_w computed from the site's recorded q, k, v by the tiled op)."""
-        site, inputs = self.by_name[site_name], self.reference_inputs
-        window, sinks = int(candidate.parameter("window")), int(candidate.parameter("sinks", 0) or 0)
-        masses, bound_max, error_max, holds = [], 0.0, 0.0, True
-        for index, query in enumerate(inputs[(site_name, "query")]):
-            def recorded(role):
-                return inputs[(site_name, role)][index] if (site_name, role) in inputs else None
-
-            check = window_bound_check(site, query, recorded("key"), recorded("value"), window, sinks,
-                                       recorded("key_padding"), recorded("mask"))
-            masses.append(check["mass"].flatten())
-            holds = holds and check["holds"]
-            bound_max = max(bound_max, float(check["bound"].max()))
-            error_max = max(error_max, float(check["error"].max()))
-        mass = torch.cat(masses)
-        return dict(mass_kept_mean=float(mass.mean()), mass_kept_min=float(mass.min()), error_norm_max=error_max,
-                    bound_max=bound_max, bound_holds=holds)
-
-
-def window_bound_check(site: AttentionSite, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                       window: int, sinks: int, key_padding_mask: Optional[torch.Tensor] = None,
-                       attn_mask: Optional[torch.Tensor] = None) -> dict:
-    """For one batch of a site's q, k, v (batch, heads, sequence, head_dim), per query (batch, heads, queries):
-    "mass": the softmax mass m_w that a window of `window` keys plus the first `sinks` keys keeps, from the tiled
-    op's log-sum-exps (linear memory): m_w = exp(lse_window - lse_full); "bound": 2 (1 - m_w) max_j ||v_j||;
-    "error": ||o - o_w||; "holds": error <= bound (+ rounding slack) for every query."""
-    options = dict(causal=site.mask.is_causal, scale=site.effective_scale(), key_padding_mask=key_padding_mask,
-                   attn_mask=attn_mask, return_lse=True)
-    if site.mask.kind == "sliding_window" and site.mask.window is not None:
-        options["window"] = site.mask.window  # the site's own window belongs to the original
-    original, lse_full = tiled_attention(query, key, value, **options)
-    options["window"] = min(window, options.get("window") or window)
-    windowed, lse_window = tiled_attention(query, key, value, sinks=sinks, **options)
-    mass = torch.exp(lse_window.double() - lse_full.double())
-    mass = torch.where(torch.isfinite(lse_full), mass, torch.ones_like(mass))  # a row with no key loses nothing
-    groups = query.shape[1] // value.shape[1]
-    value_norm = value.double().norm(dim=-1).amax(dim=-1).repeat_interleave(groups, dim=1)  # (batch, heads)
-    bound = 2.0 * (1.0 - mass).clamp_min(0.0) * value_norm[..., None]
-    error = (windowed.double() - original.double()).norm(dim=-1)
-    slack = BOUND_SLACK * (1.0 + original.double().norm(dim=-1))
-    return {"mass": mass, "bound": bound, "error": error, "holds": bool((error <= bound + slack).all())}
+    def recorded(self, site_name: str) -> list[dict]:
+        """The site's recorded inputs, one {role: tensor} per calibration batch."""
+        roles = [role for name, role in self.reference_inputs if name == site_name]
+        batches = len(self.reference_inputs[(site_name, "query")])
+        return [{role: self.reference_inputs[(site_name, role)][index] for role in roles} for index in range(batches)]
 
 
 def percentile(values: torch.Tensor, fraction: float) -> float:
@@ -611,16 +571,9 @@ def unmeasured_reason(candidate: Candidate, calibration_length: Optional[int]) -
     None. Such a candidate is refused: passing it would let an approximation through unmeasured."""
     if calibration_length is None:
         return None
-    if candidate.variant == "sliding_window":
-        window, sinks = candidate.parameter("window"), int(candidate.parameter("sinks", 0) or 0)
-        if window is not None and window + sinks >= calibration_length:
-            return (f"the window ({window} keys + {sinks} sinks) covers all {calibration_length} keys of the "
-                    "calibration batches, so they cannot measure it; calibrate at the deployment length")
-    if candidate.variant == "hyper":
-        minimum = candidate.parameter("min_seq_len")
-        if minimum is not None and calibration_length <= int(minimum):
-            return (f"HyperAttention is exact up to min_seq_len={minimum} keys and the calibration batches have "
-                    f"{calibration_length}; calibrate at the deployment length")
+    variant = VARIANTS.get(candidate.variant)
+    if variant is not None and variant.fidelity.unmeasured is not None:
+        return variant.fidelity.unmeasured(candidate, calibration_length)
     return None
 
 

@@ -397,7 +397,7 @@ def _with_caches(graph_module: torch.fx.GraphModule, sites: list[AttentionSite],
         with graph.inserting_before(node):
             emitted, extra = prepare_inputs(graph, site, nodes)
             everything = {**nodes, **extra}
-            from backends.registry import _emit_sink_logits
+            from backends.flash.rule import emit_sink_logits as _emit_sink_logits
 
             arguments = (
                 everything[emitted.query], everything[emitted.key], everything[emitted.value],

@@ -159,16 +159,18 @@ def cost_shape(site: AttentionSite, max_len: int, variant: str = ORIGINAL, offer
     window = offer.parameter("window")
     if window is None and mask.kind == "sliding_window" and variant != ORIGINAL:
         window = mask.window  # the original has no window of its own: SDPA reads it from the mask tensor
+    rule = VARIANTS.get(variant)
     if variant == ORIGINAL:
         mask_tensor = mask.tensor is not None
-    elif variant in ("flash", "sliding_window"):
+    elif rule is not None and rule.keeps_mask:
         mask_tensor = keeps_mask_tensor(site) and mask.tensor is not None
     else:
         mask_tensor = False
     return CostShape(
         batch=other(site.batch), heads=site.heads, kv_heads=site.kv_heads, head_dim=site.head_dim,
         value_dim=site.value_dim, q_len=length(site.q_len), kv_len=length(site.kv_len), dtype=site.dtype,
-        causal=mask.is_causal, window=window, world_size=world_size if variant == "ring" else 1, form=site.form,
+        causal=mask.is_causal, window=window, form=site.form,
+        world_size=world_size if rule is not None and rule.sharded else 1,
         implementation=offer.implementation, mask_tensor=mask_tensor,
         mask_bytes=1 if site.form == "sdpa" else _dtype_bytes(site.dtype), sinks=int(offer.parameter("sinks", 0)),
         options=tuple((name, value) for name, value in offer.parameters if isinstance(value, (int, float))),
@@ -235,7 +237,7 @@ def _estimate(variant, offer: Offer, site: AttentionSite, context: PlanContext, 
         reason = (f"{offer.exactness}: not under policy {context.policy!r} ({format_seconds(time_s)}, "
                   f"{format_bytes(memory_bytes)} extra at {max_len:,} tokens)")
         feasible = False
-    elif context.world_size > 1 and variant.name != "ring":
+    elif context.world_size > 1 and not variant.sharded:
         reason = (f"world_size={context.world_size} shards the sequence, so every site runs ring attention (on one "
                   f"device: {format_seconds(time_s)}, {format_bytes(memory_bytes)} extra)")
         feasible = False

@@ -286,7 +286,7 @@ def test_training_counts_every_intermediate_and_the_saved_attention(tiny_capture
 
 def test_sdpa_preferring_cudnn_takes_grouped_heads_without_repeating_them():
     """The sdpa_cudnn rewrite hands grouped k/v to SDPA with enable_gqa: same result as repeating them."""
-    from backends.registry import sdpa_preferring_cudnn
+    from backends.dense.rule import sdpa_preferring_cudnn
 
     q = torch.randn(2, 8, 33, 16, dtype=torch.float64)
     k, v = (torch.randn(2, 2, 33, 16, dtype=torch.float64) for _ in range(2))
