@@ -12,7 +12,7 @@ _PUBLIC = {
     "sliding_window_attention": "backends.sliding_window.op",
     "ring_attention": "backends.ring.op",
     "linear_attention": "backends.linear.op",
-    "ssd": "backends.ssd.op",
+    "ssd": "backends.mamba2.op",
     "hyper_attention": "backends.hyper.op",
     "decode_attention": "backends.decode.op",
     "DecodeOptions": "backends.decode.op",

@@ -52,7 +52,7 @@ H200_KERNELS: tuple = (
     # Ours (benchmarks/RESULTS.md, "Linear attention, Mamba-2 SSD, HyperAttention", revision 68da512): linear
     # attention without decay (chunk 64), SSD (chunk 256).
     ("linear", "backends.linear.cost", "triton", True, None, 131072, 3.01e-3),
-    ("ssd", "backends.ssd.cost", "triton", True, None, 131072, 2.92e-3),
+    ("ssd", "backends.mamba2.cost", "triton", True, None, 131072, 2.92e-3),
     # HyperAttention causal, inference path with Triton gathers and ranks (RESULTS.md, "HyperAttention causal at
     # 128k", revision 5554c1b).
     ("hyper", "backends.hyper.cost", "triton", True, None, 131072, 39.49e-3),

@@ -22,7 +22,7 @@ from backends.hyper.rule import HYPER
 from backends.linear.rule import LINEAR
 from backends.ring.rule import RING
 from backends.sliding_window.rule import SLIDING_WINDOW
-from backends.ssd.rule import SSD
+from backends.mamba2.rule import SSD
 from backends.variant import (  # noqa: F401  (what the planner asks of a variant)
     EXACTNESS_ALLOWED,
     KernelProbe,

@@ -28,7 +28,7 @@ from backends.hyper.naive import hyper_attention_naive
 from backends.linear import chunk as linear_chunk
 from backends.linear.naive import linear_attention_naive
 from backends.linear.op import linear_attention_recurrent_op
-from backends.ssd.naive import ssd_naive
+from backends.mamba2.naive import ssd_naive
 
 START = time.time()
 RESULTS: dict = {"correctness": {}, "sweep": {}, "timings": {}, "hyper": {}, "fla": {}}

@@ -20,7 +20,7 @@ from backends.hyper import cost as hyper_cost
 from backends.linear import cost as linear_cost
 from backends.ring import cost as ring_cost
 from backends.sliding_window import cost as window_cost
-from backends.ssd import cost as ssd_cost
+from backends.mamba2 import cost as ssd_cost
 from planner.calibration import builtin_calibration, kernel_efficiency, reference_shape
 from planner.costs import SEQUENCE_LENGTH as L
 from planner.costs import CostShape, Costs, evaluate, time_expression, visible_pairs

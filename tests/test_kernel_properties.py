@@ -37,7 +37,7 @@ from backends.ring.local import block_backward, block_forward
 from backends.ring.op import merge_block
 from backends.ring.schedule import ring_schedule
 from backends.sliding_window.naive import sliding_window_reference
-from backends.ssd.naive import ssd_naive
+from backends.mamba2.naive import ssd_naive
 from planner.errors import BackendError
 
 TRITON = torch.cuda.is_available() or interpreting()
@@ -663,7 +663,7 @@ def _check_ssd(case: SSDCase, impl: str) -> None:
     leaves = _differentiable(_ssd_inputs(case), dtype, case.transposed, KERNEL_DEVICE if impl == "triton" else None)
     reference_leaves = _as_reference(leaves)
     names = ("x", "dt", "A", "B", "C")
-    patch = mock.patch("backends.ssd.op.triton_usable", lambda tensor: False) if impl == "fallback" else \
+    patch = mock.patch("backends.mamba2.op.triton_usable", lambda tensor: False) if impl == "fallback" else \
         contextlib.nullcontext()
     with patch:
         y, state = backends.ssd(*(leaves[name] for name in names), chunk_size=case.chunk_size,

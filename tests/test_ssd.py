@@ -5,9 +5,9 @@ import torch
 
 import backends
 from backends.linear.naive import linear_attention_naive
-from backends.ssd.mixer import Mamba2Mixer
-from backends.ssd.naive import ssd_naive
-from backends.ssd.op import ssd_op, ssd_recurrent_op
+from backends.mamba2.mixer import Mamba2Mixer
+from backends.mamba2.naive import ssd_naive
+from backends.mamba2.op import ssd_op, ssd_recurrent_op
 from planner.errors import BackendError
 
 

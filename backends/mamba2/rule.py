@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from backends.ssd import cost
+from backends.mamba2 import cost
 from backends.variant import Variant, retrain_offer
 
 SSD_INITIAL_DECAY = -1.0 / 4096  # A: a slow decay (half-life ~2.8k positions) to start training from
@@ -13,7 +13,7 @@ SSD_INITIAL_DECAY = -1.0 / 4096  # A: a slow decay (half-life ~2.8k positions) t
 def ssd_from_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """SSD in attention's roles (C = q, B = k, x = v), dt = 1 and a constant slow decay per head: the starting
     point of a retrained state-space layer, not an approximation of the softmax."""
-    from backends.ssd.op import ssd
+    from backends.mamba2.op import ssd
 
     batch, heads, length, _ = query.shape
     groups = heads // key.shape[1]

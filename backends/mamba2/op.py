@@ -12,9 +12,9 @@ import torch
 
 from backends.linear.chunk import accumulator_dtype
 from backends.linear.naive import linear_attention_naive_backward
-from backends.ssd.chunk import ssd_chunk_backward, ssd_chunk_forward
-from backends.ssd.naive import ssd_naive
-from backends.ssd.recurrent import ssd_recurrent_forward
+from backends.mamba2.chunk import ssd_chunk_backward, ssd_chunk_forward
+from backends.mamba2.naive import ssd_naive
+from backends.mamba2.recurrent import ssd_recurrent_forward
 from backends.common import contiguous_or_none, triton_usable
 from passes.errors import BackendError
 
@@ -198,7 +198,7 @@ def ssd(
         initial_state: (batch, heads, head_dim, state_dim), Mamba-2's state layout.
         return_state: also return the final state (float32; float64 for float64 x), for the next call.
 
-    No D skip term, no gating: the mixer (backends/ssd/mixer.py) adds those around this op. Without gradients,
+    No D skip term, no gating: the mixer (backends/mamba2/mixer.py) adds those around this op. Without gradients,
     sequences of at most 16 positions run the recurrent (decoding) kernel, which gives the same results.
     """
     validate_ssd_inputs(x, dt, A, B, C, initial_state, chunk_size)

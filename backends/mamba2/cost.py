@@ -1,4 +1,4 @@
-"""Costs of Mamba-2's state-space duality (backends/ssd) standing in for softmax attention (the retrain class):
+"""Costs of Mamba-2's state-space duality (backends/mamba2) standing in for softmax attention (the retrain class):
 C plays q, B plays k (state dim N = the site's head dim), x·dt plays v (head dim P = the site's value dim), a scalar
 decay per head and position; chunks of 256 positions.
 """

@@ -11,7 +11,7 @@ import torch
 
 from backends.linear.chunk import accumulator_dtype
 from backends.linear.recurrent import recurrent_forward
-from backends.ssd.chunk import ssd_log_decay
+from backends.mamba2.chunk import ssd_log_decay
 
 
 def ssd_recurrent_forward(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backends.ssd.op import ssd
+from backends.mamba2.op import ssd
 
 
 class GatedRMSNorm(nn.Module):
