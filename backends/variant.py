@@ -83,10 +83,10 @@ class Fidelity:
 
     shown: the parameters a candidate's label shows ("sliding_window(W=64, sinks=4)").
     defaults: the parameters of a candidate built by hand (make_candidate) that the caller does not give.
-    unmeasured(candidate, calibration_length): why batches of that length cannot exercise the candidate (it is
+    unmeasured(candidate, sample_length): why batches of that length cannot exercise the candidate (it is
         exact there), or None.
     bound(site, batches, candidate): extra figures of a site's error (a dict of SiteError fields), from the site's
-        recorded inputs, one {role: tensor} per calibration batch."""
+        recorded inputs, one {role: tensor} per sample batch."""
 
     shown: tuple = ()
     defaults: tuple = ()

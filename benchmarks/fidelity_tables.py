@@ -22,7 +22,7 @@ import planner  # noqa: E402,F401
 from passes.capture import capture  # noqa: E402
 from passes.match import find_sites  # noqa: E402
 from planner.devices import device_spec  # noqa: E402
-from planner.fidelity import (Calibrator, calibrate_plan, describe_end_to_end, make_candidate,  # noqa: E402
+from planner.fidelity import (SampleRunner, measure_plan, describe_end_to_end, make_candidate,  # noqa: E402
                               measure_variants, rewrite_copy)
 from planner.linearize import linearize  # noqa: E402
 from planner.plan import make_plan  # noqa: E402
@@ -61,24 +61,24 @@ def passkey_tables(linearize_steps: int, finetune_steps: int) -> None:
     captured = capture(model, (ids[:2],))
     graph_module, sites = captured.graph_module, find_sites(captured.graph_module)
     calibration = [ids[index:index + 8] for index in range(0, 32, 8)]
-    calibrator = Calibrator(graph_module, sites, calibration, compare=("logits",), tap_inputs=False)
+    runner = SampleRunner(graph_module, sites, calibration, compare=("logits",), tap_inputs=False)
 
     def row(label: str, module) -> None:
         try:
             accuracy = passkey.recall_accuracy(module, *data, batch_size=16)
             with torch.no_grad():
-                outputs = [module(*args) for args, _ in calibrator.batches]
+                outputs = [module(*args) for args, _ in runner.batches]
         except Exception as failure:
             print(f"| {label} | raised {type(failure).__name__}: {str(failure).splitlines()[0][:80]} | | | |")
             return
-        end_to_end = calibrator.compare_outputs(outputs)
+        end_to_end = runner.compare_outputs(outputs)
         print(f"| {label} | {accuracy:.3f} | {end_to_end.kl_mean:.4f} | {end_to_end.kl_p99:.3f} | "
               f"{end_to_end.top1:.4f} |")
 
     print(f"\n### passkey DemoLlama ({passkey.CONFIG.num_layers} layers, hidden {passkey.CONFIG.hidden_size}, "
           f"{sum(p.numel() for p in model.parameters()) / 1e3:.0f}k parameters): recall at distance >= "
           f"{passkey.MIN_EVAL_DISTANCE} ({data[2].numel()} queries, chance {1 / passkey.VALUE_COUNT:.3f}); KL and "
-          f"top-1 vs the original over {calibrator.positions} positions of 32 sequences x "
+          f"top-1 vs the original over {runner.positions} positions of 32 sequences x "
           f"{passkey.SEQUENCE_LENGTH} tokens; every layer rewritten\n")
     print("| variant | recall | KL mean | KL p99 | top-1 |\n|---|---|---|---|---|")
     row("original", model)
@@ -113,7 +113,7 @@ def passkey_tables(linearize_steps: int, finetune_steps: int) -> None:
 
     for tolerance in ({"kl_mean": 0.01, "kl_p99": 0.1, "top1": 0.99}, {"kl_mean": 0.05}):
         plan = make_plan(sites, device_spec("h200"), "approximate", 32768, window=64, sinks=4)
-        _, report = calibrate_plan(graph_module, plan, calibration[:2], tolerance)
+        _, report = measure_plan(graph_module, plan, calibration[:2], tolerance)
         print(f"\n```\n{report.summary()}\n```")
 
 

@@ -54,8 +54,9 @@ def optimize(
     window: Optional[int] = None,
     sinks: int = 0,
     tolerance: Optional[Mapping[str, float]] = None,
-    calibration: Any = None,
+    samples: Any = None,
     output: Optional[Callable[[Any], torch.Tensor]] = None,
+    calibration: Any = None,
 ) -> torch.nn.Module:
     """Find every softmax attention in `model`, plan each for `max_len` tokens on `device`, and rewrite it.
 
@@ -79,8 +80,10 @@ def optimize(
             or "contiguous".
         window, sinks: a sliding window (keys per query, plus sink tokens kept visible) to offer at sites without
             one: exact where it covers max_len, else approximate (needs policy="approximate").
-        tolerance, calibration: required by policy "approximate" and "any": nothing approximate is used unmeasured.
-            calibration is a list of input batches (a tensor, tuple or dict each) at the deployment length;
+        tolerance, samples: required by policy "approximate" and "any": nothing approximate is used unmeasured.
+            samples is a list of input batches (a tensor, tuple or dict each) at the deployment length, on which
+            approximations are measured (`calibration=` is an alias of `samples=`; timing a device is
+            planner.calibrate, a different thing);
             tolerance bounds the measured change, e.g. {"kl_mean": 0.01, "top1": 0.99} for logits or
             {"cosine_mean": 0.99} for embeddings (planner/fidelity.py lists the keys). Each approximate site is
             measured alone, switched greedily (least sensitive first), and the combination verified end to end;
@@ -92,8 +95,12 @@ def optimize(
         weights are on. A model with no attention comes back unchanged, with a report that says so.
     """
     # Arguments are checked before the (slow) capture, so a typo fails at once.
+    if samples is not None and calibration is not None:
+        raise InvalidArgumentError("samples= and calibration= name the same batches (calibration is the alias); "
+                                   "give one")
     options = PlanOptions.create(max_len, device, policy, train=train, variant=variant, window=window, sinks=sinks,
-                                 tolerance=tolerance, calibration=calibration, output=output)
+                                 tolerance=tolerance, calibration=samples if samples is not None else calibration,
+                                 output=output)
     if world_size != 1:
         if variant not in (None, "ring"):
             raise InvalidArgumentError(f"variant={variant!r} with world_size={world_size}: a sharded sequence runs "

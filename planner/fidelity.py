@@ -3,7 +3,7 @@
 A rewrite is exact (the function is kept up to floating point), approximate (same weights, the function
 approximated: a window imposed on full attention, with or without sink tokens; HyperAttention) or retrain (another
 architecture: linear attention, SSD; see planner/linearize.py). This module decides which approximate choices of a
-plan may stay, from measurements on calibration batches that the user gives:
+plan may stay, from measurements on sample batches that the user gives:
 
 per site (the site switched alone, so its inputs are the original's):
     max abs error, relative Frobenius error ||o - o'||_F / ||o||_F, mean cosine similarity of the output vectors;
@@ -13,9 +13,9 @@ end to end (the model's output against the original's):
     logits: mean and 99th percentile of KL(original || candidate) per position, top-1 agreement;
     embeddings (encoders): mean and smallest cosine similarity per output vector.
 
-`calibrate_plan` measures every approximate choice alone, switches sites greedily (least sensitive first), verifies
+`measure_plan` measures every approximate choice alone, switches sites greedily (least sensitive first), verifies
 every combination end to end (errors compound), and gives a site whose candidate breaks the tolerance, yields NaN or
-Inf, or cannot be exercised at the calibration length, exact attention instead; the FidelityReport has the numbers.
+Inf, or cannot be exercised at the sample length, exact attention instead; the FidelityReport has the numbers.
 The tolerance is explicit: there is no default that lets an approximation through unmeasured.
 
 Measurements rewrite a copy of the captured graph (copy.deepcopy, then the registry's emit with the candidate), and
@@ -51,7 +51,7 @@ TOLERANCE_KEYS: dict[str, tuple[str, str]] = {
 DISTRIBUTION_KEYS = ("kl_mean", "kl_p99", "top1")
 EMBEDDING_KEYS = ("cosine_mean", "cosine_min")
 SITE_KEYS = ("site_rel_error", "site_cosine")
-MEASURED_CLASSES = ("approximate",)  # what calibrate_plan measures; "retrain" sites are planner.linearize's
+MEASURED_CLASSES = ("approximate",)  # what measure_plan measures; "retrain" sites are planner.linearize's
 
 
 Batch = Union[torch.Tensor, tuple, list, dict]
@@ -87,32 +87,32 @@ def check_tolerance(tolerance: Optional[Mapping[str, float]]) -> dict[str, float
     return checked
 
 
-def require_calibration(policy: str, tolerance: Optional[Mapping[str, float]], calibration: Any) -> None:
-    """What optimize() calls first: a policy that admits approximations needs an explicit tolerance and calibration
+def require_samples(policy: str, tolerance: Optional[Mapping[str, float]], samples: Any) -> None:
+    """What optimize() calls first: a policy that admits approximations needs an explicit tolerance and samples
     batches, so that no approximation goes through unmeasured. Raises InvalidArgumentError otherwise."""
     if policy == "exact":
         return
-    missing = [name for name, value in (("tolerance", tolerance), ("calibration", calibration)) if value is None]
+    missing = [name for name, value in (("tolerance", tolerance), ("samples", samples)) if value is None]
     if missing:
         raise InvalidArgumentError(
             f"policy={policy!r} admits approximate rewrites, which are measured before they are used: pass "
-            f"{' and '.join(missing)} (e.g. tolerance={{'kl_mean': 0.01, 'top1': 0.99}}, calibration=[input_ids, "
+            f"{' and '.join(missing)} (e.g. tolerance={{'kl_mean': 0.01, 'top1': 0.99}}, samples=[input_ids, "
             "...] at the deployment length), or use policy='exact'")
     check_tolerance(tolerance)
 
 
-def as_batches(calibration: Any) -> list[tuple[tuple, dict]]:
+def as_batches(samples: Any) -> list[tuple[tuple, dict]]:
     """Calibration batches as (args, kwargs): each batch is a tensor (one input), a tuple/list (positional inputs)
     or a dict (keyword inputs)."""
-    if isinstance(calibration, (torch.Tensor, dict)):
-        calibration = [calibration]
+    if isinstance(samples, (torch.Tensor, dict)):
+        samples = [samples]
     try:
-        batches = list(calibration)
+        batches = list(samples)
     except TypeError:
-        raise InvalidArgumentError(f"calibration must be an iterable of batches (tensors, tuples or dicts); got "
-                                   f"{type(calibration).__name__}") from None
+        raise InvalidArgumentError(f"samples must be an iterable of batches (tensors, tuples or dicts); got "
+                                   f"{type(samples).__name__}") from None
     if not batches:
-        raise InvalidArgumentError("calibration holds no batch; give at least one (tensor, tuple or dict)")
+        raise InvalidArgumentError("samples holds no batch; give at least one (tensor, tuple or dict)")
     converted = []
     for index, batch in enumerate(batches):
         if isinstance(batch, torch.Tensor):
@@ -122,7 +122,7 @@ def as_batches(calibration: Any) -> list[tuple[tuple, dict]]:
         elif isinstance(batch, dict):
             converted.append(((), dict(batch)))
         else:
-            raise InvalidArgumentError(f"calibration batch {index} is a {type(batch).__name__}; accepted: a tensor, "
+            raise InvalidArgumentError(f"sample batch {index} is a {type(batch).__name__}; accepted: a tensor, "
                                        "a tuple/list of positional inputs, or a dict of keyword inputs")
     return converted
 
@@ -159,7 +159,7 @@ class SiteError:
 
 @dataclass(frozen=True)
 class EndToEnd:
-    """The model's output against the original's over all calibration positions (None: not requested)."""
+    """The model's output against the original's over all sample positions (None: not requested)."""
 
     positions: int
     finite: bool
@@ -204,12 +204,12 @@ class Step:
 
 @dataclass
 class FidelityReport:
-    """What calibrate_plan measured and decided (numbers in `trials`, `steps`, `final`)."""
+    """What measure_plan measured and decided (numbers in `trials`, `steps`, `final`)."""
 
     tolerance: dict
     batches: int
     positions: int
-    calibration_lengths: dict  # site name -> longest key length seen in the calibration batches
+    calibration_lengths: dict  # site name -> longest key length seen in the sample batches
     plan_max_len: Optional[int] = None
     trials: list = field(default_factory=list)
     steps: list = field(default_factory=list)
@@ -220,7 +220,7 @@ class FidelityReport:
 
     def summary(self) -> str:
         """A table for people: each trial, each greedy step, the final verification."""
-        lines = [f"fidelity: tolerance {format_tolerance(self.tolerance)}; {self.batches} calibration batch(es), "
+        lines = [f"fidelity: tolerance {format_tolerance(self.tolerance)}; {self.batches} sample batch(es), "
                  f"{self.positions} output positions"]
         if self.trials:
             lines.append("  each candidate alone:")
@@ -393,7 +393,7 @@ def _vector_cosines(reference: torch.Tensor, candidate: torch.Tensor) -> torch.T
 
 
 def site_error(reference: Sequence[torch.Tensor], candidate: Sequence[torch.Tensor]) -> SiteError:
-    """Errors of a site's output over the calibration batches (lists of (batch, heads, L, D) tensors)."""
+    """Errors of a site's output over the sample batches (lists of (batch, heads, L, D) tensors)."""
     finite = all(bool(torch.isfinite(tensor).all()) for tensor in candidate)
     if not finite:
         return SiteError(math.inf, math.inf, -1.0, False)
@@ -406,12 +406,12 @@ def site_error(reference: Sequence[torch.Tensor], candidate: Sequence[torch.Tens
     return SiteError(max_abs, relative, float(cosines.mean()), True)
 
 
-class Calibrator:
-    """Runs a captured graph and its rewritten copies on calibration batches and compares them with the original.
+class SampleRunner:
+    """Runs a captured graph and its rewritten copies on sample batches and compares them with the original.
 
     The original's outputs (end to end, and at every site) are computed once, at construction."""
 
-    def __init__(self, graph_module: torch.fx.GraphModule, sites: Sequence[AttentionSite], calibration: Any,
+    def __init__(self, graph_module: torch.fx.GraphModule, sites: Sequence[AttentionSite], samples: Any,
                  *, output: Optional[OutputFunction] = None, compare: Sequence[str] = ("logits",),
                  tap_inputs: bool = True):
         unknown = set(compare) - {"logits", "embedding"}
@@ -420,7 +420,7 @@ class Calibrator:
         self.graph_module = graph_module
         self.sites = [site for site in sites]
         self.by_name = {site.name: site for site in self.sites}
-        self.batches = as_batches(calibration)
+        self.batches = as_batches(samples)
         self.output = output or first_tensor
         self.compare = tuple(compare)
         self.reference_outputs, self.reference_sites, self.reference_inputs = self._run_reference(tap_inputs)
@@ -502,7 +502,7 @@ class Calibrator:
         return end_to_end, error
 
     def recorded(self, site_name: str) -> list[dict]:
-        """The site's recorded inputs, one {role: tensor} per calibration batch."""
+        """The site's recorded inputs, one {role: tensor} per sample batch."""
         roles = [role for name, role in self.reference_inputs if name == site_name]
         batches = len(self.reference_inputs[(site_name, "query")])
         return [{role: self.reference_inputs[(site_name, role)][index] for role in roles} for index in range(batches)]
@@ -566,14 +566,14 @@ def sensitivity(tolerance: Mapping[str, float], end_to_end: EndToEnd) -> float:
     return max(ratios) if end_to_end.finite else math.inf
 
 
-def unmeasured_reason(candidate: Candidate, calibration_length: Optional[int]) -> Optional[str]:
-    """Why the calibration batches cannot exercise `candidate` (it computes exact attention at their length), or
+def unmeasured_reason(candidate: Candidate, sample_length: Optional[int]) -> Optional[str]:
+    """Why the sample batches cannot exercise `candidate` (it computes exact attention at their length), or
     None. Such a candidate is refused: passing it would let an approximation through unmeasured."""
-    if calibration_length is None:
+    if sample_length is None:
         return None
     variant = VARIANTS.get(candidate.variant)
     if variant is not None and variant.fidelity.unmeasured is not None:
-        return variant.fidelity.unmeasured(candidate, calibration_length)
+        return variant.fidelity.unmeasured(candidate, sample_length)
     return None
 
 
@@ -606,17 +606,17 @@ def _decide(decision: SiteDecision, choice: Optional[Candidate], reason: str) ->
     return dataclasses.replace(decision, choice=choice, reason=reason)
 
 
-def calibrate_plan(graph_module: torch.fx.GraphModule, plan: Plan, calibration: Any,
+def measure_plan(graph_module: torch.fx.GraphModule, plan: Plan, samples: Any,
                    tolerance: Mapping[str, float], *, output: Optional[OutputFunction] = None,
                    compare: Optional[Sequence[str]] = None) -> tuple[Plan, FidelityReport]:
-    """Measure every approximate choice of `plan` on `calibration`, keep those within `tolerance`, verify the
+    """Measure every approximate choice of `plan` on `samples`, keep those within `tolerance`, verify the
     combination end to end; every other approximate site gets its fastest exact candidate.
 
     Args:
         graph_module: the captured graph the plan was made for (not modified: measurements rewrite copies).
         plan: from planner.plan.make_plan (policy "approximate" or "any").
-        calibration: batches of model inputs (tensor, tuple or dict each), at the deployment length or the longest
-            that fits: a window or HyperAttention that is exact at the calibration length is refused as unmeasured.
+        samples: batches of model inputs (tensor, tuple or dict each), at the deployment length or the longest
+            that fits: a window or HyperAttention that is exact at the sample length is refused as unmeasured.
         tolerance: e.g. {"kl_mean": 0.01, "kl_p99": 0.1, "top1": 0.99} (logits) or {"cosine_mean": 0.99}
             (embeddings); see TOLERANCE_KEYS. Required: nothing approximate passes unmeasured.
         output: maps the model's output to the tensor to compare (default: its first tensor).
@@ -630,9 +630,9 @@ def calibrate_plan(graph_module: torch.fx.GraphModule, plan: Plan, calibration: 
         compare = [kind for kind, keys in (("logits", DISTRIBUTION_KEYS), ("embedding", EMBEDDING_KEYS))
                    if any(name in tolerance for name in keys)]
     sites = [decision.site for decision in plan.decisions]
-    calibrator = Calibrator(graph_module, sites, calibration, output=output, compare=compare)
-    report = FidelityReport(tolerance=tolerance, batches=len(calibrator.batches), positions=calibrator.positions,
-                            calibration_lengths=dict(calibrator.lengths), plan_max_len=getattr(plan, "max_len", None))
+    runner = SampleRunner(graph_module, sites, samples, output=output, compare=compare)
+    report = FidelityReport(tolerance=tolerance, batches=len(runner.batches), positions=runner.positions,
+                            calibration_lengths=dict(runner.lengths), plan_max_len=getattr(plan, "max_len", None))
     decisions = {decision.site.name: decision for decision in plan.decisions}
     exact_switches = {}
     for name, decision in decisions.items():
@@ -640,20 +640,20 @@ def calibrate_plan(graph_module: torch.fx.GraphModule, plan: Plan, calibration: 
             exact_switches[name] = decision.choice
         elif decision.choice is not None and decision.choice.exactness not in MEASURED_CLASSES:
             report.notes.append(f"{name}: {candidate_label(decision.choice)} is {decision.choice.exactness}-class: "
-                                "not calibrated here (planner.linearize distils it)")
+                                "not measured here (planner.linearize distils it)")
 
     proposals, final_decisions = [], dict(decisions)
     for name, decision in decisions.items():
         options = _approximate_options(decision)
         if not options:
             continue
-        chosen = _first_passing(calibrator, report, name, options, tolerance)
+        chosen = _first_passing(runner, report, name, options, tolerance)
         if chosen is None:
             fallback = _exact_fallback(decision)
             failures = "; ".join(f"{trial.label}: {trial.reason}" for trial in report.trials if trial.site == name)
             report.refused[name] = f"{candidate_label(fallback)} instead: {failures}"
             final_decisions[name] = _decide(decision, fallback, f"kept exact ({candidate_label(fallback)}): "
-                                                                f"calibration refused {failures}")
+                                                                f"samples refused {failures}")
             if fallback is not None and fallback.variant != "dense":
                 exact_switches[name] = fallback
         else:
@@ -664,10 +664,10 @@ def calibrate_plan(graph_module: torch.fx.GraphModule, plan: Plan, calibration: 
     for trial, name in sorted(proposals, key=lambda item: sensitivity(tolerance, item[0].end_to_end)):
         switches = {**exact_switches, **accepted, name: trial.candidate}
         try:
-            end_to_end, _ = calibrator.run(switches)
+            end_to_end, _ = runner.run(switches)
             broken = violations(tolerance, end_to_end)
         except Exception as failure:  # e.g. an exact rewrite that cannot run together with this one
-            end_to_end = EndToEnd(calibrator.positions, False)
+            end_to_end = EndToEnd(runner.positions, False)
             broken = [f"the combination raised {type(failure).__name__}: {str(failure).strip()[:200]}"]
         passed = not broken
         reason = describe_end_to_end(end_to_end) + ("" if passed else ": " + "; ".join(broken))
@@ -678,7 +678,7 @@ def calibrate_plan(graph_module: torch.fx.GraphModule, plan: Plan, calibration: 
             final = end_to_end
             report.accepted[name] = f"{trial.label}: alone {trial.reason}"
             final_decisions[name] = _decide(decision, trial.candidate,
-                                            f"{decision.reason}; calibrated: {trial.reason}")
+                                            f"{decision.reason}; measured: {trial.reason}")
         else:
             fallback = _exact_fallback(decision)
             report.refused[name] = (f"{candidate_label(fallback)} instead: {trial.label} passed alone but with "
@@ -688,14 +688,14 @@ def calibrate_plan(graph_module: torch.fx.GraphModule, plan: Plan, calibration: 
             if fallback is not None and fallback.variant != "dense":
                 exact_switches[name] = fallback
     if final is None:  # no approximation accepted: verify the exact plan as it will run
-        final, _ = calibrator.run(exact_switches)
+        final, _ = runner.run(exact_switches)
         if violations(tolerance, final):
             report.notes.append("the exact rewrites alone differ from the original beyond the tolerance (floating "
                                 "point): " + "; ".join(violations(tolerance, final)))
     report.final = final
-    lengths = set(calibrator.lengths.values())
+    lengths = set(runner.lengths.values())
     if report.plan_max_len is not None and lengths and max(lengths) < report.plan_max_len:
-        report.notes.append(f"calibrated at up to {max(lengths)} tokens; the plan is for {report.plan_max_len}: "
+        report.notes.append(f"measured at up to {max(lengths)} tokens; the plan is for {report.plan_max_len}: "
                             "errors of windows and HyperAttention grow with the length")
     new_plan = dataclasses.replace(plan, decisions=tuple(final_decisions[decision.site.name]
                                                          for decision in plan.decisions),
@@ -705,16 +705,16 @@ def calibrate_plan(graph_module: torch.fx.GraphModule, plan: Plan, calibration: 
     return new_plan, report
 
 
-def _first_passing(calibrator: Calibrator, report: FidelityReport, name: str, options: Sequence[Candidate],
+def _first_passing(runner: SampleRunner, report: FidelityReport, name: str, options: Sequence[Candidate],
                    tolerance: Mapping[str, float]) -> Optional[Trial]:
     """Measure the options at one site alone, in order; record each trial; return the first that passes."""
     for candidate in options:
-        reason = unmeasured_reason(candidate, calibrator.lengths.get(name))
+        reason = unmeasured_reason(candidate, runner.lengths.get(name))
         if reason is not None:
             report.trials.append(Trial(name, candidate, None, None, False, f"unmeasured: {reason}"))
             continue
         try:
-            end_to_end, error = calibrator.measure(name, candidate)
+            end_to_end, error = runner.measure(name, candidate)
         except Exception as failure:  # a candidate that cannot run here is refused with the reason, not fatal
             report.trials.append(Trial(name, candidate, None, None, False,
                                        f"raised {type(failure).__name__}: {str(failure).strip()[:200]}"))
@@ -729,20 +729,20 @@ def _first_passing(calibrator: Calibrator, report: FidelityReport, name: str, op
     return None
 
 
-def measure_variants(graph_module: torch.fx.GraphModule, sites: Sequence[AttentionSite], calibration: Any,
+def measure_variants(graph_module: torch.fx.GraphModule, sites: Sequence[AttentionSite], samples: Any,
                      candidates: Mapping[str, Candidate], *, output: Optional[OutputFunction] = None,
                      compare: Sequence[str] = ("logits",), site_errors: bool = True) -> dict[str, dict]:
     """Measure each labelled candidate applied at every site at once (a uniform rewrite of the model), end to end,
     and, with site_errors, at each site alone. Returns {label: {"end_to_end": EndToEnd, "sites": {name: SiteError}}}.
     For tables (e.g. an encoder's embedding cosine under windows of several widths)."""
-    calibrator = Calibrator(graph_module, sites, calibration, output=output, compare=compare,
+    runner = SampleRunner(graph_module, sites, samples, output=output, compare=compare,
                             tap_inputs=site_errors)
     results = {}
     for label, candidate in candidates.items():
-        end_to_end, _ = calibrator.run({site.name: candidate for site in sites})
+        end_to_end, _ = runner.run({site.name: candidate for site in sites})
         per_site = {}
         if site_errors:
             for site in sites:
-                per_site[site.name] = calibrator.measure(site.name, candidate)[1]
+                per_site[site.name] = runner.measure(site.name, candidate)[1]
         results[label] = {"end_to_end": end_to_end, "sites": per_site}
     return results

@@ -17,7 +17,7 @@ from passes.errors import InvalidArgumentError
 from passes.match import find_sites
 from passes.records import POLICIES, Plan
 from passes.rewrite import rewrite_sites
-from planner.fidelity import calibrate_plan, require_calibration
+from planner.fidelity import measure_plan, require_samples
 from planner.lengths import parse_length
 from planner.plan import make_plan
 from planner.report import Report
@@ -31,8 +31,9 @@ class PlanOptions:
 
     max_len: tokens to plan for. device: the DeviceSpec to plan for. policy: "exact", "approximate" or "any".
     train: plan for training. variant: force this variant wherever it applies. window, sinks: a sliding window to
-    offer where sites have none. tolerance, calibration, output: how approximate choices are measured (calibration
-    batches are given in the graph's own calling convention by the time they reach the passes).
+    offer where sites have none. tolerance, calibration, output: how approximate choices are measured (calibration:
+    the sample batches, optimize's `samples=`, not a device's timing; given in the graph's own calling convention
+    by the time they reach the passes).
     """
 
     max_len: int
@@ -53,7 +54,7 @@ class PlanOptions:
         capture)."""
         if policy not in POLICIES:
             raise InvalidArgumentError(f"policy={policy!r} is not a policy; accepted: {', '.join(POLICIES)}")
-        require_calibration(policy, options.get("tolerance"), options.get("calibration"))
+        require_samples(policy, options.get("tolerance"), options.get("calibration"))
         return cls(max_len=parse_length(max_len), device=device_spec(device), policy=policy, **options)
 
 
@@ -65,7 +66,7 @@ def run_passes(graph_module: torch.fx.GraphModule, options: PlanOptions, model_n
     options.variant overrides the planner's choice wherever it applies (the cost model still runs, and the report
     keeps its estimates and says that the choice was forced). Under policy "approximate" or "any", every
     approximate choice is measured on options.calibration and kept only within options.tolerance
-    (planner.fidelity.calibrate_plan).
+    (planner.fidelity.measure_plan).
     """
     sites = find_sites(graph_module)
     plan = make_plan(sites, options.device, options.policy, options.max_len, train=options.train,
@@ -74,7 +75,7 @@ def run_passes(graph_module: torch.fx.GraphModule, options: PlanOptions, model_n
         plan = force_variant(plan, options.variant)
     fidelity = None
     if options.policy != "exact" and sites:
-        plan, fidelity = calibrate_plan(graph_module, plan, options.calibration, options.tolerance,
+        plan, fidelity = measure_plan(graph_module, plan, options.calibration, options.tolerance,
                                         output=options.output)
     report = Report(plan=plan, model=model_name, fidelity=fidelity)
     if not sites:

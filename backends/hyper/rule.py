@@ -45,11 +45,11 @@ def _emit(graph, node, site, nodes, candidate=None) -> torch.fx.Node:
         return graph.call_function(hyper_attention, (query, key, value), {"causal": site.mask.is_causal, **keywords})
 
 
-def _unmeasured(candidate, calibration_length: int) -> Optional[str]:
+def _unmeasured(candidate, sample_length: int) -> Optional[str]:
     minimum = candidate.parameter("min_seq_len")
-    if minimum is not None and calibration_length <= int(minimum):
-        return (f"HyperAttention is exact up to min_seq_len={minimum} keys and the calibration batches have "
-                f"{calibration_length}; calibrate at the deployment length")
+    if minimum is not None and sample_length <= int(minimum):
+        return (f"HyperAttention is exact up to min_seq_len={minimum} keys and the sample batches have "
+                f"{sample_length}; measure at the deployment length")
     return None
 
 

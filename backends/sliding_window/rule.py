@@ -58,11 +58,11 @@ def _emit(graph, node, site, nodes, candidate=None) -> torch.fx.Node:
     return emit_tiled(graph, node, site, nodes, int(window), int(parameters.get("sinks", 0)), causal)
 
 
-def _unmeasured(candidate, calibration_length: int) -> Optional[str]:
+def _unmeasured(candidate, sample_length: int) -> Optional[str]:
     window, sinks = candidate.parameter("window"), int(candidate.parameter("sinks", 0) or 0)
-    if window is not None and window + sinks >= calibration_length:
-        return (f"the window ({window} keys + {sinks} sinks) covers all {calibration_length} keys of the "
-                "calibration batches, so they cannot measure it; calibrate at the deployment length")
+    if window is not None and window + sinks >= sample_length:
+        return (f"the window ({window} keys + {sinks} sinks) covers all {sample_length} keys of the "
+                "sample batches, so they cannot measure it; measure at the deployment length")
     return None
 
 
@@ -94,7 +94,7 @@ def window_bound_check(site: AttentionSite, query: torch.Tensor, key: torch.Tens
 
 def window_bound(site: AttentionSite, batches: list, candidate) -> dict:
     """The mass a window keeps and the bound ||o - o_w|| <= 2 (1 - m_w) max||v||, checked per query on the
-    calibration batches (each a {role: tensor} of the site's recorded inputs)."""
+    sample batches (each a {role: tensor} of the site's recorded inputs)."""
     window, sinks = int(candidate.parameter("window")), int(candidate.parameter("sinks", 0) or 0)
     masses, bound_max, error_max, holds = [], 0.0, 0.0, True
     for inputs in batches:
