@@ -350,6 +350,28 @@ class _CallAdapter(torch.nn.Module):
         object.__setattr__(self, "forward", types.MethodType(forward, self))
 
 
+@contextlib.contextmanager
+def _recording_custom_backwards(found: list):
+    """Appends to `found` the name of every torch.autograd.Function (outside torch) applied, while it runs, to a
+    tensor that requires grad. Export records a Function's forward ops only: gradients taken through the graph
+    follow those ops, not the Function's own backward (a straight-through estimator, a router's custom gradient)."""
+    function = torch.autograd.Function
+    original = function.__dict__["apply"]
+
+    def apply(cls, *args, **kwargs):
+        if (torch.is_grad_enabled() and not cls.__module__.startswith("torch.")
+                and any(isinstance(leaf, torch.Tensor) and leaf.requires_grad
+                        for leaf in pytree.tree_leaves((args, kwargs)))):
+            found.append(cls.__qualname__)
+        return original.__func__(cls, *args, **kwargs)
+
+    function.apply = classmethod(apply)
+    try:
+        yield found
+    finally:
+        function.apply = original
+
+
 def capture_call(model: torch.nn.Module, bound: inspect.BoundArguments,
                  widen_batch: bool = True) -> tuple[Capture, CallSignature]:
     """Capture `model` for one bound call: a graph that takes the call's tensors positionally (in flattening order),
@@ -366,14 +388,20 @@ def capture_call(model: torch.nn.Module, bound: inspect.BoundArguments,
                            "graph cannot take as an input")
     adapter = _CallAdapter(model, signature, tensor_input_names(bound))
     dynamic = tuple({index: Dim.AUTO for index in range(tensor.dim())} or None for tensor in tensors)
+    custom_backwards: list[str] = []
     try:
-        with quiet_export_logs():
+        with quiet_export_logs(), _recording_custom_backwards(custom_backwards):
             exported = torch.export.export(adapter, tensors, dynamic_shapes=dynamic, strict=False)
     except Exception as error:  # export raises many types; the user needs the module and the reason
         message = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise CaptureError(
             f"torch.export could not capture {type(model).__name__}: {type(error).__name__}: {message}"
         ) from error
+    if custom_backwards:
+        names = ", ".join(sorted(set(custom_backwards)))
+        raise CaptureError(
+            f"cannot capture {type(model).__name__} for this call: it applies {names}, a torch.autograd.Function "
+            "with its own backward, which a captured graph does not keep (its gradients would differ)")
     graph_module = exported.module()
     follow_weights_device(graph_module)
     args, kwargs = signature.rebuild(tensors)

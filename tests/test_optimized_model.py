@@ -343,3 +343,48 @@ def test_an_in_place_add_into_the_output_keeps_the_backward_right():
     for mine, theirs in zip(got, model.parameters()):
         torch.testing.assert_close(mine, theirs.grad, rtol=1e-4, atol=1e-5)
     assert _rewritten_calls(fast) == 1
+
+
+class _TimesThree(torch.autograd.Function):
+    """A gradient of its own (x -> x forward, 3 * grad backward), as a router's estimator (PhiMoE's) has."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 3
+
+
+class _GatedInTraining(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(16, 48)
+        self.gate = torch.nn.Linear(16, 1)
+
+    def forward(self, x):
+        batch, length, _ = x.shape
+        q, k, v = self.qkv(x).view(batch, length, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        gate = torch.sigmoid(self.gate(x))
+        if self.training:
+            gate = _TimesThree.apply(gate)
+        return out.transpose(1, 2).reshape(batch, length, 16) * gate
+
+
+def test_a_custom_autograd_function_keeps_its_backward():
+    torch.manual_seed(0)
+    model = _GatedInTraining().eval()
+    fast = planner.optimize(model, "32k", device="h200", example_inputs=(torch.randn(2, 67, 16),))
+    assert _rewritten_calls(fast) == 1  # in eval mode the Function is not applied: the graph serves
+    model.train()
+    fast.train()
+    x = torch.randn(3, 23, 16)
+    fast(x).square().sum().backward()
+    got = [parameter.grad.clone() for parameter in model.parameters()]
+    model.zero_grad()
+    model(x).square().sum().backward()
+    for mine, theirs in zip(got, model.parameters()):
+        torch.testing.assert_close(mine, theirs.grad, rtol=1e-4, atol=1e-5)
+    assert any("_TimesThree" in note and "the original" in note for note in fast.report.notes), fast.report.notes
