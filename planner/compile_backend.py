@@ -42,7 +42,7 @@ from backends.devices import DeviceSpec, device_spec
 from passes.errors import InvalidArgumentError
 from passes.records import POLICIES, Plan
 from planner.lengths import format_length, parse_length
-from planner.pipeline import plan_and_rewrite
+from planner import pipeline
 from planner.report import Report
 
 logger = logging.getLogger("planner")
@@ -142,7 +142,7 @@ class AttentionPlannerBackend:
         try:
             rewritten = trace_to_aten(graph_module, example_inputs)
             specialized_before = _specializations(rewritten)
-            report = plan_and_rewrite(rewritten, device, self.policy, max_len, model_name=f"graph {compile_id}",
+            report = pipeline.plan_and_rewrite(rewritten, device, self.policy, max_len, model_name=f"graph {compile_id}",
                                       train=_is_training(example_inputs), variant=self.variant)
             _note_specializations(report, rewritten, specialized_before)
             _fill_missing_meta(rewritten)

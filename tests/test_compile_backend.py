@@ -326,7 +326,7 @@ def test_three_sequence_lengths_compile_at_most_twice_and_plan_for_max_len(devic
 @pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("failing", ["passes", "inductor"])
-def test_a_failure_leaves_the_graph_to_plain_inductor(failing, device, monkeypatch, caplog):
+def test_a_failure_leaves_the_graph_to_plain_inductor(failing, device, monkeypatch, caplog, no_inductor_cache):
     if failing == "passes":
         def broken(*args, **kwargs):
             raise RuntimeError("matcher exploded")
