@@ -15,6 +15,7 @@ import planner  # noqa: F401  (imports the package first: passes <-> planner imp
 from backends.dense import cost as dense_cost
 from backends.flash import cost as flash_cost
 from backends.flash.blockwise import blockwise_attention_forward
+from backends.flash.options import AttentionOptions
 from backends.flash.naive import visible_keys
 from backends.hyper import cost as hyper_cost
 from backends.linear import cost as linear_cost
@@ -149,8 +150,8 @@ def test_blockwise_memory_matches_measurement(length, masked):
     k = torch.randn(batch, kv_heads, length, dim)
     v = torch.randn(batch, kv_heads, length, dim)
     mask = torch.randn(length, length) if masked else None
-    (out, _), peak = peak_allocated(lambda: blockwise_attention_forward(
-        q, k, v, causal=True, window=None, sinks=0, scale=0.125, key_padding_mask=None, attn_mask=mask))
+    options = AttentionOptions(causal=True, scale=0.125, attn_mask=mask)
+    (out, _), peak = peak_allocated(lambda: blockwise_attention_forward(q, k, v, options))
     measured = peak - out.numel() * out.element_size()
     implementation = "blockwise" if masked else "blockwise-sdpa"
     modeled = evaluate(flash_cost.costs(shape(implementation, batch=batch, heads=heads, kv_heads=kv_heads,

@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 
 from backends.flash.naive import visible_keys
+from backends.flash.options import AttentionOptions
 
 # Equal query and key blocks keep every causal diagonal tile aligned (k_start == q_start), so it needs no mask tensor.
 QUERY_BLOCK = 512
@@ -29,8 +30,19 @@ def _key_block_range(q_start, q_end, kv_len, causal, window, block):
     return range((first // block) * block, last, block)
 
 
-def _tile_mask(q_start, q_end, k_start, k_end, *, causal, window, sinks, key_padding_mask, attn_mask, device):
-    """Visibility (bool) and additive bias of one tile, each None where the tile needs none."""
+def _visible_key_starts(q_start, q_end, kv_len, options: AttentionOptions) -> list:
+    """The first key of each key block that a query block [q_start, q_end) sees (the sink keys' blocks included)."""
+    window, sinks = options.window, options.sinks
+    key_starts = _key_block_range(q_start, q_end, kv_len, options.causal, window, KEY_BLOCK)
+    if sinks and window is not None:
+        key_starts = sorted(set(range(0, min(sinks, kv_len), KEY_BLOCK)) | set(key_starts))
+    return key_starts
+
+
+def _tile_mask(q_start, q_end, k_start, k_end, options: AttentionOptions, attn_mask, device):
+    """Visibility (bool) and additive bias of one tile, each None where the tile needs none (attn_mask: the
+    options' mask broadcast to four dims)."""
+    causal, window, sinks, key_padding_mask = options.causal, options.window, options.sinks, options.key_padding_mask
     visible = None
     if causal or window is not None:
         visible = visible_keys(
@@ -172,20 +184,8 @@ def _key_segments(q_start, q_end, key_starts, kv_len, *, causal, window, sinks, 
     return segments
 
 
-def blockwise_attention_forward(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool,
-    window: Optional[int],
-    sinks: int,
-    scale: float,
-    key_padding_mask: Optional[torch.Tensor],
-    attn_mask: Optional[torch.Tensor],
-    softcap: Optional[float] = None,
-    sink_logits: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def blockwise_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                options: AttentionOptions) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (out in q.dtype, lse in float32, or float64 for float64 inputs).
 
     On the CPU, tiles that need no mask (or only a top-left causal diagonal) run through PyTorch's fused flash
@@ -193,11 +193,14 @@ def blockwise_attention_forward(
     softcap * tanh(s / softcap) before the masks. sink_logits (q_heads,): merged last as one more partial result
     with out 0 and lse = the sink logit (a logit with no value); the returned lse includes it.
     """
+    causal, window, sinks, scale, softcap = options.causal, options.window, options.sinks, options.scale_for(q), \
+        options.softcap
+    key_padding_mask, sink_logits = options.key_padding_mask, options.sink_logits
     batch, q_heads, q_len, _ = q.shape
     kv_len, value_dim = k.shape[2], v.shape[3]
     group = q_heads // k.shape[1]
     compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    attn_mask = _broadcast_mask(attn_mask, batch, q_heads, q_len, kv_len)
+    attn_mask = _broadcast_mask(options.attn_mask, batch, q_heads, q_len, kv_len)
     # SDPA's fused kernel has no soft-capping and needs one head dim for q, k and v (a value head dim of its own, as
     # multi-head latent attention has, takes the PyTorch tiles); the sink logits are merged after the tiles, so they
     # do not matter here.
@@ -212,9 +215,7 @@ def blockwise_attention_forward(
     for q_start in range(0, q_len, QUERY_BLOCK):
         q_end = min(q_len, q_start + QUERY_BLOCK)
         q_tile = q[:, :, q_start:q_end]
-        key_starts = _key_block_range(q_start, q_end, kv_len, causal, window, KEY_BLOCK)
-        if sinks and window is not None:
-            key_starts = sorted(set(range(0, min(sinks, kv_len), KEY_BLOCK)) | set(key_starts))
+        key_starts = _visible_key_starts(q_start, q_end, kv_len, options)
         tile_out = tile_lse = None
         for kind, k_start, k_end in _key_segments(q_start, q_end, key_starts, kv_len, causal=causal, window=window,
                                                   sinks=sinks, fused=fused):
@@ -222,10 +223,7 @@ def blockwise_attention_forward(
                 part = _fused_cpu_tile(q_tile, k, v, k_start, k_end, scale, kind == "diagonal", compute_dtype)
             else:
                 keys, values = _tile_key_values(k, v, k_start, k_end, group)
-                visible, bias = _tile_mask(
-                    q_start, q_end, k_start, k_end, causal=causal, window=window, sinks=sinks,
-                    key_padding_mask=key_padding_mask, attn_mask=attn_mask, device=q.device,
-                )
+                visible, bias = _tile_mask(q_start, q_end, k_start, k_end, options, attn_mask, q.device)
                 part = _torch_tile(q_tile, keys, values, scale, visible, bias, compute_dtype, softcap)
             tile_out, tile_lse = _merge(tile_out, tile_lse, *part)
         if tile_out is None:  # no key block is visible from this query block
@@ -248,20 +246,14 @@ def blockwise_attention_backward(
     v: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
-    *,
-    causal: bool,
-    window: Optional[int],
-    sinks: int,
-    scale: float,
-    key_padding_mask: Optional[torch.Tensor],
-    attn_mask: Optional[torch.Tensor],
+    options: AttentionOptions,
     mask_needs_grad: bool,
-    softcap: Optional[float] = None,
 ):
     """Gradients (dq, dk, dv, d_attn_mask or None) by recomputing each tile's probabilities from the saved lse.
 
     With sink logits the saved lse includes them, and the key probabilities need no other change; their own
     gradient is `sink_logits_gradient`."""
+    scale, softcap, attn_mask = options.scale_for(q), options.softcap, options.attn_mask
     batch, q_heads, q_len, _ = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     group = q_heads // kv_heads
@@ -283,17 +275,11 @@ def blockwise_attention_backward(
         q_end = min(q_len, q_start + QUERY_BLOCK)
         q_tile = q[:, :, q_start:q_end].to(compute_dtype)
         grad_out_tile = grad_out[:, :, q_start:q_end].to(compute_dtype)
-        key_starts = _key_block_range(q_start, q_end, kv_len, causal, window, KEY_BLOCK)
-        if sinks and window is not None:
-            key_starts = sorted(set(range(0, min(sinks, kv_len), KEY_BLOCK)) | set(key_starts))
-        for k_start in key_starts:
+        for k_start in _visible_key_starts(q_start, q_end, kv_len, options):
             k_end = min(kv_len, k_start + KEY_BLOCK)
             keys, values = _tile_key_values(k, v, k_start, k_end, group)
             keys, values = keys.to(compute_dtype), values.to(compute_dtype)
-            visible, bias = _tile_mask(
-                q_start, q_end, k_start, k_end, causal=causal, window=window, sinks=sinks,
-                key_padding_mask=key_padding_mask, attn_mask=attn_mask, device=q.device,
-            )
+            visible, bias = _tile_mask(q_start, q_end, k_start, k_end, options, attn_mask, q.device)
             scores, tanh = _capped_scores(q_tile, keys, scale, softcap)
             scores = _mask_scores(scores, visible, bias)
             probabilities = torch.exp(scores - safe_lse[:, :, q_start:q_end])

@@ -14,6 +14,8 @@ from typing import Optional
 
 import torch
 
+from backends.flash.options import AttentionOptions
+
 
 def visible_keys(
     query_positions: torch.Tensor,
@@ -49,22 +51,10 @@ def expand_kv_heads(tensor: torch.Tensor, q_heads: int) -> torch.Tensor:
     return tensor.repeat_interleave(q_heads // kv_heads, dim=1)
 
 
-def attention_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool = False,
-    window: Optional[int] = None,
-    sinks: int = 0,
-    scale: Optional[float] = None,
-    key_padding_mask: Optional[torch.Tensor] = None,
-    attn_mask: Optional[torch.Tensor] = None,
-    return_lse: bool = False,
-    softcap: Optional[float] = None,
-    sink_logits: Optional[torch.Tensor] = None,
-):
-    """Dense softmax attention, computed in float32 at least (float64 stays float64).
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: Optional[AttentionOptions] = None,
+                        *, return_lse: bool = False, **keywords):
+    """Dense softmax attention, computed in float32 at least (float64 stays float64). `options`: an
+    AttentionOptions, or its fields as keywords (which replace those of `options`).
 
     softcap c: the scaled scores become c * tanh(s / c) before the masks. sink_logits: (q_heads,) one extra logit per
     query head in every row's softmax, with no value: it adds exp(sink) to the denominator (and to the lse). A row
@@ -75,10 +65,13 @@ def attention_reference(
     and lse = -inf. Returns out (q.dtype), and with return_lse the natural-log log-sum-exp (batch, q_heads, queries)
     in float32 (float64 for float64 inputs).
     """
+    options = AttentionOptions.of(options, **keywords)
+    causal, window, sinks, softcap = options.causal, options.window, options.sinks, options.softcap
+    key_padding_mask, attn_mask, sink_logits = options.key_padding_mask, options.attn_mask, options.sink_logits
     compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     q_heads, q_len, head_dim = q.shape[1], q.shape[2], q.shape[3]
     kv_len = k.shape[2]
-    scale = head_dim**-0.5 if scale is None else scale
+    scale = head_dim**-0.5 if options.scale is None else options.scale
     keys = expand_kv_heads(k, q_heads).to(compute_dtype)
     values = expand_kv_heads(v, q_heads).to(compute_dtype)
     scores = (q.to(compute_dtype) @ keys.transpose(-1, -2)) * scale

@@ -15,13 +15,18 @@ from typing import Optional
 
 import torch
 
+from backends.common import triton_usable
 from backends.flash.blockwise import blockwise_attention_backward, blockwise_attention_forward, sink_logits_gradient
 from backends.flash.naive import attention_reference
-from backends.common import triton_usable
+from backends.flash.options import (  # noqa: F401  (validate_*: re-exported)
+    NO_WINDOW,
+    AttentionOptions,
+    validate_attention_inputs,
+    validate_score_modifiers,
+)
 from passes.errors import BackendError
 
 IMPLEMENTATIONS = ("triton", "blockwise", "reference", "auto")
-NO_WINDOW = -1  # the op's encoding of "no window" (custom ops take no Optional[int] defaults cleanly across versions)
 
 
 def _resolve_impl(impl: Optional[str], q: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> str:
@@ -44,10 +49,6 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _window_or_none(window: int) -> Optional[int]:
-    return None if window == NO_WINDOW else window
-
-
 @torch.library.custom_op("attention_planner::flash_attention", mutates_args=())
 def flash_attention_op(
     q: torch.Tensor,
@@ -65,17 +66,16 @@ def flash_attention_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (out, lse): out like q with v's head dim; lse (batch, q_heads, queries), natural log, float32 (it
     includes the sink logits). softcap and sink_logits come last, with defaults, so that older callers keep working."""
-    arguments = dict(causal=causal, window=_window_or_none(window), sinks=sinks, scale=scale,
-                     key_padding_mask=key_padding_mask, softcap=softcap, sink_logits=sink_logits)
+    options = AttentionOptions.from_op(key_padding_mask, attn_mask, causal, window, sinks, scale, softcap, sink_logits)
     impl = _resolve_impl(impl, q, attn_mask)
     if impl == "triton":
         from backends.flash.triton import flash_forward
 
-        out, lse = flash_forward(q, k, v, **arguments)
+        out, lse = flash_forward(q, k, v, options)
     elif impl == "blockwise":
-        out, lse = blockwise_attention_forward(q, k, v, attn_mask=attn_mask, **arguments)
+        out, lse = blockwise_attention_forward(q, k, v, options)
     else:
-        out, lse = attention_reference(q, k, v, attn_mask=attn_mask, return_lse=True, **arguments)
+        out, lse = attention_reference(q, k, v, options, return_lse=True)
     return out.contiguous(), lse.to(lse_dtype(q.dtype)).contiguous()
 
 
@@ -109,20 +109,19 @@ def flash_attention_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dq, dk, dv, d_attn_mask, d_sink_logits); d_attn_mask is an empty tensor unless mask_needs_grad,
     d_sink_logits (q_heads,) float32 (float64 for float64 inputs) is empty without sink logits."""
-    arguments = dict(causal=causal, window=_window_or_none(window), sinks=sinks, scale=scale,
-                     key_padding_mask=key_padding_mask, softcap=softcap)
+    # The sink logits' own gradient is computed below; the kernels' backward needs only the lse that includes them.
+    options = AttentionOptions.from_op(key_padding_mask, attn_mask, causal, window, sinks, scale, softcap)
     impl = _resolve_impl(impl, q, attn_mask)
     if impl == "triton":
         from backends.flash.triton import flash_backward
 
-        grad_q, grad_k, grad_v = flash_backward(grad_out, q, k, v, out, lse, grad_lse=grad_lse, **arguments)
+        grad_q, grad_k, grad_v = flash_backward(grad_out, q, k, v, out, lse, options, grad_lse=grad_lse)
         grad_mask = None
     else:
         # The reference has no backward of its own: the blockwise backward is exact, and is tested against autograd
         # through the reference.
-        grad_q, grad_k, grad_v, grad_mask = blockwise_attention_backward(
-            grad_out, grad_lse, q, k, v, out, lse, attn_mask=attn_mask, mask_needs_grad=mask_needs_grad, **arguments
-        )
+        grad_q, grad_k, grad_v, grad_mask = blockwise_attention_backward(grad_out, grad_lse, q, k, v, out, lse, options,
+                                                                         mask_needs_grad)
     if grad_mask is None:
         grad_mask = q.new_empty(0)
     if sink_logits is None:
@@ -169,84 +168,15 @@ def _backward(ctx, grad_out, grad_lse):
 flash_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def validate_score_modifiers(q: torch.Tensor, softcap: Optional[float], sink_logits: Optional[torch.Tensor]) -> None:
-    """Raise BackendError for a soft-cap that is not a positive finite number or sink logits that are not one float
-    per query head."""
-    if softcap is not None and not (isinstance(softcap, (int, float)) and not isinstance(softcap, bool)
-                                    and 0 < float(softcap) < float("inf")):
-        raise BackendError(f"softcap must be a positive finite number (scores become softcap * tanh(s / softcap)) or "
-                           f"None; got {softcap!r}")
-    if sink_logits is not None:
-        if not isinstance(sink_logits, torch.Tensor) or not sink_logits.is_floating_point():
-            raise BackendError("sink_logits must be a floating-point tensor of shape (q_heads,); got "
-                               f"{type(sink_logits).__name__} {getattr(sink_logits, 'dtype', '')}")
-        if tuple(sink_logits.shape) != (q.shape[1],):
-            raise BackendError(f"sink_logits must have shape (q_heads,) = ({q.shape[1]},); got "
-                               f"{tuple(sink_logits.shape)}")
-        if sink_logits.device != q.device:
-            raise BackendError(f"sink_logits are on {sink_logits.device}, q on {q.device}: they must share a device")
-
-
-def validate_attention_inputs(q, k, v, key_padding_mask=None, attn_mask=None) -> None:
-    """Raise BackendError naming the first input that the tiled attention cannot take."""
-    for name, tensor in (("q", q), ("k", k), ("v", v)):
-        if tensor.dim() != 4:
-            raise BackendError(f"{name} must have 4 dims (batch, heads, sequence, head_dim); got shape "
-                               f"{tuple(tensor.shape)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise BackendError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise BackendError(f"dtype {q.dtype} is not supported; accepted: float16, bfloat16, float32, float64")
-    if k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0]:
-        raise BackendError(f"batch sizes differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]}")
-    if k.shape[1] != v.shape[1] or q.shape[1] % k.shape[1] != 0:
-        raise BackendError(f"heads: q has {q.shape[1]}, k {k.shape[1]}, v {v.shape[1]}; k and v must agree and divide "
-                           "q's (grouped-query attention)")
-    if k.shape[2] != v.shape[2]:
-        raise BackendError(f"k has {k.shape[2]} keys but v has {v.shape[2]} values")
-    if k.shape[3] != q.shape[3]:
-        raise BackendError(f"q and k head dims differ: {q.shape[3]} vs {k.shape[3]}")
-    if key_padding_mask is not None and (key_padding_mask.dtype != torch.bool
-                                         or tuple(key_padding_mask.shape) != (q.shape[0], k.shape[2])):
-        raise BackendError(f"key_padding_mask must be a bool tensor of shape (batch, keys) = {(q.shape[0], k.shape[2])}"
-                           f"; got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
-    if attn_mask is not None:
-        try:
-            torch.broadcast_shapes(attn_mask.shape, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
-        except RuntimeError:
-            raise BackendError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to (batch, q_heads, "
-                               f"queries, keys) = {(q.shape[0], q.shape[1], q.shape[2], k.shape[2])}") from None
-
-
-def tiled_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool = False,
-    window: Optional[int] = None,
-    sinks: int = 0,
-    scale: Optional[float] = None,
-    key_padding_mask: Optional[torch.Tensor] = None,
-    attn_mask: Optional[torch.Tensor] = None,
-    return_lse: bool = False,
-    impl: Optional[str] = None,
-    softcap: Optional[float] = None,
-    sink_logits: Optional[torch.Tensor] = None,
-):
-    """The one entry to the op, shared by `flash_attention` and `sliding_window_attention`."""
-    validate_attention_inputs(q, k, v, key_padding_mask, attn_mask)
-    validate_score_modifiers(q, softcap, sink_logits)
-    if window is not None and window < 1:
-        raise BackendError(f"window must be a positive number of keys; got {window}")
-    if sinks < 0:
-        raise BackendError(f"sinks must be >= 0; got {sinks}")
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    impl = _resolve_impl(impl, q, attn_mask)
-    out, lse = flash_attention_op(
-        q, k, v, key_padding_mask, attn_mask, causal, NO_WINDOW if window is None else int(window), sinks, scale, impl,
-        None if softcap is None else float(softcap), sink_logits,
-    )
+def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: Optional[AttentionOptions] = None, *,
+                    return_lse: bool = False, impl: Optional[str] = None, **keywords):
+    """The one entry to the op, shared by `flash_attention` and `sliding_window_attention`: `options` (an
+    AttentionOptions), or its fields as keywords (causal=, window=, sinks=, scale=, key_padding_mask=, attn_mask=,
+    softcap=, sink_logits=), which replace those of `options`."""
+    options = AttentionOptions.of(options, **keywords)
+    options.validate(q, k, v)
+    impl = _resolve_impl(impl, q, options.attn_mask)
+    out, lse = flash_attention_op(q, k, v, *options.op_arguments(q, impl))
     return (out, lse) if return_lse else out
 
 
@@ -283,6 +213,6 @@ def flash_attention(
 
     Rows with no visible key give zeros (lse = -inf, or the sink logit with sink_logits), not NaN.
     """
-    return tiled_attention(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
-                           attn_mask=attn_mask, return_lse=return_lse, impl=impl, softcap=softcap,
-                           sink_logits=sink_logits)
+    options = AttentionOptions(causal=causal, scale=scale, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+                               softcap=softcap, sink_logits=sink_logits)
+    return tiled_attention(q, k, v, options, return_lse=return_lse, impl=impl)

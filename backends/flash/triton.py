@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from backends.flash.options import AttentionOptions
 from passes.errors import BackendError
 
 LOG2E = 1.4426950408889634
@@ -871,21 +872,11 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def flash_forward(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool,
-    window: Optional[int],
-    sinks: int,
-    scale: float,
-    key_padding_mask: Optional[torch.Tensor],
-    config: Optional[tuple] = None,
-    softcap: Optional[float] = None,
-    sink_logits: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: Optional[AttentionOptions] = None, *,
+                  config: Optional[tuple] = None, **keywords) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward pass: (out like q with v's head dim, lse (batch, q_heads, queries) natural log fp32).
+
+    options: an AttentionOptions (or its fields as keywords, which replace those of `options`); no attn_mask here.
 
     `config` = (BLOCK_M, BLOCK_N, num_warps, num_stages[, poly_exp2]) forces a launch configuration (tests); None
     autotunes. poly_exp2: how many of EXP2_CHUNKS column chunks of each unmasked score tile take the polynomial exp2
@@ -893,6 +884,10 @@ def flash_forward(
     softcap: tanh soft-capping of the scaled scores (before the masks). sink_logits: (q_heads,) one logit per query
     head in every row's softmax, with no value; the lse includes it.
     """
+    options = AttentionOptions.of(options, **keywords)
+    causal, window, sinks, scale, softcap = (options.causal, options.window, options.sinks, options.scale_for(q),
+                                             options.softcap)
+    key_padding_mask, sink_logits = options.key_padding_mask, options.sink_logits
     _check_inputs(q, k, v, key_padding_mask)
     _check_score_modifiers(q, softcap, sink_logits)
     batch, heads, q_len, d_qk = q.shape
@@ -958,16 +953,12 @@ def flash_backward(
     v: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
+    options: Optional[AttentionOptions] = None,
     *,
-    causal: bool,
-    window: Optional[int],
-    sinks: int,
-    scale: float,
-    key_padding_mask: Optional[torch.Tensor],
     grad_lse: Optional[torch.Tensor] = None,
     config: Optional[tuple] = None,
     dq_mode: str = "separate",
-    softcap: Optional[float] = None,
+    **keywords,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward pass: (dq, dk, dv) in the inputs' dtypes; dk, dv summed over each kv head's query group.
 
@@ -978,6 +969,10 @@ def flash_backward(
     kernels (tests); None autotunes each. dq_mode: "separate" (a dQ kernel that recomputes the scores, deterministic)
     or "atomic" (dQ added atomically in fp32 by the dK/dV kernel: two fewer products, nondeterministic order).
     """
+    options = AttentionOptions.of(options, **keywords)
+    causal, window, sinks, scale, softcap = (options.causal, options.window, options.sinks, options.scale_for(q),
+                                             options.softcap)
+    key_padding_mask = options.key_padding_mask
     _check_inputs(q, k, v, key_padding_mask)
     _check_score_modifiers(q, softcap, None)
     if dq_mode not in ("separate", "atomic"):

@@ -13,24 +13,13 @@ from typing import Optional
 import torch
 
 from backends.flash.op import tiled_attention
+from backends.flash.options import AttentionOptions
 from passes.errors import BackendError
 
 
-def sliding_window_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    window: int,
-    *,
-    causal: bool = True,
-    sinks: int = 0,
-    scale: Optional[float] = None,
-    key_padding_mask: Optional[torch.Tensor] = None,
-    return_lse: bool = False,
-    impl: Optional[str] = None,
-    softcap: Optional[float] = None,
-    sink_logits: Optional[torch.Tensor] = None,
-):
+def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, *, causal: bool = True,
+                             sinks: int = 0, options: Optional[AttentionOptions] = None, return_lse: bool = False,
+                             impl: Optional[str] = None, **keywords):
     """Softmax attention restricted to a band of `window` keys around each query, tiled; compute grows as L * window.
 
     Args:
@@ -38,6 +27,8 @@ def sliding_window_attention(
         window: band width W >= 1. causal=True: query i sees key j iff i - W < j <= i (positions from 0, top-left
             aligned as SDPA's is_causal); causal=False: iff |i - j| < W.
         sinks: the first `sinks` keys stay visible to every query (still subject to causality).
+        options: an AttentionOptions for the rest (scale, key_padding_mask, softcap, sink_logits), or those as
+            keywords:
         scale: multiplies q·k; default 1/sqrt(head_dim).
         key_padding_mask: (batch, keys) bool, True where a key is real.
         return_lse: also return the natural-log log-sum-exp per query, float32 (batch, q_heads, queries).
@@ -57,6 +48,5 @@ def sliding_window_attention(
         window_size = 0
     if isinstance(window, bool) or window_size < 1:
         raise BackendError(f"window must be a positive int (number of keys in the band); got {window!r}")
-    return tiled_attention(q, k, v, causal=causal, window=window_size, sinks=sinks, scale=scale,
-                           key_padding_mask=key_padding_mask, return_lse=return_lse, impl=impl, softcap=softcap,
-                           sink_logits=sink_logits)
+    options = AttentionOptions.of(options, causal=causal, window=window_size, sinks=sinks, **keywords)
+    return tiled_attention(q, k, v, options, return_lse=return_lse, impl=impl)
