@@ -1,4 +1,5 @@
-"""Test configuration: Triton runs through its interpreter when no GPU is present, GPU tests skip without CUDA."""
+"""Test configuration: Triton runs through its interpreter when no GPU is present, GPU tests skip without CUDA, and
+tests marked `long` (each a slower duplicate of a faster check) run only with --long."""
 import os
 
 import torch
@@ -10,13 +11,18 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 
+def pytest_addoption(parser):
+    parser.addoption("--long", action="store_true", help="also run the tests marked long (the full suite)")
+
+
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    skip_long = pytest.mark.skip(reason="long test: runs with --long")
     for item in items:
-        if "gpu" in item.keywords:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
+        if "long" in item.keywords and not config.getoption("--long"):
+            item.add_marker(skip_long)
 
 
 @pytest.fixture(autouse=True)

@@ -420,6 +420,7 @@ CACHE_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.long
 @pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 def test_fx_graph_cache_is_reused_by_a_second_process(device, tmp_path):

@@ -122,6 +122,7 @@ def _peak_bytes(impl: str, length: int) -> int:
     return int(result.stdout.strip())
 
 
+@pytest.mark.long
 @pytest.mark.skipif(not cpu_peak_measurable(), reason="needs /proc/self/clear_refs to measure peak memory")
 def test_blockwise_extra_memory_grows_linearly_not_quadratically():
     short, long = 1024, 2048

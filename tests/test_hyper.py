@@ -116,6 +116,7 @@ def test_deterministic_per_seed():
     assert not torch.equal(first, other)
 
 
+@pytest.mark.long
 def test_opcheck():
     q, k, v = (t.float() for t in make_inputs(heads=1, queries=20))
     torch.library.opcheck(hyper_attention_op, (q, k, v, False, 8, 4, 2, 8, 3))

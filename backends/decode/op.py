@@ -109,6 +109,10 @@ def decode_attention_op(
 
         out, lse = decode_forward(q, k_cache, v_cache, cache_len, num_splits=num_splits or None, **options)
     else:
+        if not rolling and q.device.type == "cpu":
+            # Slots past the longest row are masked anyway; on the CPU reading the length costs no synchronization.
+            used = max(int(cache_len.max()), 1)
+            k_cache, v_cache = k_cache[:, :, :used], v_cache[:, :, :used]
         out, lse = decode_attention_reference(q, k_cache, v_cache, cache_len, return_lse=True, **options)
     return out.contiguous(), lse.to(_lse_dtype(q.dtype)).contiguous()
 
