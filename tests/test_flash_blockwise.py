@@ -64,6 +64,22 @@ def test_rows_with_no_visible_key_give_zeros_not_nan():
     assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
 
 
+@pytest.mark.parametrize("layout", ["head_dim_major", "broadcast_head_dim"])
+@pytest.mark.parametrize("causal,q_heads", [(False, 4), (True, 4), (False, 8)])
+def test_a_head_dim_that_is_not_unit_stride_gives_the_reference(layout, causal, q_heads):
+    # (batch, heads, head_dim, length) storage seen transposed, as SqueezeBERT's convolutions lay out q, k and v;
+    # or a head dim broadcast from size 1. CPU float32 takes the fused tiles.
+    def make(heads, length):
+        if layout == "head_dim_major":
+            return torch.randn(2, heads, 16, length).transpose(2, 3)
+        return torch.randn(2, heads, length, 1).expand(2, heads, length, 16)
+
+    q, k, v = make(q_heads, 19), make(4, 19), make(4, 19)
+    out = tiled_attention(q, k, v, causal=causal, scale=0.25, impl="blockwise")
+    expected = attention_reference(q.double(), k.double(), v.double(), causal=causal, scale=0.25)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_low_precision_inputs_accumulate_in_fp32(dtype):
     q, k, v = (torch.randn(1, 4, 257, 32).to(dtype) for _ in range(3))

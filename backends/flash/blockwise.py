@@ -128,17 +128,24 @@ def _tile_kind(q_start, q_end, k_start, k_end, *, causal, window, sinks) -> str:
     return "masked"
 
 
+def _unit_stride(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor if tensor.stride(-1) == 1 or tensor.shape[-1] == 1 else tensor.contiguous()
+
+
 def _fused_cpu_tile(q_tile, k, v, k_start, k_end, scale, causal, compute_dtype):
     """(out, lse) of one unmasked or top-left-causal tile through PyTorch's fused CPU flash kernel."""
     batch, q_heads, queries, _ = q_tile.shape
     kv_heads = k.shape[1]
     group = q_heads // kv_heads
-    keys, values = k[:, :, k_start:k_end].to(compute_dtype), v[:, :, k_start:k_end].to(compute_dtype)
-    q_tile = q_tile.to(compute_dtype)
+    # aten's CPU flash kernel reads the head dim as unit-stride without checking: a transposed or broadcast head dim
+    # (SqueezeBERT's (batch, heads, head_dim, length) keys, seen transposed) would give wrong numbers silently.
+    keys, values = (_unit_stride(k[:, :, k_start:k_end].to(compute_dtype)),
+                    _unit_stride(v[:, :, k_start:k_end].to(compute_dtype)))
+    q_tile = _unit_stride(q_tile.to(compute_dtype))
     if group > 1 and not causal:
         # Without a mask every query row is alike: fold each kv head's query group into its rows instead of
         # repeating keys and values.
-        folded = q_tile.reshape(batch, kv_heads, group * queries, -1)
+        folded = _unit_stride(q_tile.reshape(batch, kv_heads, group * queries, -1))
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(folded, keys, values, scale=scale)
         return out.reshape(batch, q_heads, queries, -1).to(lse.dtype), lse.reshape(batch, q_heads, queries)
     if group > 1:
