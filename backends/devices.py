@@ -31,48 +31,41 @@ __all__ = ["device_spec", "known_devices", "BUILTIN_DEVICES", "DeviceSpec", "app
 
 SCHEMA_VERSION = 1
 
-# What was measured on an H200 (torch 2.11, bf16, B=1, H=32, D=128; KINDS.md, the project lead's runs and
-# benchmarks/RESULTS.md):
-# (work, cost module, implementation, causal, window, length, seconds[, world size]). A rate given as ("tflops", R)
+# What was measured on an H200 (torch 2.11, bf16, B=1, H=32, D=128 or the "@d64" key's 64, causal; KINDS.md, the
+# project lead's runs and benchmarks/RESULTS.md), per efficiency key:
+# work: (cost module, implementation, window, world size, ((length, seconds), ...)). A rate given as ("tflops", R)
 # instead of seconds is converted to seconds with the same cost module, so every entry goes through one formula.
 H200_MEASURED_DATE = "2026-11"
 H200_MATMUL_FLOPS = 788e12  # 8192³ bf16 product, random data
 H200_COPY_BANDWIDTH = 4.3e12  # device-to-device copy, bytes read + written
-H200_KERNELS: tuple = (
-    ("sdpa-cudnn", "backends.dense.cost", "sdpa-cudnn", True, None, 32768, 14.6e-3),
-    ("sdpa-cudnn", "backends.dense.cost", "sdpa-cudnn", True, None, 32768, 15.05e-3),  # RESULTS.md, rev. 23e124d
-    ("sdpa-cudnn", "backends.dense.cost", "sdpa-cudnn", True, None, 131072, 256e-3),
-    ("sdpa-flash", "backends.dense.cost", "sdpa-flash", True, None, 32768, 25.54e-3),  # RESULTS.md, rev. 23e124d
+_DENSE, _OURS = "backends.dense.cost", "triton"
+H200_KERNELS: dict = {
+    # cuDNN: the project lead's runs; RESULTS.md revisions 23e124d (32k) and 68da512 (128k); benchmarks/
+    # calibrate_h200.py (RESULTS.md, "Cost model against measurements on the H200", revision 52cb1f7).
+    "sdpa-cudnn": (_DENSE, "sdpa-cudnn", None, 1, ((32768, 14.6e-3), (32768, 15.05e-3), (131072, 256e-3),
+                                                   (131072, 243.9e-3), (131072, 261.91e-3))),
+    "sdpa-flash": (_DENSE, "sdpa-flash", None, 1, ((32768, 25.54e-3),)),  # RESULTS.md, rev. 23e124d
     # Ours (benchmarks/RESULTS.md, "Tiled attention kernels with tensor descriptors", revision 1d84af4): exact
     # causal, and the causal window of 4096. The earlier kernel's figures are gone with it.
-    ("flash", "backends.flash.cost", "triton", True, None, 32768, 15.655e-3),
-    ("sliding_window", "backends.sliding_window.cost", "triton", True, 4096, 32768, 4.045e-3),
-    ("sliding_window", "backends.sliding_window.cost", "triton", True, 4096, 131072, 17.87e-3),
-    ("sdpa-cudnn", "backends.dense.cost", "sdpa-cudnn", True, None, 131072, 243.9e-3),  # RESULTS.md, rev. 68da512
+    "flash": ("backends.flash.cost", _OURS, None, 1, ((32768, 15.655e-3),)),
+    "sliding_window": ("backends.sliding_window.cost", _OURS, 4096, 1, ((32768, 4.045e-3), (131072, 17.87e-3))),
     # Ours (benchmarks/RESULTS.md, "Linear attention, Mamba-2 SSD, HyperAttention", revision 68da512): linear
     # attention without decay (chunk 64), SSD (chunk 256).
-    ("linear", "backends.linear.cost", "triton", True, None, 131072, 3.01e-3),
-    ("ssd", "backends.mamba2.cost", "triton", True, None, 131072, 2.92e-3),
+    "linear": ("backends.linear.cost", _OURS, None, 1, ((131072, 3.01e-3),)),
+    "ssd": ("backends.mamba2.cost", _OURS, None, 1, ((131072, 2.92e-3),)),
     # HyperAttention causal, inference path with Triton gathers and ranks (RESULTS.md, "HyperAttention causal at
     # 128k", revision 5554c1b).
-    ("hyper", "backends.hyper.cost", "triton", True, None, 131072, 39.49e-3),
-    # benchmarks/calibrate_h200.py (RESULTS.md, "Cost model against measurements on the H200", revision 52cb1f7).
-    ("sdpa-cudnn", "backends.dense.cost", "sdpa-cudnn", True, None, 131072, 261.91e-3),
+    "hyper": ("backends.hyper.cost", _OURS, None, 1, ((131072, 39.49e-3),)),
     # Head dim 64 (H=32, 8 kv heads): "@d64" keys apply to head dims up to 64 (backends/costs.py work_for_head_dim).
     # Ours and cuDNN in one run (RESULTS.md, "Head dim 64 with tensor descriptors", revision 0811dc3; ours
     # at (128, 64, 8, 3), the tuner's choice): ours 8% slower at 8k, even at 32k, 2% faster at 128k.
-    ("flash@d64", "backends.flash.cost", "triton", True, None, 8192, 0.6771e-3),
-    ("flash@d64", "backends.flash.cost", "triton", True, None, 32768, 9.444e-3),
-    ("flash@d64", "backends.flash.cost", "triton", True, None, 131072, 148.7e-3),
-    ("sdpa-cudnn@d64", "backends.dense.cost", "sdpa-cudnn", True, None, 8192, 0.6274e-3),
-    ("sdpa-cudnn@d64", "backends.dense.cost", "sdpa-cudnn", True, None, 32768, 9.509e-3),
-    ("sdpa-cudnn@d64", "backends.dense.cost", "sdpa-cudnn", True, None, 131072, 151.35e-3),
-    ("sdpa-flash@d64", "backends.dense.cost", "sdpa-flash", True, None, 8192, 0.999e-3),
-    ("sdpa-flash@d64", "backends.dense.cost", "sdpa-flash", True, None, 32768, 14.216e-3),
+    "flash@d64": ("backends.flash.cost", _OURS, None, 1, ((8192, 0.6771e-3), (32768, 9.444e-3), (131072, 148.7e-3))),
+    "sdpa-cudnn@d64": (_DENSE, "sdpa-cudnn", None, 1, ((8192, 0.6274e-3), (32768, 9.509e-3), (131072, 151.35e-3))),
+    "sdpa-flash@d64": (_DENSE, "sdpa-flash", None, 1, ((8192, 0.999e-3), (32768, 14.216e-3))),
     # Ring of 2 H200s, Triton blocks, causal zigzag at 256k, forward (RESULTS.md, "Ring attention on 2 × H200",
     # revision dc5e8e4): per-rank time.
-    ("ring", "backends.ring.cost", "triton", True, None, 262144, 597e-3, 2),
-)
+    "ring": ("backends.ring.cost", _OURS, None, 2, ((262144, 597e-3),)),
+}
 BUILTIN_MEASUREMENTS = {"h200": (H200_MEASURED_DATE, H200_MATMUL_FLOPS, H200_COPY_BANDWIDTH, H200_KERNELS)}
 
 MIN_EFFICIENCY, MAX_EFFICIENCY = 0.005, 1.0
@@ -122,16 +115,15 @@ def builtin_calibration(spec: DeviceSpec, key: str) -> DeviceSpec:
     efficiency["matmul"] = matmul_flops / spec.peak_flops("bfloat16")
     efficiency["memory"] = copy_bandwidth / spec.memory_bandwidth
     measured_spec = dataclasses.replace(spec, efficiency=efficiency)
-    by_work: dict[str, list[float]] = {}
-    for work, module, implementation, causal, window, length, seconds, *world in kernels:
+    for work, (module, implementation, window, world_size, timings) in kernels.items():
         head_dim = int(work.split("@d")[1]) if "@d" in work else 128  # "flash@d64": measured at head dim 64
-        shape = reference_shape(length, implementation, causal=causal, window=window, head_dim=head_dim,
-                                world_size=world[0] if world else 1)
-        costs = _cost_module(module).costs(shape)
-        if isinstance(seconds, tuple):  # ("tflops", rate): the time that rate gives at this length
-            seconds = _value(costs.flops, length) / (seconds[1] * 1e12)
-        by_work.setdefault(work, []).append(kernel_efficiency(measured_spec, costs, length, seconds, "bfloat16"))
-    for work, values in by_work.items():
+        values = []
+        for length, seconds in timings:
+            shape = reference_shape(length, implementation, window=window, head_dim=head_dim, world_size=world_size)
+            costs = _cost_module(module).costs(shape)
+            if isinstance(seconds, tuple):  # ("tflops", rate): the time that rate gives at this length
+                seconds = _value(costs.flops, length) / (seconds[1] * 1e12)
+            values.append(kernel_efficiency(measured_spec, costs, length, seconds, "bfloat16"))
         efficiency[work] = statistics.geometric_mean(values)
     return dataclasses.replace(spec, efficiency=efficiency, source=f"{spec.source} + measured on an H200 ({date})")
 

@@ -678,21 +678,24 @@ def _rsub(evaluator, node, index):
         evaluator.operand(node.args[0], index))
 
 
-@handles(aten.floor_divide.default, aten.floor_divide.Scalar)
-def _floor_divide(evaluator, node, index):
+def _divisible_operands(evaluator, node, index, what: str):
+    """The two operands of a division-like node, refusing a divisor of zero."""
     a = as_number(evaluator.operand(node.args[0], index))
     b = as_number(evaluator.operand(node.args[1], index))
     if b == 0:
-        raise Unsupported("division by zero")
+        raise Unsupported(f"{what} by zero")
+    return a, b
+
+
+@handles(aten.floor_divide.default, aten.floor_divide.Scalar)
+def _floor_divide(evaluator, node, index):
+    a, b = _divisible_operands(evaluator, node, index, "division")
     return sympy.floor(a / b)
 
 
 @handles(aten.remainder.Scalar, aten.remainder.Tensor)
 def _remainder(evaluator, node, index):
-    a = as_number(evaluator.operand(node.args[0], index))
-    b = as_number(evaluator.operand(node.args[1], index))
-    if b == 0:
-        raise Unsupported("remainder by zero")
+    a, b = _divisible_operands(evaluator, node, index, "remainder")
     return sympy.Mod(a, b)
 
 

@@ -14,14 +14,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from passes.errors import (
-    BackendError,
-    CaptureError,
-    InvalidArgumentError,
-    PlanError,
-    PlannerError,
-    UnknownDeviceError,
-)
+from planner.errors import BackendError, CaptureError, InvalidArgumentError, PlanError, PlannerError, UnknownDeviceError
 
 _LAZY = {
     "optimize": "planner.api",
@@ -42,6 +35,7 @@ _LAZY = {
     "backend": "planner.compile_backend",
     "last_report": "planner.compile_backend",
     "linearize": "planner.linearize",
+    "decoder": "planner.generation",
 }
 
 __all__ = sorted(list(_LAZY) + ["BackendError", "CaptureError", "InvalidArgumentError", "PlanError", "PlannerError",

@@ -13,7 +13,7 @@ from passes.match import find_sites
 from passes.records import AttentionSite, Plan
 from planner.distributed import optimize_partitioned
 from planner.optimized import OptimizedModel
-from planner.pipeline import PlanOptions, run_passes
+from planner.pipeline import PlanOptions, example_tuple, run_passes
 from planner.report import Report
 
 
@@ -31,9 +31,9 @@ def find_attention(
         example_kwargs: keyword inputs for capture.
     """
     if isinstance(model, (torch.fx.GraphModule, torch.export.ExportedProgram)):
-        captured = capture(model, _as_tuple(example_inputs), example_kwargs)
+        captured = capture(model, example_tuple(example_inputs), example_kwargs)
     else:
-        captured, _ = capture_call(model, example_call(model, _as_tuple(example_inputs), example_kwargs),
+        captured, _ = capture_call(model, example_call(model, example_tuple(example_inputs), example_kwargs),
                                    widen_batch=False)
     return find_sites(captured.graph_module)
 
@@ -108,14 +108,14 @@ def optimize(
         return optimize_partitioned(model, options, world_size=world_size, group=group,
                                     example_inputs=example_inputs, example_kwargs=example_kwargs, layout=layout)
     if isinstance(model, (torch.fx.GraphModule, torch.export.ExportedProgram)):
-        captured = capture(model, _as_tuple(example_inputs), example_kwargs)
+        captured = capture(model, example_tuple(example_inputs), example_kwargs)
         report = run_passes(captured.graph_module, options, captured.model_name)
         _attach_report(captured.graph_module, report)
         return captured.graph_module
     if not isinstance(model, torch.nn.Module):
         raise InvalidArgumentError(f"model must be an nn.Module, a torch.fx.GraphModule or an ExportedProgram; got "
                                    f"{type(model).__name__}")
-    bound = example_call(model, _as_tuple(example_inputs), example_kwargs)
+    bound = example_call(model, example_tuple(example_inputs), example_kwargs)
     try:
         optimized = OptimizedModel(model, options, bound)
     except CaptureError as error:
@@ -136,10 +136,3 @@ def _attach_report(module: torch.nn.Module, report: Report) -> None:
     # object.__setattr__ keeps the report out of nn.Module's submodule/parameter bookkeeping.
     object.__setattr__(module, "report", report)
 
-
-def _as_tuple(example_inputs: Any) -> Optional[tuple]:
-    if example_inputs is None or isinstance(example_inputs, tuple):
-        return example_inputs
-    if isinstance(example_inputs, list):
-        return tuple(example_inputs)
-    return (example_inputs,)

@@ -30,7 +30,7 @@ from backends.ring.partition import SequenceShard, check_ring_site, partition, s
 from passes.capture import capture
 from passes.errors import InvalidArgumentError, PlanError
 from passes.match import find_sites
-from planner.pipeline import PlanOptions
+from planner.pipeline import PlanOptions, example_tuple
 from planner.plan import cost_shape, format_bytes, format_seconds, make_plan
 from planner.report import Report
 
@@ -288,7 +288,7 @@ def optimize_partitioned(
         raise InvalidArgumentError(f"world_size={world_size} but the process group has {dist.get_world_size(group)} "
                                    "ranks; pass the group whose ranks share the sequence")
     rank = dist.get_rank(group)
-    captured = capture(model, _as_tuple(example_inputs), example_kwargs)
+    captured = capture(model, example_tuple(example_inputs), example_kwargs)
     graph_module = captured.graph_module
     symbols = sequence_symbols(graph_module, dim)
     sites = find_sites(graph_module)
@@ -328,14 +328,6 @@ def _ring_everywhere(plan: Any, layout: str) -> Any:
         reason = f"world_size={plan.world_size}: the sequence is sharded, so ring attention ({layout}): {estimate}"
         decisions.append(dataclasses.replace(decision, choice=ring, reason=reason))
     return dataclasses.replace(plan, decisions=tuple(decisions))
-
-
-def _as_tuple(example_inputs: Any) -> Optional[tuple]:
-    if example_inputs is None or isinstance(example_inputs, tuple):
-        return example_inputs
-    if isinstance(example_inputs, list):
-        return tuple(example_inputs)
-    return (example_inputs,)
 
 
 __all__ = ["shard_inputs", "gather_outputs", "optimize_partitioned", "Partition", "RingTraffic", "ring_traffic"]

@@ -25,6 +25,15 @@ from planner.report import Report
 NO_ATTENTION_NOTE = "no softmax attention was found in the graph; the model is returned unchanged"
 
 
+def example_tuple(example_inputs: Any) -> Optional[tuple]:
+    """Example inputs as capture takes them: None, a tuple, a list, or one input."""
+    if example_inputs is None or isinstance(example_inputs, tuple):
+        return example_inputs
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs)
+    return (example_inputs,)
+
+
 @dataclass(frozen=True)
 class PlanOptions:
     """Everything a front door passes to the passes, validated once, at the door (PlanOptions.create).

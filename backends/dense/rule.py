@@ -4,17 +4,8 @@ from __future__ import annotations
 import torch
 
 from backends.dense import cost
-from backends.variant import (
-    HALF_DTYPES,
-    KernelProbe,
-    Offer,
-    PlanContext,
-    Variant,
-    original_implementation,
-    score_modifier_obstacle,
-    structure_only,
-    tiled_obstacle,
-)
+from backends.variant import (HALF_DTYPES, KernelProbe, Offer, PlanContext, Variant, original_implementation,
+                              score_modifier_obstacle, structure_only, tiled_obstacle)
 from passes.records import AttentionSite
 
 

@@ -245,17 +245,9 @@ def blockwise_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     return out, lse
 
 
-def blockwise_attention_backward(
-    grad_out: torch.Tensor,
-    grad_lse: Optional[torch.Tensor],
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    options: AttentionOptions,
-    mask_needs_grad: bool,
-):
+def blockwise_attention_backward(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], q: torch.Tensor,
+                                 k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                                 options: AttentionOptions, mask_needs_grad: bool):
     """Gradients (dq, dk, dv, d_attn_mask or None) by recomputing each tile's probabilities from the saved lse.
 
     With sink logits the saved lse includes them, and the key probabilities need no other change; their own
@@ -308,13 +300,8 @@ def blockwise_attention_backward(
     return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), grad_mask
 
 
-def sink_logits_gradient(
-    grad_out: torch.Tensor,
-    grad_lse: Optional[torch.Tensor],
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    sink_logits: torch.Tensor,
-) -> torch.Tensor:
+def sink_logits_gradient(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor,
+                         sink_logits: torch.Tensor) -> torch.Tensor:
     """d loss / d sink_logits, (q_heads,) in float32 (float64 for float64 inputs), for every implementation.
 
     The sink logit of head h is one more score of each row, with no value (dP = 0), so its score gradient is

@@ -50,20 +50,10 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 @torch.library.custom_op("attention_planner::flash_attention", mutates_args=())
-def flash_attention_op(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    key_padding_mask: Optional[torch.Tensor],
-    attn_mask: Optional[torch.Tensor],
-    causal: bool,
-    window: int,
-    sinks: int,
-    scale: float,
-    impl: str,
-    softcap: Optional[float] = None,
-    sink_logits: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def flash_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+                       attn_mask: Optional[torch.Tensor], causal: bool, window: int, sinks: int, scale: float,
+                       impl: str, softcap: Optional[float] = None,
+                       sink_logits: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (out, lse): out like q with v's head dim; lse (batch, q_heads, queries), natural log, float32 (it
     includes the sink logits). softcap and sink_logits come last, with defaults, so that older callers keep working."""
     options = AttentionOptions.from_op(key_padding_mask, attn_mask, causal, window, sinks, scale, softcap, sink_logits)
@@ -89,23 +79,10 @@ def _(q, k, v, key_padding_mask, attn_mask, causal, window, sinks, scale, impl, 
 
 @torch.library.custom_op("attention_planner::flash_attention_backward", mutates_args=())
 def flash_attention_backward_op(
-    grad_out: torch.Tensor,
-    grad_lse: Optional[torch.Tensor],
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    key_padding_mask: Optional[torch.Tensor],
-    attn_mask: Optional[torch.Tensor],
-    causal: bool,
-    window: int,
-    sinks: int,
-    scale: float,
-    impl: str,
-    mask_needs_grad: bool,
-    softcap: Optional[float] = None,
-    sink_logits: Optional[torch.Tensor] = None,
+    grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    out: torch.Tensor, lse: torch.Tensor, key_padding_mask: Optional[torch.Tensor], attn_mask: Optional[torch.Tensor],
+    causal: bool, window: int, sinks: int, scale: float, impl: str, mask_needs_grad: bool,
+    softcap: Optional[float] = None, sink_logits: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dq, dk, dv, d_attn_mask, d_sink_logits); d_attn_mask is an empty tensor unless mask_needs_grad,
     d_sink_logits (q_heads,) float32 (float64 for float64 inputs) is empty without sink logits."""
@@ -180,20 +157,10 @@ def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: 
     return (out, lse) if return_lse else out
 
 
-def flash_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool = False,
-    scale: Optional[float] = None,
-    key_padding_mask: Optional[torch.Tensor] = None,
-    attn_mask: Optional[torch.Tensor] = None,
-    return_lse: bool = False,
-    impl: Optional[str] = None,
-    softcap: Optional[float] = None,
-    sink_logits: Optional[torch.Tensor] = None,
-):
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                    scale: Optional[float] = None, key_padding_mask: Optional[torch.Tensor] = None,
+                    attn_mask: Optional[torch.Tensor] = None, return_lse: bool = False, impl: Optional[str] = None,
+                    softcap: Optional[float] = None, sink_logits: Optional[torch.Tensor] = None):
     """Exact softmax attention, tiled: the scores are never materialized.
 
     Args:

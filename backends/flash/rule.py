@@ -9,16 +9,8 @@ from typing import Optional
 import torch
 
 from backends.flash import cost
-from backends.variant import (
-    KernelProbe,
-    Offer,
-    PlanContext,
-    Variant,
-    backend_call,
-    keeps_mask_tensor,
-    on_gpu,
-    tiled_obstacle,
-)
+from backends.variant import (KernelProbe, Offer, PlanContext, Variant, backend_call, keeps_mask_tensor, on_gpu,
+                              tiled_obstacle)
 from passes.errors import BackendError
 from passes.records import AttentionSite
 

@@ -946,20 +946,10 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: Op
     return (out if d_v_pad == d_v else out[..., :d_v]), lse
 
 
-def flash_backward(
-    grad_out: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    options: Optional[AttentionOptions] = None,
-    *,
-    grad_lse: Optional[torch.Tensor] = None,
-    config: Optional[tuple] = None,
-    dq_mode: str = "separate",
-    **keywords,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def flash_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                   lse: torch.Tensor, options: Optional[AttentionOptions] = None, *,
+                   grad_lse: Optional[torch.Tensor] = None, config: Optional[tuple] = None, dq_mode: str = "separate",
+                   **keywords) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward pass: (dq, dk, dv) in the inputs' dtypes; dk, dv summed over each kv head's query group.
 
     With sink logits nothing changes here: the saved lse includes them, and their own gradient is an O(rows)

@@ -51,18 +51,9 @@ def validate_hyper_inputs(q, k, v, causal, block_size, sample_size, num_projecti
         raise BackendError(f"num_projections must be in 1..16 (2^num_projections buckets); got {num_projections}")
 
 
-def hyper_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool = False,
-    block_size: int = 256,
-    sample_size: int = 256,
-    num_projections: int = 7,
-    min_seq_len: int = 4096,
-    seed: int = 0,
-) -> torch.Tensor:
+def hyper_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, block_size: int = 256,
+                    sample_size: int = 256, num_projections: int = 7, min_seq_len: int = 4096,
+                    seed: int = 0) -> torch.Tensor:
     """HyperAttention (Han et al., 2023): approximate softmax attention in near-linear time. Not exact.
 
     Queries and keys are sorted by sortLSH (num_projections random hyperplanes, buckets in Gray-code order); each

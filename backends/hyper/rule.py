@@ -7,20 +7,8 @@ from typing import Optional
 import torch
 
 from backends.hyper import cost
-from backends.variant import (
-    Fidelity,
-    KernelProbe,
-    Offer,
-    PlanContext,
-    Variant,
-    backend_call,
-    on_gpu,
-    repeat_kv,
-    scaled_query,
-    score_modifier_obstacle,
-    structure_only,
-    tiled_obstacle,
-)
+from backends.variant import (Fidelity, KernelProbe, Offer, PlanContext, Variant, backend_call, on_gpu, repeat_kv,
+                              scaled_query, score_modifier_obstacle, structure_only, tiled_obstacle)
 from passes.records import AttentionSite
 
 HYPER_DEFAULTS = (("block_size", 256), ("sample_size", 256), ("num_projections", 7), ("min_seq_len", 4096))

@@ -70,17 +70,9 @@ def _expand_qk_heads(tensor: torch.Tensor, heads: int) -> torch.Tensor:
     return tensor.repeat_interleave(heads // tensor.shape[1], dim=1)
 
 
-def linear_attention_naive(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    decay: Decay = None,
-    feature_map: FeatureMap = None,
-    causal: bool = True,
-    initial_state: Optional[torch.Tensor] = None,
-    return_state: bool = False,
-):
+def linear_attention_naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, decay: Decay = None,
+                           feature_map: FeatureMap = None, causal: bool = True,
+                           initial_state: Optional[torch.Tensor] = None, return_state: bool = False):
     """Linear attention by its recurrence, in float64. Same arguments and results as `backends.linear_attention`.
 
     Returns out (like v, in v's dtype) and, with return_state, the final state (batch, heads, key_dim, value_dim)
@@ -114,15 +106,9 @@ def linear_attention_naive(
     return (out.to(v.dtype), state) if return_state else out.to(v.dtype)
 
 
-def linear_attention_naive_backward(
-    grad_out: torch.Tensor,
-    grad_final: Optional[torch.Tensor],
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    log_decay: Optional[torch.Tensor],
-    initial_state: Optional[torch.Tensor],
-):
+def linear_attention_naive_backward(grad_out: torch.Tensor, grad_final: Optional[torch.Tensor], q: torch.Tensor,
+                                    k: torch.Tensor, v: torch.Tensor, log_decay: Optional[torch.Tensor],
+                                    initial_state: Optional[torch.Tensor]):
     """Gradients of the causal recurrence, by the recurrence run backwards (float64; no autograd needed, so it runs
     inside a custom op, where autograd does not record). log_decay: None, (batch, heads, seq) or (..., key_dim).
 

@@ -29,14 +29,8 @@ def _naive_forward(q, k, v, log_decay, initial_state):
 
 
 @torch.library.custom_op("attention_planner::linear_attention", mutates_args=())
-def linear_attention_op(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    log_decay: Optional[torch.Tensor],
-    initial_state: Optional[torch.Tensor],
-    chunk_size: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def linear_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: Optional[torch.Tensor],
+                        initial_state: Optional[torch.Tensor], chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal linear attention, chunked. Returns (out like v, final state (batch, heads, key_dim, value_dim), float32
     or float64 for float64 inputs). log_decay: None, (batch, heads, seq) or (batch, heads, seq, key_dim)."""
     q, k, v, log_decay, initial_state = map(contiguous_or_none, (q, k, v, log_decay, initial_state))
@@ -55,14 +49,8 @@ def _(q, k, v, log_decay, initial_state, chunk_size):
 
 @torch.library.custom_op("attention_planner::linear_attention_backward", mutates_args=())
 def linear_attention_backward_op(
-    grad_out: torch.Tensor,
-    grad_final: Optional[torch.Tensor],
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    log_decay: Optional[torch.Tensor],
-    initial_state: Optional[torch.Tensor],
-    final_state: torch.Tensor,
+    grad_out: torch.Tensor, grad_final: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    log_decay: Optional[torch.Tensor], initial_state: Optional[torch.Tensor], final_state: torch.Tensor,
     chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dq, dk, dv, d_log_decay, d_initial_state); the last two are empty when there is no such input."""
@@ -106,13 +94,8 @@ linear_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 @torch.library.custom_op("attention_planner::linear_attention_recurrent", mutates_args=())
-def linear_attention_recurrent_op(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    log_decay: Optional[torch.Tensor],
-    initial_state: Optional[torch.Tensor],
-) -> tuple[torch.Tensor, torch.Tensor]:
+def linear_attention_recurrent_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: Optional[torch.Tensor],
+                                  initial_state: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """The step form (recurrent.py): same results as linear_attention_op, no gradients (decoding)."""
     q, k, v, log_decay, initial_state = map(contiguous_or_none, (q, k, v, log_decay, initial_state))
     if not triton_usable(q):
@@ -147,17 +130,9 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def linear_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    decay: Decay = None,
-    feature_map: FeatureMap = None,
-    causal: bool = True,
-    initial_state: Optional[torch.Tensor] = None,
-    return_state: bool = False,
-):
+def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, decay: Decay = None,
+                     feature_map: FeatureMap = None, causal: bool = True, initial_state: Optional[torch.Tensor] = None,
+                     return_state: bool = False):
     """Linear attention with optional decay: o_t = S_t^T phi(q_t), S_t = exp(g_t) S_{t-1} + phi(k_t) v_t^T.
 
     Plain (un-normalized, unscaled) linear attention, like flash-linear-attention's chunk_linear_attn with

@@ -33,16 +33,8 @@ def segment_sums(log_decay: torch.Tensor) -> torch.Tensor:
     return differences.masked_fill(~causal, float("-inf"))
 
 
-def ssd_naive(
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    *,
-    initial_state: Optional[torch.Tensor] = None,
-    return_state: bool = False,
-):
+def ssd_naive(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, *,
+              initial_state: Optional[torch.Tensor] = None, return_state: bool = False):
     """Mamba-2 SSD in float64 by its quadratic form. Same arguments and results as `backends.ssd` (no chunk size).
 
     Returns y (like x, in x's dtype) and, with return_state, the final state (batch, heads, head_dim, state_dim) in

@@ -28,15 +28,8 @@ def _naive_forward(x, dt, A, B, C, initial_state):
 
 
 @torch.library.custom_op("attention_planner::ssd", mutates_args=())
-def ssd_op(
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    initial_state: Optional[torch.Tensor],
-    chunk_size: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def ssd_op(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+           initial_state: Optional[torch.Tensor], chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (y like x, final state (batch, heads, head_dim, state_dim), float32; float64 for float64 x)."""
     x, dt, A, B, C, initial_state = map(contiguous_or_none, (x, dt, A, B, C, initial_state))
     if not triton_usable(x):
@@ -54,16 +47,8 @@ def _(x, dt, A, B, C, initial_state, chunk_size):
 
 @torch.library.custom_op("attention_planner::ssd_backward", mutates_args=())
 def ssd_backward_op(
-    grad_y: torch.Tensor,
-    grad_final: Optional[torch.Tensor],
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    initial_state: Optional[torch.Tensor],
-    final_state: torch.Tensor,
-    chunk_size: int,
+    grad_y: torch.Tensor, grad_final: Optional[torch.Tensor], x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
+    B: torch.Tensor, C: torch.Tensor, initial_state: Optional[torch.Tensor], final_state: torch.Tensor, chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dx, d_dt, dA, dB, dC, d_initial_state); the last is empty without an initial state."""
     x, dt, A, B, C, initial_state, grad_y, grad_final = map(
@@ -118,14 +103,8 @@ ssd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 @torch.library.custom_op("attention_planner::ssd_recurrent", mutates_args=())
-def ssd_recurrent_op(
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    initial_state: Optional[torch.Tensor],
-) -> tuple[torch.Tensor, torch.Tensor]:
+def ssd_recurrent_op(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                     initial_state: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """The step form (recurrent.py): same results as ssd_op, no gradients (decoding)."""
     x, dt, A, B, C, initial_state = map(contiguous_or_none, (x, dt, A, B, C, initial_state))
     if not triton_usable(x):
@@ -172,17 +151,8 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def ssd(
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    *,
-    chunk_size: int = 256,
-    initial_state: Optional[torch.Tensor] = None,
-    return_state: bool = False,
-):
+def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, *, chunk_size: int = 256,
+        initial_state: Optional[torch.Tensor] = None, return_state: bool = False):
     """Mamba-2's state-space duality: h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T, y_t = h_t C_t (per head).
 
     Layout (batch, heads, seq, dim) like every public function here; Mamba-2's kernels take (batch, seq, heads,

@@ -268,17 +268,8 @@ def _lean_ring_backward_pass(grad_out, q, k, v, out, lse, ring, schedule, steps,
 
 
 @torch.library.custom_op("attention_planner::ring_attention", mutates_args=())
-def ring_attention_op(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    group_name: str,
-    causal: bool,
-    window: int,
-    layout: str,
-    scale: float,
-    impl: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def ring_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_name: str, causal: bool, window: int,
+                      layout: str, scale: float, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (out like q with v's head dim, lse (batch, q_heads, local queries) in float32 / float64)."""
     return _ring_forward(q, k, v, group_name, causal, _window_or_none(window), layout, scale, impl)
 
@@ -291,20 +282,9 @@ def _(q, k, v, group_name, causal, window, layout, scale, impl):
 
 
 @torch.library.custom_op("attention_planner::ring_attention_backward", mutates_args=())
-def ring_attention_backward_op(
-    grad_out: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    group_name: str,
-    causal: bool,
-    window: int,
-    layout: str,
-    scale: float,
-    impl: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def ring_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               out: torch.Tensor, lse: torch.Tensor, group_name: str, causal: bool, window: int,
+                               layout: str, scale: float, impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dq, dk, dv) of this rank's shards; dK/dV travel the ring back to their owners."""
     return _ring_backward(grad_out.contiguous(), q, k, v, out, lse, group_name, causal, _window_or_none(window),
                           layout, scale, impl)
@@ -346,18 +326,9 @@ def _validate(q, k, v, group, causal, window, layout) -> None:
         raise BackendError(f"layout {layout!r} needs an even local length (two chunks per rank); got {q.shape[2]}")
 
 
-def ring_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    group: Optional[dist.ProcessGroup] = None,
-    causal: bool = False,
-    window: Optional[int] = None,
-    layout: str = "zigzag",
-    scale: Optional[float] = None,
-    impl: Optional[str] = None,
-) -> torch.Tensor:
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: Optional[dist.ProcessGroup] = None,
+                   causal: bool = False, window: Optional[int] = None, layout: str = "zigzag",
+                   scale: Optional[float] = None, impl: Optional[str] = None) -> torch.Tensor:
     """Exact softmax attention over a sequence sharded across the ranks of `group`, K/V passed around a ring.
 
     Args:

@@ -9,15 +9,8 @@ import torch
 
 from backends.ring import cost
 from backends.ring.comm import group_name_of
-from backends.variant import (
-    Offer,
-    PlanContext,
-    Variant,
-    keeps_mask_tensor,
-    on_gpu,
-    score_modifier_obstacle,
-    tiled_obstacle,
-)
+from backends.variant import (Offer, PlanContext, Variant, keeps_mask_tensor, on_gpu, score_modifier_obstacle,
+                              tiled_obstacle)
 from passes.records import AttentionSite
 
 

@@ -9,16 +9,8 @@ import torch
 
 from backends.flash.rule import emit_tiled, tiled_implementation
 from backends.sliding_window import cost
-from backends.variant import (
-    Fidelity,
-    KernelProbe,
-    Offer,
-    PlanContext,
-    Variant,
-    backend_call,
-    keeps_mask_tensor,
-    tiled_obstacle,
-)
+from backends.variant import (Fidelity, KernelProbe, Offer, PlanContext, Variant, backend_call, keeps_mask_tensor,
+                              tiled_obstacle)
 from passes.errors import BackendError
 from passes.records import AttentionSite
 
