@@ -63,36 +63,41 @@ class PositionBuffer(nn.Module):
         return self.tokens(input_ids) + self.positions(position_ids)
 
 
-class CumsumModel(nn.Module):
+class Embedded(nn.Module):
+    """Token embeddings of `width` features, which the small models below build on."""
+
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, width)
+
+
+class CumsumModel(Embedded):
     """A running sum over the sequence: refused."""
 
     def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(VOCAB, 16)
+        super().__init__(16)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         hidden = self.embed(input_ids)
         return hidden.cumsum(dim=1)  # CUMSUM_LINE
 
 
-class ConvModel(nn.Module):
+class ConvModel(Embedded):
     """A convolution over time (kernel 3): refused."""
 
     def __init__(self):
         super().__init__()
-        self.embed = nn.Embedding(VOCAB, 8)
         self.conv = nn.Conv1d(8, 8, 3, padding=1)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.conv(self.embed(input_ids).transpose(1, 2)).transpose(1, 2)
 
 
-class SoftmaxOverTimeModel(nn.Module):
+class SoftmaxOverTimeModel(Embedded):
     """Softmax over the sequence outside attention (attention pooling by hand): refused."""
 
     def __init__(self):
         super().__init__()
-        self.embed = nn.Embedding(VOCAB, 8)
         self.score = nn.Linear(8, 1)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -101,23 +106,15 @@ class SoftmaxOverTimeModel(nn.Module):
         return hidden * weights
 
 
-class LastTokenModel(nn.Module):
+class LastTokenModel(Embedded):
     """Keeps the last position only: refused (it lives on one rank)."""
-
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(VOCAB, 8)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed(input_ids)[:, -1]
 
 
-class LengthAsNumberModel(nn.Module):
+class LengthAsNumberModel(Embedded):
     """Divides by the sequence length taken as a number: refused (on a shard it is the local length)."""
-
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(VOCAB, 8)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         hidden = self.embed(input_ids)

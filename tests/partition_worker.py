@@ -3,13 +3,13 @@ the subgroup [0, 1] (so one spawn covers both, and the group= path is exercised)
 rank{r}.json; the tests read them."""
 from __future__ import annotations
 
-import json
-import os
 import traceback
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from rank_results import save_rank_results
 
 LAYOUTS = ("zigzag", "contiguous")
 MAX_LEN = 4096
@@ -162,6 +162,5 @@ def worker(rank: int, world_size: int, store_path: str, result_dir: str) -> None
     except Exception:
         findings["worker"] = {"exception": traceback.format_exc()}
     finally:
-        with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as handle:
-            json.dump(findings, handle)
+        save_rank_results(result_dir, rank, findings)
         dist.destroy_process_group()

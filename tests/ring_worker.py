@@ -2,7 +2,6 @@
 and writes its findings to a JSON file; the tests read the files. One spawn per world size keeps the suite fast."""
 from __future__ import annotations
 
-import json
 import os
 import traceback
 import zlib
@@ -10,6 +9,8 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from rank_results import save_rank_results
 
 FLOAT64_TOLERANCE = 1e-10
 FLOAT32_TOLERANCE = 2e-5
@@ -145,8 +146,7 @@ def worker(rank: int, world_size: int, store_path: str, result_dir: str) -> None
                 # The other ranks may be waiting inside the op for this one: record the traceback and leave at once,
                 # so that the test reports it now instead of a barrier timeout a minute later.
                 results[case["name"]] = {"exception": traceback.format_exc()}
-                with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as handle:
-                    json.dump(results, handle)
+                save_rank_results(result_dir, rank, results)
                 os._exit(1)
             dist.barrier()
         if world_size == 2:
@@ -155,6 +155,5 @@ def worker(rank: int, world_size: int, store_path: str, result_dir: str) -> None
             except Exception:
                 results["opcheck"] = {"exception": traceback.format_exc()}
     finally:
-        with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as handle:
-            json.dump(results, handle)
+        save_rank_results(result_dir, rank, results)
         dist.destroy_process_group()

@@ -26,6 +26,14 @@ from test_detector_support import (  # noqa: F401  (strict_matchers is an autous
 DIM, HEADS, HEAD_DIM = 32, 4, 8
 
 
+class FusedQKV(nn.Module):
+    """A fused q, k, v projection of DIM features (the attention forms below split it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(DIM, 3 * DIM)
+
+
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     batch, length, _ = x.shape
     return x.view(batch, length, heads, -1).transpose(1, 2)
@@ -122,12 +130,8 @@ def test_repeat_kv_folds_back_to_kv_heads():
     assert_same(model, graph_module, (torch.randn(3, 19, DIM),))
 
 
-class EinsumAttention(nn.Module):
+class EinsumAttention(FusedQKV):
     """einsum with heads last in the layout (b, l, h, d), a fused qkv projection split with chunk."""
-
-    def __init__(self):
-        super().__init__()
-        self.qkv = nn.Linear(DIM, 3 * DIM)
 
     def forward(self, x):
         q, k, v = self.qkv(x).chunk(3, dim=-1)
@@ -145,13 +149,9 @@ def test_einsum_attention_with_heads_last():
     assert_same(model, graph_module, (torch.randn(3, 21, DIM),))
 
 
-class TransposedKeyEinsum(nn.Module):
+class TransposedKeyEinsum(FusedQKV):
     """k is stored transposed ((b, h, d, l)); the contraction's index algebra, not the position, says which axis
     is the sequence."""
-
-    def __init__(self):
-        super().__init__()
-        self.qkv = nn.Linear(DIM, 3 * DIM)
 
     def forward(self, x):
         q, k, v = (split_heads(t, HEADS) for t in self.qkv(x).chunk(3, dim=-1))
@@ -168,12 +168,8 @@ def test_transposed_key_is_read_by_index_algebra():
     assert_same(model, graph_module, (torch.randn(2, 13, DIM),))
 
 
-class NeoXBaddbmm(nn.Module):
+class NeoXBaddbmm(FusedQKV):
     """GPT-NeoX's original form: baddbmm(zeros, q, kᵀ, beta=1, alpha=1/sqrt(d)) on (batch*heads, l, d)."""
-
-    def __init__(self):
-        super().__init__()
-        self.qkv = nn.Linear(DIM, 3 * DIM)
 
     def forward(self, x):
         batch, length, _ = x.shape
@@ -200,12 +196,11 @@ def alibi_slopes(heads: int) -> torch.Tensor:
     return torch.tensor([2 ** (-8 * (index + 1) / heads) for index in range(heads)])
 
 
-class BloomAlibi(nn.Module):
+class BloomAlibi(FusedQKV):
     """Bloom: baddbmm(alibi, q, kᵀ, beta=1, alpha=1/sqrt(d)), alibi = slopes[h] * key position, plus a causal fill."""
 
     def __init__(self):
         super().__init__()
-        self.qkv = nn.Linear(DIM, 3 * DIM)
         self.register_buffer("slopes", alibi_slopes(HEADS))
 
     def forward(self, x):
@@ -294,12 +289,11 @@ def test_soft_capping_is_recorded_and_rewritten_exactly():
     assert_same(model, graph_module, (torch.randn(2, 17, DIM),))
 
 
-class Sinks(nn.Module):
+class Sinks(FusedQKV):
     """gpt-oss: a learned sink logit per head concatenated to the scores, dropped after the softmax."""
 
     def __init__(self):
         super().__init__()
-        self.qkv = nn.Linear(DIM, 3 * DIM)
         self.sinks = nn.Parameter(torch.randn(HEADS))
 
     def forward(self, x):
@@ -361,10 +355,9 @@ def test_nanogpt_block_proves_its_buffer_mask():
 
 
 def test_sdpa_forms():
-    class SdpaForms(nn.Module):
+    class SdpaForms(FusedQKV):
         def __init__(self):
             super().__init__()
-            self.qkv = nn.Linear(DIM, 3 * DIM)
             self.kv = nn.Linear(DIM, 2 * 2 * HEAD_DIM)
 
         def forward(self, x):
@@ -471,12 +464,8 @@ def test_router_and_classifier_softmax_are_not_sites():
     assert sites == []
 
 
-class QueryAxisSoftmax(nn.Module):
+class QueryAxisSoftmax(FusedQKV):
     """A softmax over the queries (dim=-2): attention-shaped, but not attention; recognized, left alone."""
-
-    def __init__(self):
-        super().__init__()
-        self.qkv = nn.Linear(DIM, 3 * DIM)
 
     def forward(self, x):
         q, k, v = (split_heads(t, HEADS) for t in self.qkv(x).chunk(3, dim=-1))

@@ -18,6 +18,14 @@ from test_detector_support import assert_same, rewrite_exactly, strict_matchers 
 DIM, HEADS = 16, 2
 
 
+class FusedQKV(nn.Module):
+    """A fused q, k, v projection of DIM features (the attention forms below split it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(DIM, 3 * DIM)
+
+
 def positions(length: int):
     index = torch.arange(length)
     return index[:, None], index[None, :]  # query i, key j
@@ -168,11 +176,7 @@ def test_classifier_decides_at_every_breakpoint():
 def test_sdpa_bool_mask_with_padding_input_from_transformers_style_vmap_free_build():
     """SDPA with a 4-D bool mask built from arange comparisons and an attention_mask input: causal + padding."""
 
-    class Model(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.qkv = nn.Linear(DIM, 3 * DIM)
-
+    class Model(FusedQKV):
         def forward(self, x, attention_mask):
             batch, length, _ = x.shape
             q, k, v = (t.view(batch, length, HEADS, -1).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1))
@@ -201,11 +205,7 @@ def test_numeric_check_catches_a_wrong_symbolic_result(monkeypatch):
     def wrong_tril(evaluator, node, index):
         return sympy.And(sympy.Le(index[-1], index[-2]), sympy.Lt(index[-2] - index[-1], 3))
 
-    class TrilMasked(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.qkv = nn.Linear(DIM, 3 * DIM)
-
+    class TrilMasked(FusedQKV):
         def forward(self, x):
             batch, length, _ = x.shape
             q, k, v = (t.view(batch, length, HEADS, -1).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1))

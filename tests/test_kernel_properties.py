@@ -47,6 +47,17 @@ KERNEL_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 needs_triton = pytest.mark.skipif(not TRITON, reason="Triton needs CUDA or TRITON_INTERPRET=1")
 
 
+def triton_property(cases, check, examples: int = 3):
+    """A test that `check(case, "triton")` holds on a few drawn cases (small ones: the interpreter is slow), without
+    shrinking a failure."""
+    @needs_triton
+    @given(case=cases)
+    @_settings(examples, shrink=False)
+    def test(case):
+        check(case, "triton")
+    return test
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_intra_op_thread():
     """The tensors here are tiny: a second OpenMP thread costs more than it gains (much more on a busy machine,
@@ -306,11 +317,8 @@ def test_flash_attention_matches_reference(case, impl):
     _check_exact_attention(case, impl)
 
 
-@needs_triton
-@given(case=attention_cases(windowed=False, small=True))
-@_settings(3, shrink=False)
-def test_flash_attention_triton_matches_reference(case):
-    _check_exact_attention(case, "triton")
+test_flash_attention_triton_matches_reference = triton_property(
+    attention_cases(windowed=False, small=True), _check_exact_attention)
 
 
 @given(case=attention_cases(windowed=True), impl=st.sampled_from(["blockwise", "reference", "auto"]))
@@ -319,11 +327,8 @@ def test_sliding_window_attention_matches_reference(case, impl):
     _check_exact_attention(case, impl)
 
 
-@needs_triton
-@given(case=attention_cases(windowed=True, small=True))
-@_settings(3, shrink=False)
-def test_sliding_window_attention_triton_matches_reference(case):
-    _check_exact_attention(case, "triton")
+test_sliding_window_attention_triton_matches_reference = triton_property(
+    attention_cases(windowed=True, small=True), _check_exact_attention)
 
 
 def test_value_head_dim_of_its_own_on_the_cpu_fused_path():
@@ -473,11 +478,7 @@ def test_decode_attention_reference_matches_oracle(case):
     _check_decode(case, "reference")
 
 
-@needs_triton
-@given(case=decode_cases(small=True))
-@_settings(3, shrink=False)
-def test_decode_attention_triton_matches_oracle(case):
-    _check_decode(case, "triton")
+test_decode_attention_triton_matches_oracle = triton_property(decode_cases(small=True), _check_decode)
 
 
 # ---- linear attention ------------------------------------------------------------------------------------------------
@@ -601,11 +602,7 @@ def test_linear_attention_cpu_fallback_matches_reference(case):
     _check_linear(case, "fallback")
 
 
-@needs_triton
-@given(case=linear_cases(small=True))
-@_settings(3, shrink=False)
-def test_linear_attention_triton_matches_reference(case):
-    _check_linear(case, "triton")
+test_linear_attention_triton_matches_reference = triton_property(linear_cases(small=True), _check_linear)
 
 
 def test_linear_attention_rejects_what_it_cannot_take():
@@ -701,11 +698,7 @@ def test_ssd_cpu_fallback_matches_reference(case):
     _check_ssd(case, "fallback")
 
 
-@needs_triton
-@given(case=ssd_cases(small=True))
-@_settings(3, shrink=False)
-def test_ssd_triton_matches_reference(case):
-    _check_ssd(case, "triton")
+test_ssd_triton_matches_reference = triton_property(ssd_cases(small=True), _check_ssd)
 
 
 # ---- HyperAttention (an approximation) -------------------------------------------------------------------------------
@@ -903,11 +896,7 @@ def test_ring_blocks_merged_over_the_schedule_equal_attention(case, impl):
     _check_ring(case, impl)
 
 
-@needs_triton
-@given(case=ring_cases(small=True))
-@_settings(2, shrink=False)
-def test_ring_blocks_with_triton_equal_attention(case):
-    _check_ring(case, "triton")
+test_ring_blocks_with_triton_equal_attention = triton_property(ring_cases(small=True), _check_ring, examples=2)
 
 
 @contextlib.contextmanager
