@@ -10,7 +10,7 @@ import sympy
 import torch
 
 import planner  # noqa: F401
-from planner import plan as plan_module
+from planner import crossovers
 from planner.costs import SEQUENCE_LENGTH, evaluate
 from planner.devices import BUILTIN_DEVICES, device_spec
 from planner.errors import InvalidArgumentError
@@ -154,8 +154,8 @@ def test_symbolic_crossover_equals_bisection(monkeypatch):
     decision = make_plan([site()], device_spec("h200"), "approximate", 1 << 20, window=4096).decisions[0]
     window, cudnn = candidate(decision, "sliding_window"), candidate(decision, "sdpa_cudnn")
     solved = crossover_length(window, cudnn, 1024, 65536)
-    assert plan_module._solve_exactly(window.time_expr, cudnn.time_expr, 1024, 65536)  # the sympy path ran
-    monkeypatch.setattr(plan_module, "_solve_exactly", lambda *arguments: [])
+    assert crossovers._solve_exactly(window.time_expr, cudnn.time_expr, 1024, 65536)  # the sympy path ran
+    monkeypatch.setattr(crossovers, "_solve_exactly", lambda *arguments: [])
     assert crossover_length(window, cudnn, 1024, 65536) == solved
     at = {SEQUENCE_LENGTH: solved}
     assert evaluate(window.time_expr, solved) < evaluate(cudnn.time_expr, solved)
