@@ -291,18 +291,19 @@ def erase_dead_inputs(graph: torch.fx.Graph, nodes: list) -> None:
 
 
 def drop_dead_metadata_asserts(graph: torch.fx.Graph) -> None:
-    """Erase _assert_tensor_metadata checks on values nothing else needs any more: they are side-effectful for FX, so
-    they would keep a replaced softmax (and its quadratic scores) alive."""
-    assert_target = aten._assert_tensor_metadata.default
+    """Erase every op whose value reaches neither the outputs nor an op with a side effect, counting metadata checks
+    and dropout (DROPPABLE) as free of effects. FX's eliminate_dead_code keeps those two, and with them a replaced
+    softmax and its quadratic scores: a metadata check on the probabilities, or their dropout when the model also
+    views the probabilities as attention weights that its caller drops (ProphetNet's main stream)."""
     live: set = set()
     stack = [node for node in graph.nodes
-             if node.op == "output" or (node.target != assert_target and node.op != "placeholder" and node.is_impure())]
+             if node.op == "output" or (node.target not in DROPPABLE and node.op != "placeholder" and node.is_impure())]
     while stack:
         node = stack.pop()
         if node in live:
             continue
         live.add(node)
         stack.extend(node.all_input_nodes)
-    for node in list(graph.nodes):
-        if node.target == assert_target and node.args and node.args[0] not in live:
+    for node in reversed(list(graph.nodes)):  # users before what they use
+        if node.op == "call_function" and node not in live:
             graph.erase_node(node)

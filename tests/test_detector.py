@@ -561,3 +561,24 @@ def test_returned_attention_weights_keep_the_site_with_the_reason():
     with torch.no_grad():
         for got, expected in zip(fast(x), model(x)):
             torch.testing.assert_close(got, expected)
+
+
+class DropsItsWeights(FusedQKV):
+    """Views its attention weights (after dropout) as a layer that returns them would, and its caller drops them
+    (ProphetNet's main stream): nothing keeps the probabilities once the site is rewritten."""
+
+    def forward(self, x):
+        q, k, v = (split_heads(part, HEADS) for part in self.qkv(x).chunk(3, dim=-1))
+        probabilities = F.dropout(torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(HEAD_DIM), dim=-1), 0.0,
+                                  self.training)
+        out = probabilities @ v
+        self.weights = probabilities.view(x.shape[0], HEADS, x.shape[1], -1)  # kept, never returned
+        return out.transpose(1, 2).reshape(x.shape)
+
+
+def test_a_rewritten_site_leaves_no_softmax_behind():
+    model = DropsItsWeights().eval()
+    fast = planner.optimize(model, "32k", "h200", example_inputs=(torch.randn(2, 17, DIM),))
+    assert flash_calls(fast.graph_module) == 1
+    assert not any("softmax" in str(node.target) for node in fast.graph_module.graph.nodes)
+    assert_same(model, fast, (torch.randn(3, 11, DIM),))
