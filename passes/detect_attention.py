@@ -47,7 +47,7 @@ from passes.detect_layout import (
     scalar_factor,
     sizes_equal,
 )
-from passes.detect_symbolic import index_symbol
+from passes.symbolic import index_symbol
 from passes.graph_info import dtype_name, module_path, size_expr, size_hints, source_line, tensor_meta
 from passes.masks import IndexSpace, MaskAnalysis, MaskTerm, analyze_mask, is_masking_value, padding_drop_dims
 from passes.records import AttentionSite, MaskSpec

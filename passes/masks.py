@@ -34,13 +34,8 @@ import sympy
 import torch
 from sympy.core.function import AppliedUndef
 
-from passes.detect_symbolic import (
-    HUGE_NEGATIVE,
-    SymbolicEvaluator,
-    Unsupported,
-    as_bool,
-    fold,
-)
+from passes.detect_symbolic import SymbolicEvaluator
+from passes.symbolic import HUGE_NEGATIVE, Unsupported, as_bool, fold
 from passes.graph_info import size_expr, symbol_hint, tensor_meta
 from passes.records import MaskSpec
 

@@ -15,7 +15,7 @@ import torch
 from passes.detect_adapters import KeyPaddingAdapter, SiteAdapter
 from passes.detect_attention import UnsupportedSite, _with_symbols, build_sdpa_site, match_softmax_attention
 from passes.detect_layout import LayoutError
-from passes.detect_symbolic import index_symbol
+from passes.symbolic import index_symbol
 from passes.graph_info import dtype_name, module_path, node_argument, shape_of, size_hints, source_line
 from passes.masks import IndexSpace, MaskTerm, analyze_mask, padding_drop_dims, sdpa_mask
 from passes.records import AttentionSite, MaskSpec
