@@ -24,7 +24,7 @@ from passes.match import find_sites  # noqa: E402
 from planner.devices import device_spec  # noqa: E402
 from planner.fidelity import (SampleRunner, measure_plan, describe_end_to_end, make_candidate,  # noqa: E402
                               measure_variants, rewrite_copy)
-from planner.linearize import linearize  # noqa: E402
+from planner.linearization import linearize  # noqa: E402
 from planner.plan import make_plan  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("train_passkey", ROOT / "examples" / "train_passkey.py")

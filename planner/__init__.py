@@ -34,7 +34,7 @@ _LAZY = {
     "Report": "planner.report",
     "backend": "planner.compile_backend",
     "last_report": "planner.compile_backend",
-    "linearize": "planner.linearize",
+    "linearize": "planner.linearization",
     "decoder": "planner.generation",
 }
 

@@ -2,7 +2,7 @@
 
 A rewrite is exact (the function is kept up to floating point), approximate (same weights, the function
 approximated: a window imposed on full attention, with or without sink tokens; HyperAttention) or retrain (another
-architecture: linear attention, SSD; see planner/linearize.py). This module decides which approximate choices of a
+architecture: linear attention, SSD; see planner/linearization.py). This module decides which approximate choices of a
 plan may stay, from measurements on sample batches that the user gives:
 
 per site (the site switched alone, so its inputs are the original's):

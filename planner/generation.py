@@ -4,7 +4,9 @@ From one capture of the model (token ids and explicit positions as inputs), two 
 graph, whose sites run the tiled kernel over the prompt and write its keys and values into the caches, and the
 *decode* graph, whose sites append the new tokens' keys and values and read the cache with the split-K decoding
 kernel (backends/decode). Each site's cache follows its proved mask: a causal site keeps every position up to
-max_len; a sliding-window site keeps a rolling buffer of its window, whatever the context length.
+max_len; a sliding-window site keeps a rolling buffer of its window, whatever the context length; a site that
+`planner.linearize` turned into linear attention keeps its recurrent state (a fixed-size matrix per head: constant
+memory and time per token at any context length).
 
 Positions are an input of both graphs (each row's count of real tokens so far), so left-padded batches decode as
 transformers does. Before first use the derived graphs are checked against the model's own full forward on a short
@@ -23,13 +25,14 @@ import dataclasses
 import inspect
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 from backends.decode.cache import append_to_cache, cache_slots
 from backends.decode.cost import cache_bytes, time_per_token
 from backends.decode.op import DecodeOptions, decode_attention
+from backends.flash.rule import emit_sink_logits
 from passes.capture import bind_call, capture_call
 from passes.match import find_sites
 from passes.rewrite import erase_dead_inputs, match_memory_order, prepare_inputs, restore_output
@@ -76,6 +79,46 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
                             sink_logits=sink_logits)
 
 
+LINEAR_DENOMINATOR_FLOOR = 1e-12  # as planner.linearize's forward
+
+
+class RecurrentLinearSite(torch.nn.Module):
+    """A linearized site (planner.linearize's LinearizedAttention) decoded from its recurrent state.
+
+    Linear attention o_i = phi(q_i) S_i / phi(q_i) z_i with S_i = sum_{j<=i} phi(k_j)^T v_j and z_i = sum phi(k_j):
+    the state (batch, heads, features, value_dim + 1) holds S and z side by side (z as the value column of ones),
+    in float32 at least, whatever the context. Left padding: positions before a row's start add nothing to it."""
+
+    def __init__(self, attention: torch.nn.Module):
+        super().__init__()
+        self.attention = attention
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, state: torch.Tensor,
+                length: torch.Tensor, start: torch.Tensor, prefill: bool) -> torch.Tensor:
+        groups = query.shape[1] // key.shape[1]
+        if groups > 1:
+            key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+        output_dtype = value.dtype
+        query, key, value = (tensor.to(state.dtype) for tensor in (query, key, value))
+        slot = length[:, None] + torch.arange(key.shape[2], device=key.device)[None, :]
+        real = (slot >= start[:, None]).to(state.dtype)[:, None, :, None]
+        # The normalizer is the output for a value column of ones; a padded key's row is zero in both.
+        extended = torch.cat([value, torch.ones_like(value[..., :1])], dim=-1) * real
+        feature_map = self.attention.feature_map
+        key_features = feature_map(key)
+        if prefill and query.is_cuda:
+            from backends.linear.op import linear_attention
+
+            out = linear_attention(query, key, extended, feature_map=feature_map, causal=True)
+        else:
+            weights = (feature_map(query) @ key_features.transpose(-1, -2)).tril()
+            out = weights @ extended
+            if not prefill:
+                out = out + feature_map(query) @ state
+        state.add_(key_features.transpose(-1, -2) @ extended)
+        return (out[..., :-1] / out[..., -1:].clamp_min(LINEAR_DENOMINATOR_FLOOR)).to(output_dtype)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The decode plan and the state
 # ----------------------------------------------------------------------------------------------------------------------
@@ -86,7 +129,7 @@ class SiteCache:
     """How one site decodes: its cache form, the cache's size at max_len and the estimated time per token."""
 
     site: str
-    kind: str  # "full" (every position up to max_len) or "rolling" (the proved window)
+    kind: str  # "full" (every position up to max_len), "rolling" (the proved window) or "recurrent" (linear)
     window: Optional[int]
     kv_heads: int
     head_dim: int
@@ -98,7 +141,8 @@ class SiteCache:
     def describe(self) -> str:
         from planner.plan import format_bytes, format_seconds
 
-        form = f"rolling buffer of {self.window}" if self.kind == "rolling" else "full cache"
+        form = {"rolling": f"rolling buffer of {self.window}", "recurrent": "recurrent state"}.get(self.kind,
+                                                                                                   "full cache")
         return (f"{self.site}: {form}, {format_bytes(self.bytes_at_max_len)} per sequence at max_len, "
                 f"~{format_seconds(self.seconds_per_token)} per token (cache read)")
 
@@ -123,6 +167,23 @@ class GenerationState:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def _linear_obstacle(site: AttentionSite) -> Optional[str]:
+    """Why a linearized site cannot decode from a recurrent state (None: it can)."""
+    if not site.mask.is_causal or site.mask.kind != "causal":
+        return f"its mask is {site.mask.describe()}: only causal linear attention has a recurrent form"
+    if site.q_len != site.kv_len:
+        return "its queries and keys are different sequences"
+    return None
+
+
+def _recurrent_site(site: AttentionSite, attention: torch.nn.Module, bandwidth: float) -> SiteCache:
+    """A linearized site's state: (heads, features, value_dim + 1) floats per sequence, read and written once a token."""
+    features = 2 * attention.feature_map.weight.shape[-1]  # phi(x) = [softmax(xW + b), softmax(-(xW + b))]
+    state_bytes = site.heads * features * (site.value_dim + 1) * 4
+    return SiteCache(site.name, "recurrent", None, site.heads, features, site.value_dim + 1, 0, state_bytes,
+                     2 * state_bytes / bandwidth)
+
+
 def _decode_obstacle(site: AttentionSite) -> Optional[str]:
     """Why a site cannot read a cache in a decode step (None: it can). A key padding mask is allowed: the step's
     padding input is all ones, and the caches carry each row's padding as its start."""
@@ -142,9 +203,15 @@ class Generator:
     """The prefill and decode graphs of one model, derived once (see the module docstring)."""
 
     def __init__(self, model: torch.nn.Module, max_len: int, bandwidth: float,
-                 forward: Optional[Any] = None):
+                 forward: Optional[Any] = None, linear_sites: Optional[dict] = None,
+                 reference: Optional[Any] = None):
+        """linear_sites: site name -> the LinearizedAttention that replaces it (planner.linearize); those sites
+        decode from a recurrent state. reference: what the derived steps are checked against and what a
+        recomputing step runs, called with the token ids alone (default: the model with explicit positions)."""
         self.model = model
         self.forward = forward or model  # what a recomputing step runs: the optimized model
+        self.linear_sites = dict(linear_sites or {})
+        self.reference = reference
         self.max_len = max_len
         self.sites: list[SiteCache] = []
         self.recompute_because: Optional[str] = None
@@ -182,12 +249,18 @@ class Generator:
         sites = find_sites(captured.graph_module)
         if not sites:
             raise PlannerError("no attention site was found to cache")
+        missing = sorted(set(self.linear_sites) - {site.name for site in sites})
+        if missing:
+            raise PlannerError(f"the linearized sites {', '.join(missing)} are not attention sites of the model")
         for site in sites:
-            obstacle = _decode_obstacle(site)
+            obstacle = _linear_obstacle(site) if site.name in self.linear_sites else _decode_obstacle(site)
             if obstacle:
                 raise PlannerError(f"site {site.name} cannot decode from a cache: {obstacle}")
         dtype_bytes = next(self.model.parameters()).element_size()
         for site in sites:
+            if site.name in self.linear_sites:
+                self.sites.append(_recurrent_site(site, self.linear_sites[site.name], bandwidth))
+                continue
             window = site.mask.window if site.mask.kind == "sliding_window" else None
             rolling = window is not None and window < self.max_len
             slots = cache_slots(self.max_len, window=window, rolling=rolling)
@@ -203,7 +276,29 @@ class Generator:
                 warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecation inside TreeSpec's copy
                 graph = copy.deepcopy(captured.graph_module.graph)
             graph_module = torch.fx.GraphModule(captured.graph_module, graph)
-            self._graphs[prefill] = _with_caches(graph_module, sites, self.sites, prefill)
+            self._graphs[prefill] = _with_caches(graph_module, sites, self.sites, prefill, self.linear_sites)
+
+    def plan_lines(self) -> list[str]:
+        """The decode plan for a report: per group of sites with the same cache, its form, size and time per token;
+        or why generation recomputes, and why steps run without a CUDA graph."""
+        from planner.plan import format_bytes, format_seconds
+        from planner.report import compress_names
+
+        if self.recompute_because:
+            return [f"generation recomputes the whole sequence at every step: {self.recompute_because}"]
+        groups: dict = {}
+        for site in self.sites:
+            key = (site.kind, site.window, site.bytes_at_max_len, site.seconds_per_token)
+            groups.setdefault(key, []).append(site.site)
+        lines = []
+        for (kind, window, size, seconds), names in groups.items():
+            form = {"rolling": f"a rolling buffer of {window} positions",
+                    "recurrent": "a recurrent state (linear attention)"}.get(kind, "a full cache")
+            lines.append(f"decoding: {compress_names(names)} ({len(names)} sites) read {form}: {format_bytes(size)} "
+                         f"per sequence and site at max_len, ~{format_seconds(seconds)} per token and site (cache read)")
+        if self.graph_failure:
+            lines.append(f"decoding steps run uncaptured (no CUDA graph): {self.graph_failure}")
+        return lines
 
     def check(self) -> None:
         """Prefill a short random prompt and decode a few tokens; compare with the model's full forward. A mismatch
@@ -216,8 +311,8 @@ class Generator:
         tokens = tokens.to(device)
         mask = torch.ones_like(tokens)
         takes_mask = "attention_mask" in self._parameters()
-        if takes_mask:
-            mask[1, :2] = 0  # a left-padded row too
+        if takes_mask and self.reference is None:
+            mask[1, :2] = 0  # a left-padded row too (a reference of token ids alone takes no padding)
         with torch.no_grad():
             state = self.prefill(tokens[:, :CHECK_PROMPT], mask[:, :CHECK_PROMPT])
             for step in range(CHECK_STEPS):
@@ -225,7 +320,10 @@ class Generator:
                 # Positions as generation gives them: each row's count of real tokens (what prefill/decode pass).
                 positions = (mask[:, :end].cumsum(-1) - 1).clamp_min(0)
                 padding = {"attention_mask": mask[:, :end]} if takes_mask else {}
-                full = first_tensor(self.model(tokens[:, :end], position_ids=positions, **padding))[:, -1]
+                if self.reference is not None:
+                    full = first_tensor(self.reference(tokens[:, :end]))[:, -1]
+                else:
+                    full = first_tensor(self.model(tokens[:, :end], position_ids=positions, **padding))[:, -1]
                 scale = full.abs().max().clamp_min(1e-6)
                 error = ((state.logits - full).abs().max() / scale).item()
                 if not error < CHECK_TOLERANCE.get(state.logits.dtype, 5e-2):
@@ -276,6 +374,10 @@ class Generator:
 
     def _new_cache(self, site: SiteCache, batch: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         weight = next(self.model.parameters())
+        if site.kind == "recurrent":
+            dtype = torch.promote_types(weight.dtype, torch.float32)
+            state = torch.zeros(batch, site.kv_heads, site.head_dim, site.value_dim, dtype=dtype, device=like.device)
+            return state, state.new_empty(0)
         shape = (batch, site.kv_heads, site.slots)
         # Zeros, not empty: a slot not written yet is never visible, but 0 * NaN garbage would still be NaN.
         return (torch.zeros(shape + (site.head_dim,), dtype=weight.dtype, device=like.device),
@@ -319,7 +421,12 @@ class Generator:
         return state.step_graph.replay(ids, state.length, state.start)
 
     def _recomputed_logits(self, state: GenerationState) -> torch.Tensor:
-        if "attention_mask" in self._parameters():
+        if self.reference is not None and bool(state.attention_mask.all()):
+            output = self.reference(state.tokens)
+        elif self.reference is not None:
+            raise InvalidArgumentError("this model is called with token ids alone: a padded batch cannot be "
+                                       "generated by recomputation; give rows of one length")
+        elif "attention_mask" in self._parameters():
             positions = {"position_ids": (state.attention_mask.cumsum(-1) - 1).clamp_min(0)} \
                 if "position_ids" in self._parameters() else {}
             output = self.forward(state.tokens, attention_mask=state.attention_mask, **positions)
@@ -383,8 +490,10 @@ def _vocab_size(model: torch.nn.Module) -> int:
 
 
 def _with_caches(graph_module: torch.fx.GraphModule, sites: list[AttentionSite], caches: list[SiteCache],
-                 prefill: bool) -> torch.fx.GraphModule:
-    """Each site replaced by cached_attention over the graph's cache attributes (set per state before a call)."""
+                 prefill: bool, linear_sites: Optional[dict] = None) -> torch.fx.GraphModule:
+    """Each site replaced by cached_attention over the graph's cache attributes (set per state before a call), or,
+    a linearized site, by its RecurrentLinearSite over its state."""
+    linear_sites = linear_sites or {}
     graph = graph_module.graph
     nodes = {node.name: node for node in graph.nodes}
     # Buffers that each state replaces with its own tensors before a call.
@@ -397,17 +506,21 @@ def _with_caches(graph_module: torch.fx.GraphModule, sites: list[AttentionSite],
         with graph.inserting_before(node):
             emitted, extra = prepare_inputs(graph, site, nodes)
             everything = {**nodes, **extra}
-            from backends.flash.rule import emit_sink_logits as _emit_sink_logits
-
-            arguments = (
-                everything[emitted.query], everything[emitted.key], everything[emitted.value],
-                graph.get_attr(f"_decode_k_{index}"), graph.get_attr(f"_decode_v_{index}"),
-                graph.get_attr("_decode_length"), graph.get_attr("_decode_start"),
-                _emit_sink_logits(graph, site, everything), float(site.effective_scale()),
-                int(cache.window) if cache.window is not None else -1,
-                None if site.softcap is None else float(site.softcap), cache.kind == "rolling", prefill,
-            )
-            replacement = graph.call_function(cached_attention, arguments)
+            qkv = (everything[emitted.query], everything[emitted.key], everything[emitted.value])
+            if cache.kind == "recurrent":
+                graph_module.add_submodule(f"_decode_linear_{index}", RecurrentLinearSite(linear_sites[site.name]))
+                replacement = graph.call_module(f"_decode_linear_{index}", (
+                    *qkv, graph.get_attr(f"_decode_k_{index}"), graph.get_attr("_decode_length"),
+                    graph.get_attr("_decode_start"), prefill))
+            else:
+                arguments = (
+                    *qkv, graph.get_attr(f"_decode_k_{index}"), graph.get_attr(f"_decode_v_{index}"),
+                    graph.get_attr("_decode_length"), graph.get_attr("_decode_start"),
+                    emit_sink_logits(graph, site, everything), float(site.effective_scale()),
+                    int(cache.window) if cache.window is not None else -1,
+                    None if site.softcap is None else float(site.softcap), cache.kind == "rolling", prefill,
+                )
+                replacement = graph.call_function(cached_attention, arguments)
             output = match_memory_order(graph, restore_output(graph, replacement, site, extra), node)
         node.replace_all_uses_with(output)
         inputs = node.all_input_nodes
@@ -417,6 +530,90 @@ def _with_caches(graph_module: torch.fx.GraphModule, sites: list[AttentionSite],
     graph_module.recompile()
     return graph_module
 
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The front door for models that optimize() does not wrap
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class Decoder:
+    """Token-by-token generation for a model: `prefill`, `decode` and (transformers models) `generate`, as
+    `planner.optimize`'s result has them. Made by `planner.decoder`; `notes` holds the decode plan."""
+
+    def __init__(self, model: torch.nn.Module, max_len: int, bandwidth: float, linear_sites: Optional[dict] = None,
+                 reference: Optional[Any] = None):
+        self.model, self.max_len, self.bandwidth = model, max_len, bandwidth
+        self.linear_sites, self.reference = linear_sites, reference
+        self.notes: list[str] = []
+        self._generators: dict = {}
+
+    def _generator(self) -> Generator:
+        weight = next(self.model.parameters())
+        key = (weight.dtype, weight.device, self.model.training)
+        if key not in self._generators:
+            generator = Generator(self.model, self.max_len, self.bandwidth, forward=self.reference or self.model,
+                                  linear_sites=self.linear_sites, reference=self.reference)
+            generator.check()
+            self._generators[key] = generator
+            self.notes.extend(line for line in generator.plan_lines() if line not in self.notes)
+        return self._generators[key]
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> GenerationState:
+        """Run the prompt (left padding allowed) and fill every site's cache or state; `state.logits` are the
+        (batch, vocab) logits at the last position."""
+        with torch.no_grad():
+            return self._generator().prefill(input_ids, attention_mask)
+
+    def decode(self, state: GenerationState, next_ids: torch.Tensor) -> tuple[torch.Tensor, GenerationState]:
+        """One step: `next_ids` (batch,) or (batch, T) appended; returns (logits at the last position, state)."""
+        with torch.no_grad():
+            return self._generator().decode(state, next_ids)
+
+    def generate(self, input_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None, *,
+                 generation_config: Any = None, streamer: Any = None, **kwargs: Any) -> torch.Tensor:
+        """transformers' `generate` for its common cases (see OptimizedModel.generate). With linearized sites, options
+        the loop does not follow raise instead of running the model's own (softmax) generate."""
+        fallback = None if self.linear_sites else getattr(self.model, "generate", None)
+        return generate_with(self._generator, fallback, self.notes.append,
+                             getattr(self.model, "generation_config", None), input_ids, attention_mask,
+                             generation_config, streamer, kwargs)
+
+
+def decoder(model: Any, max_len: Any = "32k", device: Any = None) -> Decoder:
+    """Generation for `model` without optimize(): an nn.Module LM that takes `position_ids` (transformers causal
+    LMs, or any module with that argument), or the result of `planner.linearize`, whose linearized sites then
+    decode from their recurrent state (constant memory and time per token; the rest from caches).
+
+    max_len: the longest sequence (prompt plus new tokens) the caches hold. device: what the per-token estimates in
+    `notes` are for (default: the model's own device)."""
+    from backends.devices import device_spec
+    from planner.lengths import parse_length
+
+    linear_sites = getattr(model, "linear_modules", None)
+    reference = None
+    if linear_sites is not None:
+        source = getattr(model, "source_model", None)
+        if not isinstance(source, torch.nn.Module):
+            raise InvalidArgumentError("this linearized model was made from a graph, not an nn.Module: pass "
+                                       "planner.linearize the model itself to decode it")
+        linearized = model
+        if "use_cache" in inspect.signature(source.forward).parameters:
+            first = next(iter(inspect.signature(source.forward).parameters))
+
+            def reference(ids: torch.Tensor) -> Any:  # planner.linearize captured the model by keyword
+                return linearized(**{first: ids, "use_cache": False})
+        else:
+            reference = linearized
+        model = source
+    if not isinstance(model, torch.nn.Module):
+        raise InvalidArgumentError(f"decoder takes an nn.Module or planner.linearize's result; got "
+                                   f"{type(model).__name__}")
+    if device is None:
+        weight = next(model.parameters(), None)
+        device = "cuda" if weight is not None and weight.is_cuda else "cpu"
+    return Decoder(model, parse_length(max_len, name="max_len"), device_spec(device).memory_bandwidth,
+                   linear_sites=linear_sites, reference=reference)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -456,6 +653,32 @@ def sample_processors(config: Any) -> list:
     if config.top_p is not None and config.top_p < 1.0:
         warpers.append(TopPLogitsWarper(top_p=config.top_p, min_tokens_to_keep=1))
     return warpers
+
+
+def generate_with(generator: Callable[[], Generator], fallback: Optional[Callable], note: Callable[[str], None],
+                  model_config: Any, input_ids: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor],
+                  generation_config: Any, streamer: Any, kwargs: dict) -> torch.Tensor:
+    """transformers' `generate` arguments resolved to a GenerationConfig (the model's own, updated by `kwargs`), then
+    the token loop over `generator()`'s prefill/decode. A call with options the loop does not follow goes to
+    `fallback` (the model's own generate; its reason noted), or, without one, raises naming the options."""
+    try:
+        from transformers import GenerationConfig
+    except ImportError:
+        raise InvalidArgumentError("generate needs transformers for its options; use prefill/decode instead") from None
+    inputs = kwargs.pop("inputs", None)
+    input_ids = input_ids if input_ids is not None else kwargs.pop("input_ids", inputs)
+    config = copy.deepcopy(generation_config or model_config or GenerationConfig())
+    unused = config.update(**kwargs)
+    unfollowed = unfollowed_options(config) + sorted(unused)
+    if input_ids is None or unfollowed:
+        named = ", ".join(unfollowed) or "a call without input_ids"
+        if fallback is None:
+            raise InvalidArgumentError(f"generate does not follow {named}; use prefill/decode")
+        note(f"generate ran the model's own generate: {named} is not followed by the planner's decoding")
+        return fallback(input_ids, attention_mask=attention_mask, generation_config=generation_config,
+                        streamer=streamer, **kwargs)
+    with torch.no_grad():
+        return generate_tokens(generator(), input_ids, attention_mask, config, streamer)
 
 
 def generate_tokens(generator: Generator, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],

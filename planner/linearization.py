@@ -1,5 +1,6 @@
 """`planner.linearize`: turn each softmax attention of a model into linear attention with a learned feature map,
-distilled on calibration data by matching attention outputs (attention transfer).
+distilled on calibration data by matching attention outputs (attention transfer). (The module is named apart from
+the function, so that importing it does not replace `planner.linearize`.)
 
 Linear attention is another architecture (the "retrain" class), not an approximation the planner may slip in: it
 is chosen only under policy "any" with train=True, and this module is the training. For each site:
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -159,7 +161,8 @@ def linearizable(site: AttentionSite) -> Optional[str]:
     if site.unsupported:
         return site.unsupported
     mask = site.mask
-    if mask.kind not in ("none", "causal") or mask.key_padding or mask.tensor or mask.bias:
+    # A mask tensor proved to be causal (or none) at every length says nothing the causal form does not.
+    if mask.kind not in ("none", "causal") or mask.key_padding or mask.bias:
         return f"linear attention replaces none/causal attention; the mask is {mask.describe()}"
     if site.dropout_p not in (0.0,):
         return f"dropout_p={site.dropout_p}"
@@ -276,6 +279,7 @@ def linearize_graph(graph_module: torch.fx.GraphModule, sites: Sequence[Attentio
         report.sites.append(record)
         trained[site.name] = attention
     _rewrite_sites(graph_module, chosen, trained)
+    object.__setattr__(graph_module, "linear_modules", trained)  # what planner.decoder decodes recurrently
     if finetune_steps:
         _finetune(graph_module, list(trained.values()), batches, teacher_outputs, output, finetune_steps,
                   learning_rate, report)
@@ -338,6 +342,24 @@ def _call_module(name: str, graph: torch.fx.Graph, node: torch.fx.Node, site: At
     return graph.call_module(name, (nodes[site.query], nodes[site.key], nodes[site.value]))
 
 
+def takes_use_cache(model: Any) -> bool:
+    """An nn.Module (not a graph) whose forward takes `use_cache`: left on, it returns a KV-cache object."""
+    return (isinstance(model, torch.nn.Module) and not isinstance(model, torch.fx.GraphModule)
+            and "use_cache" in inspect.signature(model.forward).parameters)
+
+
+def without_cache_call(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict:
+    """A call of `model` as keywords, with use_cache=False unless the call sets it."""
+    try:
+        arguments = dict(inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments)
+    except TypeError as error:
+        raise InvalidArgumentError(f"a calibration batch is not a call {type(model).__name__}.forward takes: "
+                                   f"{error}") from None
+    arguments.update(arguments.pop("kwargs", {}))
+    arguments.setdefault("use_cache", False)
+    return arguments
+
+
 def linearize(model: Any, calibration: Any, steps: int = 300, *, features: Optional[int] = None,
               learning_rate: float = 1e-2, finetune_steps: int = 0,
               output: Optional[Callable[[Any], torch.Tensor]] = None, example_inputs: Optional[tuple] = None,
@@ -352,10 +374,21 @@ def linearize(model: Any, calibration: Any, steps: int = 300, *, features: Optio
         finetune_steps: then train all feature maps together on KL(original || linearized) of the outputs
             (logits; `output` picks them from the model's output). The model's own weights are not trained.
         example_inputs / example_kwargs: for capture (default: the first calibration batch).
+
+    A model whose forward takes `use_cache` (transformers LMs) is captured and calibrated with use_cache=False, by
+    keyword: call the result as `linear(input_ids=..., use_cache=False)`. `planner.decoder(linear)` generates
+    from it, each linearized site decoding from its recurrent state.
     """
     if not isinstance(calibration, (torch.Tensor, dict)):
         calibration = list(calibration)  # used twice: for capture and for the distillation
     batches = as_batches(calibration)
+    if takes_use_cache(model):
+        # A KV-cache object in the outputs is no tensor a graph returns: every batch asks for none, by keyword.
+        calibration = [without_cache_call(model, args, kwargs) for args, kwargs in batches]
+        batches = as_batches(calibration)
+        if example_kwargs is not None or example_inputs is not None:
+            example_kwargs = without_cache_call(model, tuple(example_inputs or ()), dict(example_kwargs or {}))
+            example_inputs = ()
     if example_inputs is None and example_kwargs is None:
         example_inputs, example_kwargs = batches[0]
     if isinstance(model, torch.fx.GraphModule):
@@ -368,4 +401,6 @@ def linearize(model: Any, calibration: Any, steps: int = 300, *, features: Optio
     if not sites:
         report.notes.append("no softmax attention was found: the model is unchanged")
     object.__setattr__(graph_module, "linearize_report", report)
+    if isinstance(model, torch.nn.Module) and not isinstance(model, torch.fx.GraphModule):
+        object.__setattr__(graph_module, "source_model", model)  # planner.decoder captures it with positions
     return graph_module

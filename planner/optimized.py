@@ -200,13 +200,8 @@ class OptimizedModel(torch.nn.Module):
                                   forward=self)
             generator.check()
             generators[state] = generator
-            if generator.recompute_because:
-                self._note(f"generation recomputes the whole sequence at every step: {generator.recompute_because}")
-            else:
-                for line in _decode_plan_lines(generator):
-                    self._note(line)
-            if generator.graph_failure:
-                self._note(f"decoding steps run uncaptured (no CUDA graph): {generator.graph_failure}")
+            for line in generator.plan_lines():
+                self._note(line)
         return generators[state]
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None):
@@ -223,31 +218,11 @@ class OptimizedModel(torch.nn.Module):
         """transformers' `generate` for its common cases (greedy; sampling with temperature, top-k, top-p under a
         seed; max_new_tokens/max_length; eos and pad tokens; left-padded batches; streamers), decoding through the
         planner's caches; returns the same tokens. Other options go to the model's own generate (report notes)."""
-        from planner.generation import generate_tokens, unfollowed_options
+        from planner.generation import generate_with
 
-        try:
-            from transformers import GenerationConfig
-        except ImportError:  # a plain PyTorch model: the same loop, configured by the keywords alone
-            GenerationConfig = None
-        original_generate = getattr(self._original, "generate", None)
-        inputs = kwargs.pop("inputs", None)
-        input_ids = input_ids if input_ids is not None else kwargs.pop("input_ids", inputs)
-        if GenerationConfig is None:
-            raise InvalidArgumentError("generate needs transformers for its options; use prefill/decode instead")
-        base = generation_config or getattr(self._original, "generation_config", None) or GenerationConfig()
-        config = copy.deepcopy(base)
-        unused = config.update(**kwargs)
-        unfollowed = unfollowed_options(config) + sorted(unused)
-        if input_ids is None or unfollowed:
-            if original_generate is None:
-                missing = ", ".join(unfollowed) or "a call without input_ids"
-                raise InvalidArgumentError(f"generate does not follow {missing}; use prefill/decode")
-            named = ", ".join(unfollowed) or "a call without input_ids"
-            self._note(f"generate ran the model's own generate: {named} is not followed by the planner's decoding")
-            return original_generate(input_ids, attention_mask=attention_mask, generation_config=generation_config,
-                                     streamer=streamer, **kwargs)
-        with torch.no_grad():
-            return generate_tokens(self._generator(), input_ids, attention_mask, config, streamer)
+        return generate_with(self._generator, getattr(self._original, "generate", None), self._note,
+                             getattr(self._original, "generation_config", None), input_ids, attention_mask,
+                             generation_config, streamer, kwargs)
 
     # ------------------------------------------------------------------------------------------------------------
     # The user's model
@@ -296,22 +271,6 @@ class OptimizedModel(torch.nn.Module):
         rewritten = len(self.report.rewritten) if self.report is not None else 0
         sites = len(self.report.decisions) if self.report is not None else 0
         return f"OptimizedModel({type(self._original).__name__}, {rewritten} of {sites} attention sites rewritten)"
-
-
-def _decode_plan_lines(generator) -> list[str]:
-    """The decode plan for the report: per group of sites with the same cache, its form, size and time per token."""
-    from planner.plan import format_bytes, format_seconds
-    from planner.report import compress_names
-
-    groups: dict = {}
-    for site in generator.sites:
-        groups.setdefault((site.kind, site.window, site.bytes_at_max_len, site.seconds_per_token), []).append(site.site)
-    lines = []
-    for (kind, window, size, seconds), names in groups.items():
-        form = f"a rolling buffer of {window} positions" if kind == "rolling" else "a full cache"
-        lines.append(f"decoding: {compress_names(names)} ({len(names)} sites) read {form}: {format_bytes(size)} per "
-                     f"sequence and site at max_len, ~{format_seconds(seconds)} per token and site (cache read)")
-    return lines
 
 
 def _first_line(error: Exception) -> str:

@@ -135,6 +135,44 @@ class IgnoresPositionIds(TinyGPT):
         return super().forward(ids)
 
 
+def _logits(output) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output.logits
+
+
+def test_a_linearized_model_decodes_from_its_recurrent_state_as_its_own_forward():
+    model = _build("llama")
+    calibration = [torch.randint(0, 97, (2, 23)) for _ in range(2)]
+    linear = planner.linearize(model, calibration, steps=3)
+    decoder = planner.decoder(linear, max_len="256")
+    prompt = torch.randint(0, 97, (2, 19))
+    state = decoder.prefill(prompt)
+    tokens = prompt
+    for step in range(6):
+        full = _logits(linear(input_ids=tokens, use_cache=False))[:, -1]
+        torch.testing.assert_close(state.logits, full, rtol=1e-4, atol=1e-4)
+        next_ids = torch.randint(0, 97, (2,))
+        tokens = torch.cat([tokens, next_ids[:, None]], dim=1)
+        _, state = decoder.decode(state, next_ids)
+    assert any("recurrent state (linear attention)" in note for note in decoder.notes), decoder.notes
+    states = [cache for cache, _ in state.caches]
+    assert len(states) == 2 and all(tuple(s.shape) == (2, 4, 32, 17) for s in states)  # heads, 2x16 features, Dv+1
+
+    # A left-padded row decodes as its unpadded tokens do; greedy tokens follow the linearized model's own argmax.
+    padded = prompt.clone()
+    padded[1, :5] = 0
+    mask = torch.ones_like(padded)
+    mask[1, :5] = 0
+    state = decoder.prefill(padded, mask)
+    alone = _logits(linear(input_ids=padded[1:, 5:], use_cache=False))
+    torch.testing.assert_close(state.logits[1], alone[0, -1], rtol=1e-4, atol=1e-4)
+    got = decoder.generate(prompt[:1], max_new_tokens=12, do_sample=False, pad_token_id=0)
+    expected = prompt[:1]
+    for _ in range(12):
+        logits = _logits(linear(input_ids=expected, use_cache=False))
+        expected = torch.cat([expected, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(got, expected)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_step_that_does_not_carry_positions_is_caught_and_recomputed(dtype):
     torch.manual_seed(5)

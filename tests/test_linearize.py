@@ -6,7 +6,7 @@ import torch
 import planner  # noqa: F401
 from planner.demo_model import DemoConfig, DemoLlama
 from planner.errors import InvalidArgumentError
-from planner.linearize import HedgehogFeatureMap, LinearizedAttention, linearize
+from planner.linearization import HedgehogFeatureMap, LinearizedAttention, linearize
 
 TINY = DemoConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64)
 
