@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import sympy
 import torch
+import torch._functorch.predispatch as predispatch
 
 from passes.detect_adapters import SiteAdapter, TensorAdapter
 from passes.errors import PlanError
@@ -41,7 +42,7 @@ def rewrite_sites(graph_module: torch.fx.GraphModule, plan: Plan, variants: Mapp
         replace_site(graph, nodes, decision.site, emit, like_the_original=True)
         rewritten.append(decision.site.name)
     drop_dead_metadata_asserts(graph)
-    graph.eliminate_dead_code()
+    graph.eliminate_dead_code(is_impure_node=lambda node: node.is_impure() or node.target in STATEFUL)
     graph.lint()
     graph_module.recompile()
     return rewritten
@@ -268,6 +269,19 @@ def match_memory_order(graph: torch.fx.Graph, output: torch.fx.Node, replaced: t
 # Ops FX keeps as impure that may still go once their result is unused: checks on metadata, and dropout (impure
 # only because it draws random numbers).
 DROPPABLE = {aten._assert_tensor_metadata.default, aten.dropout.default, aten.native_dropout.default}
+# Calls FX takes for pure whose effect later ops need: functorch's vmap levels, entered and left around the batched
+# ops of a torch.vmap that export captured (transformers builds some masks so). Erased as dead code, the batched ops
+# run outside their level and raise.
+STATEFUL = {predispatch._vmap_increment_nesting, predispatch._vmap_decrement_nesting}
+
+
+def has_effect(node: torch.fx.Node) -> bool:
+    """Whether `node` must stay although nothing uses its value."""
+    if node.op == "output":
+        return True
+    if node.op == "placeholder":
+        return False
+    return node.target in STATEFUL or (node.is_impure() and node.target not in DROPPABLE)
 
 
 def erase_dead_inputs(graph: torch.fx.Graph, nodes: list) -> None:
@@ -296,8 +310,7 @@ def drop_dead_metadata_asserts(graph: torch.fx.Graph) -> None:
     softmax and its quadratic scores: a metadata check on the probabilities, or their dropout when the model also
     views the probabilities as attention weights that its caller drops (ProphetNet's main stream)."""
     live: set = set()
-    stack = [node for node in graph.nodes
-             if node.op == "output" or (node.target not in DROPPABLE and node.op != "placeholder" and node.is_impure())]
+    stack = [node for node in graph.nodes if has_effect(node)]
     while stack:
         node = stack.pop()
         if node in live:

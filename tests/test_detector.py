@@ -582,3 +582,22 @@ def test_a_rewritten_site_leaves_no_softmax_behind():
     assert flash_calls(fast.graph_module) == 1
     assert not any("softmax" in str(node.target) for node in fast.graph_module.graph.nodes)
     assert_same(model, fast, (torch.randn(3, 11, DIM),))
+
+
+class VmapMask(FusedQKV):
+    """A mask built with torch.vmap (as transformers builds some): export records the vmap level entered and left
+    around the batched ops, calls that nothing uses the value of."""
+
+    def forward(self, x):
+        positions = torch.arange(x.shape[1])
+        visible = torch.vmap(lambda row: positions <= row)(positions)
+        q, k, v = (split_heads(part, HEADS) for part in self.qkv(x).chunk(3, dim=-1))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+        return out.transpose(1, 2).reshape(x.shape)
+
+
+def test_a_mask_built_with_vmap_runs_after_the_rewrite():
+    model = VmapMask().eval()
+    fast = planner.optimize(model, "32k", "h200", example_inputs=(torch.randn(2, 17, DIM),))
+    assert_same(model, fast, (torch.randn(3, 11, DIM),))
+    assert not any("the original" in note for note in fast.report.notes), fast.report.notes
