@@ -520,6 +520,9 @@ def _run_case(model_type, implementation, head, auto_name, result, find_from_rep
         result["kept"] = sorted({f"{d.site.mask.describe()}: {d.site.unsupported or d.reason}"[:160]
                                  for d in decisions if not d.rewritten})
         result["kept_count"] = sum(1 for decision in decisions if not decision.rewritten)
+        unchanged = [note for note in report.notes if "the model is returned unchanged:" in note]
+        if unchanged:  # not capturable: optimize returned the model itself, with the reason
+            result["unchanged"] = unchanged[0].split("the model is returned unchanged: ", 1)[1][:300]
         if "masks" not in result:
             result["masks"] = sorted({d.site.mask.describe() for d in decisions})
         if result.get("find_from_report"):
@@ -822,7 +825,8 @@ def render(records: list[dict], command: str, table: Path, expected: Optional[li
         diffs = [value for value in (record.get("diffs") or {}).values() if isinstance(value, (int, float))]
         cells = [record["arch"], record["impl"], record.get("head") or "-", status[:140], graph,
                  record.get("sites", "-"), record.get("rewritten", "-"), ", ".join(record.get("masks", [])) or "-",
-                 "; ".join(record.get("kept", [])) or "-"]
+                 "; ".join(record.get("kept", [])) or (f"whole model returned unchanged: {record['unchanged'][:120]}"
+                                                       if record.get("unchanged") else "-")]
         cells += [steps.get(step, "-")[:90] for step in STEPS]
         cells += [f"{max(diffs):.1e}" if diffs else "-", record.get("seconds", "-")]
         lines.append("| " + " | ".join(_cell(cell) for cell in cells) + " |")
@@ -861,6 +865,11 @@ def render(records: list[dict], command: str, table: Path, expected: Optional[li
         f"site found and rewritten or kept with a reason: {len(good)} ({percent:.1f}%); by architecture (both "
         f"implementations): {len(arch_good)} of {len(arch_attention)} ({arch_percent:.1f}%)",
     ]
+    unchanged = [record for record in ran if record.get("unchanged")]
+    if unchanged:
+        lines.append(f"- returned unchanged, torch.export cannot capture them (the report says why; not counted above, "
+                     f"their attention unseen): {len(unchanged)}: "
+                     + ", ".join(f"{r['arch']}/{r['impl']}" for r in unchanged))
     missed = [record for record in attention if not covered(record)]
     if missed:
         lines.append("- not covered: " + ", ".join(
