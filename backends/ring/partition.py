@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import functools
 import operator
-import os
-import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -35,14 +33,18 @@ import torch
 
 from backends.ring.layout import check_layout
 from backends.ring.rule import emit_ring
-from passes.graph_info import module_path, size_expr, source_line
+from backends.ring.sequence import (  # noqa: F401  (check_ring_site, sequence_symbols: re-exported)
+    ALONG_DIM, CLASS_LOSSES, CONTEXT_OPERATORS, CONTRACTIONS, CONVOLUTIONS, DIM_ARGUMENT, ELEMENT_LOSSES, FACTORY_OPS,
+    FULL_REDUCTIONS, LAYOUT_OPS, LENGTH_AS_NUMBER_OK, NORMS_OVER_LAST, OURS, PADS, POOLS, REDUCTIONS, SEQUENCE_SOURCES,
+    check_ring_site, involves, normalize_dims, output_sequence_dims, packet_name, schema_argument, sequence_symbols,
+    tensor_values, user_line)
+from passes.graph_info import module_path, size_expr
 from passes.rewrite import drop_dead_metadata_asserts, replace_site
 from passes.errors import PlanError
 from passes.records import AttentionSite
 
 aten = torch.ops.aten
 
-RING_MASK_KINDS = ("none", "causal", "sliding_window")
 INT64_MAX = 2**63 - 1
 
 
@@ -97,75 +99,6 @@ def partition(graph_module: torch.fx.GraphModule, sites: list[AttentionSite], sh
     return result
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The sequence symbols and the sites
-
-
-def sequence_symbols(graph_module: torch.fx.GraphModule, dim: int) -> frozenset:
-    """The size symbols of the graph's tensor inputs along `dim` (inputs with fewer dims are not sharded)."""
-    symbols: set = set()
-    for node in graph_module.graph.nodes:
-        if node.op != "placeholder" or not isinstance(node.meta.get("val"), torch.Tensor):
-            continue
-        value = node.meta["val"]
-        if value.dim() <= dim:
-            continue
-        size = size_expr(value.shape[dim])
-        if not isinstance(size, sympy.Symbol):
-            raise PlanError(
-                f"partition: input {node.name!r} has length {size} along dim {dim}, fixed by the model's code at "
-                "capture (not a free sequence length); a shard would have another length. Capture with inputs "
-                "whose sequence length the model does not specialize, or pass dim= for the sequence dimension")
-        symbols.add(size)
-    if not symbols:
-        raise PlanError(f"partition: no input tensor has a dim {dim}: nothing to shard along the sequence")
-    return frozenset(symbols)
-
-
-def output_sequence_dims(graph_module: torch.fx.GraphModule, symbols: frozenset) -> list:
-    """For each flattened output: the dim holding this rank's tokens, or None (whole on every rank). An output whose
-    tokens share a dim with another size (a flattened batch x sequence) cannot be put back together by a gather of
-    whole slices, and is refused."""
-    output = next(node for node in graph_module.graph.nodes if node.op == "output")
-    leaves = torch.utils._pytree.tree_leaves(output.args[0])
-    dims = []
-    for leaf in leaves:
-        value = leaf.meta.get("val") if isinstance(leaf, torch.fx.Node) else None
-        found = [index for index, size in enumerate(getattr(value, "shape", ())) if _involves(size, symbols)] \
-            if isinstance(value, torch.Tensor) else []
-        if found and not isinstance(size_expr(value.shape[found[0]]), sympy.Symbol):
-            raise PlanError(f"partition: the output {leaf.name!r} ({user_line(leaf)}) has shape {tuple(value.shape)}:"
-                            " its positions share a dimension with another size, so the shards cannot be gathered "
-                            "back; return it with the sequence as a dimension of its own")
-        dims.append(found[0] if found else None)
-    return dims
-
-
-def check_ring_site(site: AttentionSite, symbols: frozenset) -> None:
-    """Refuse a site that ring attention cannot run exactly on sharded inputs (names the site and its source)."""
-    where = f"attention site {site.name} ({site.source})"
-    mask = site.mask
-    reason = None
-    if site.unsupported:
-        reason = site.unsupported
-    elif mask.kind not in RING_MASK_KINDS:
-        reason = (f"its mask is {mask.describe()}; ring attention takes causal, none or sliding_window masks (a "
-                  "padding or arbitrary mask tensor would have to be sharded by query and key)")
-    elif mask.key_padding or mask.bias:
-        reason = f"its mask is {mask.describe()}: the padding / bias tensor cannot be split over the ring"
-    elif site.dropout_p != 0.0:
-        reason = f"dropout_p={site.dropout_p}: ring attention has no dropout"
-    elif site.softcap is not None or site.sinks is not None:
-        reason = "soft-capping and attention sinks are not in ring attention"
-    elif site.heads % site.kv_heads:
-        reason = f"{site.heads} query heads are not a multiple of {site.kv_heads} kv heads"
-    elif not (isinstance(site.q_len, sympy.Symbol) and site.q_len in symbols and site.kv_len == site.q_len):
-        reason = (f"it attends {site.q_len} queries to {site.kv_len} keys; ring attention needs self-attention over "
-                  f"the sharded sequence ({', '.join(sorted(map(str, symbols)))})")
-    if reason:
-        raise PlanError(f"partition: {where} cannot run as ring attention: {reason}")
-
-
 def rewrite_sites_to_ring(graph_module: torch.fx.GraphModule, sites: list[AttentionSite],
                           shard: SequenceShard) -> set:
     """Replace each site's node by ring attention (with the site's layout adapters); return the nodes created."""
@@ -178,166 +111,6 @@ def rewrite_sites_to_ring(graph_module: torch.fx.GraphModule, sites: list[Attent
     drop_dead_metadata_asserts(graph)
     graph.eliminate_dead_code()
     return set(graph.nodes) - before
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Which ops may see the sequence
-
-
-# Layout and bookkeeping ops: they move elements without mixing positions (a size check follows on their outputs).
-LAYOUT_OPS = {
-    "view", "_unsafe_view", "reshape", "expand", "expand_as", "unsqueeze", "squeeze", "transpose", "permute", "t",
-    "contiguous", "clone", "alias", "detach", "flatten", "unflatten", "movedim", "view_as", "lift_fresh_copy",
-    "to", "_to_copy", "type_as", "_assert_tensor_metadata", "sym_size", "sym_numel", "sym_stride", "stack",
-    "dropout", "embedding", "outer", "masked_fill", "where", "lerp", "bitwise_and", "bitwise_or", "bitwise_xor",
-    "__and__", "__or__", "__xor__", "__invert__", "logical_and", "logical_or", "logical_xor", "logical_not",
-    "_assert_scalar", "_assert_async", "feature_dropout", "alpha_dropout", "native_dropout", "zeros_like",
-    "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "copy", "real", "imag", "view_as_real",
-    "view_as_complex", "polar", "complex", "scalar_tensor", "floor_divide", "true_divide", "rsub", "fill", "zero",
-}
-# Factories: constant along positions (arange is the exception, handled apart).
-FACTORY_OPS = {"zeros", "ones", "full", "empty", "new_zeros", "new_ones", "new_full", "new_empty", "empty_strided",
-               "new_empty_strided", "rand", "randn", "randint", "scalar_tensor"}
-# Ops that take the sequence length as a number legitimately (bounds of a slice, the end of an arange).
-LENGTH_AS_NUMBER_OK = {"arange", "slice", "narrow", "_assert_scalar", "sym_constrain_range",
-                       "sym_constrain_range_for_size", "sym_size"}
-# A reduction over the sequence that an all_reduce completes: op name -> (reduce op, divide by world_size).
-REDUCTIONS = {"sum": ("sum", False), "mean": ("sum", True), "amax": ("max", False), "amin": ("min", False)}
-FULL_REDUCTIONS = {"max": "max", "min": "min"}  # max.default / min.default (no dim): the value only
-# Along one `dim` argument: these mix positions when it is the sequence.
-ALONG_DIM = {
-    "softmax": "softmax over the sequence outside an attention site needs every position's score",
-    "_softmax": "softmax over the sequence outside an attention site needs every position's score",
-    "_safe_softmax": "softmax over the sequence outside an attention site needs every position's score",
-    "log_softmax": "log_softmax over the sequence needs every position's score",
-    "_log_softmax": "log_softmax over the sequence needs every position's score",
-    "cumsum": "a prefix sum over a shard needs the sums of the tokens before it, on other ranks",
-    "cumprod": "a prefix product over a shard needs the tokens before it, on other ranks",
-    "cummax": "a running max over a shard needs the tokens before it, on other ranks",
-    "cummin": "a running min over a shard needs the tokens before it, on other ranks",
-    "logcumsumexp": "a prefix log-sum-exp over a shard needs the tokens before it, on other ranks",
-    "diff": "a difference of neighbours crosses shard boundaries",
-    "sort": "sorting along the sequence needs every position",
-    "argsort": "sorting along the sequence needs every position",
-    "topk": "top-k along the sequence needs every position",
-    "kthvalue": "a k-th value along the sequence needs every position",
-    "median": "a median along the sequence needs every position",
-    "nanmedian": "a median along the sequence needs every position",
-    "mode": "a mode along the sequence needs every position",
-    "argmax": "an argmax along the sequence needs every position and their global indices",
-    "argmin": "an argmin along the sequence needs every position and their global indices",
-    "select": "selecting one position: it lives on one rank only",
-    "index_select": "picking positions by index: they live on other ranks",
-    "gather": "gathering positions by index: they live on other ranks",
-    "take_along_dim": "gathering positions by index: they live on other ranks",
-    "scatter": "scattering to positions by index: they live on other ranks",
-    "scatter_add": "scattering to positions by index: they live on other ranks",
-    "scatter_reduce": "scattering to positions by index: they live on other ranks",
-    "index_add": "adding at positions by index: they live on other ranks",
-    "index_copy": "copying to positions by index: they live on other ranks",
-    "index_fill": "filling positions by index: they live on other ranks",
-    "repeat_interleave": "repeating positions changes which rank holds which position",
-    "split": "splitting the sequence: the pieces are spread over the ranks",
-    "split_with_sizes": "splitting the sequence: the pieces are spread over the ranks",
-    "tensor_split": "splitting the sequence: the pieces are spread over the ranks",
-    "chunk": "splitting the sequence: the pieces are spread over the ranks",
-    "unbind": "unbinding the sequence: the positions are spread over the ranks",
-    "unfold": "sliding windows over the sequence cross shard boundaries",
-    "cat": "concatenating along the sequence changes which rank holds which position",
-    "var": "a variance over the sequence is not completed by one all_reduce here",
-    "std": "a standard deviation over the sequence is not completed by one all_reduce here",
-    "var_mean": "a variance over the sequence is not completed by one all_reduce here",
-    "std_mean": "a standard deviation over the sequence is not completed by one all_reduce here",
-    "logsumexp": "a log-sum-exp over the sequence is not completed by one all_reduce here",
-    "prod": "a product over the sequence is not completed by one all_reduce here",
-    "all": "all() over the sequence is not completed by one all_reduce here",
-    "any": "any() over the sequence is not completed by one all_reduce here",
-    "count_nonzero": "a count over the sequence is not completed by one all_reduce here",
-    "nansum": "a nansum over the sequence is not completed by one all_reduce here",
-    "nanmean": "a nanmean over the sequence is not completed by one all_reduce here",
-    "norm": "a norm over the sequence is not completed by one all_reduce here",
-    "linalg_vector_norm": "a norm over the sequence is not completed by one all_reduce here",
-    "max": "max over the sequence with indices needs the global positions of the winners",
-    "min": "min over the sequence with indices needs the global positions of the winners",
-}
-# The argument that names the dims of ALONG_DIM ops (default "dim").
-DIM_ARGUMENT = {"unfold": "dimension"}
-CONTRACTIONS = {"linear", "mm", "bmm", "matmul", "addmm", "baddbmm", "addbmm", "dot", "vdot", "mv", "einsum",
-                "addmv", "_scaled_mm"}
-ELEMENT_LOSSES = {"mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss", "binary_cross_entropy",
-                  "binary_cross_entropy_with_logits", "kl_div", "soft_margin_loss", "poisson_nll_loss",
-                  "hinge_embedding_loss"}
-CLASS_LOSSES = {"cross_entropy_loss", "nll_loss", "nll_loss_nd", "nll_loss2d"}
-NORMS_OVER_LAST = {"layer_norm": "normalized_shape", "native_layer_norm": "normalized_shape",
-                   "rms_norm": "normalized_shape", "_fused_rms_norm": "normalized_shape"}
-CONVOLUTIONS = {"convolution", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
-                "conv_transpose3d", "_convolution"}
-POOLS = {"avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d", "max_pool3d",
-         "max_pool1d_with_indices", "max_pool2d_with_indices", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
-         "adaptive_max_pool1d", "adaptive_max_pool2d", "upsample_nearest1d", "upsample_linear1d",
-         "upsample_nearest2d", "upsample_bilinear2d", "_upsample_nearest_exact1d", "interpolate", "pixel_shuffle"}
-PADS = {"constant_pad_nd", "pad", "reflection_pad1d", "reflection_pad2d", "replication_pad1d", "replication_pad2d",
-        "circular_pad1d", "_pad_circular"}
-# Ops that may make a tensor as long as the sequence from inputs that are not: constant along positions, or
-# rewritten (arange, a table sliced to the sequence length).
-SEQUENCE_SOURCES = FACTORY_OPS | {"arange", "slice", "narrow", "expand", "expand_as", "zeros_like", "ones_like",
-                                  "empty_like", "full_like"}
-CONTEXT_OPERATORS = ("wrap_with_autocast", "wrap_with_set_grad_enabled")
-OURS = {"ring_attention", "ring_attention_backward", "all_reduce", "wait_tensor"}
-
-
-_FRAME = re.compile(r'File "([^"]+)", line (\d+)')
-_TORCH_DIRECTORY = os.path.dirname(torch.__file__) + os.sep
-
-
-def user_line(node: torch.fx.Node) -> str:
-    """'file.py:line' of the innermost frame outside torch itself (the model's line, not nn.Conv1d's)."""
-    frames = _FRAME.findall(node.meta.get("stack_trace") or "")
-    for filename, line in reversed(frames):
-        if not filename.startswith(_TORCH_DIRECTORY):
-            return f"{filename}:{line}"
-    return source_line(node)
-
-
-def _packet_name(target: Any) -> Optional[str]:
-    packet = getattr(target, "overloadpacket", None)
-    return getattr(packet, "__name__", None) if packet is not None else None
-
-
-def _values(value: Any) -> list:
-    if isinstance(value, (list, tuple)):
-        return [item for item in value if isinstance(item, torch.Tensor)]
-    return [value] if isinstance(value, torch.Tensor) else []
-
-
-def _involves(size: Any, symbols: frozenset) -> bool:
-    expression = size_expr(size) if isinstance(size, (int, torch.SymInt)) else None
-    return isinstance(expression, sympy.Expr) and bool(expression.free_symbols & symbols)
-
-
-def _argument(node: torch.fx.Node, name: str, default: Any = None) -> Any:
-    """An argument of an aten call by its schema name (positional or keyword), or its schema default."""
-    schema = getattr(node.target, "_schema", None)
-    if schema is None:
-        return node.kwargs.get(name, default)
-    for index, argument in enumerate(schema.arguments):
-        if argument.name != name:
-            continue
-        if index < len(node.args):
-            return node.args[index]
-        if name in node.kwargs:
-            return node.kwargs[name]
-        return argument.default_value if argument.has_default_value() else default
-    return default
-
-
-def _normalize(dims: Any, ndim: int) -> list[int]:
-    """Dims as non-negative ints; None or [] mean every dim."""
-    if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
-        return list(range(ndim))
-    if isinstance(dims, int):
-        dims = [dims]
-    return [dim % ndim if ndim else 0 for dim in dims]
 
 
 class _Chain:
@@ -370,13 +143,13 @@ class _PositionPass:
     def sequence_dims(self, value: Any) -> tuple[int, ...]:
         if not isinstance(value, torch.Tensor):
             return ()
-        return tuple(index for index, size in enumerate(value.shape) if _involves(size, self.symbols))
+        return tuple(index for index, size in enumerate(value.shape) if involves(size, self.symbols))
 
     def dims_of(self, node: Any) -> tuple[int, ...]:
         return self.sequence_dims(node.meta.get("val")) if isinstance(node, torch.fx.Node) else ()
 
     def refuse(self, node: torch.fx.Node, why: str, advice: str = "") -> None:
-        name = _packet_name(node.target) or getattr(node.target, "__name__", str(node.target))
+        name = packet_name(node.target) or getattr(node.target, "__name__", str(node.target))
         where = f"{name} at node {node.name!r} ({user_line(node)}"
         path = module_path(node)
         where += f", in {path})" if path else ")"
@@ -405,16 +178,16 @@ class _PositionPass:
                 continue
             self.check_length_as_number(node)
             inputs = [argument for argument in node.all_input_nodes
-                      if any(self.sequence_dims(value) for value in _values(argument.meta.get("val")))]
-            outputs = [self.sequence_dims(value) for value in _values(node.meta.get("val"))]
+                      if any(self.sequence_dims(value) for value in tensor_values(argument.meta.get("val")))]
+            outputs = [self.sequence_dims(value) for value in tensor_values(node.meta.get("val"))]
             subgraph = isinstance(node.target, torch._ops.HigherOrderOperator)
-            if not inputs and not any(outputs) and _packet_name(node.target) != "arange" and not subgraph:
+            if not inputs and not any(outputs) and packet_name(node.target) != "arange" and not subgraph:
                 continue
             if node.op == "call_module":
                 if str(node.target).startswith("_guards"):
                     continue
                 self.refuse(node, "a submodule call on sequence tensors is not analysed")
-            name = _packet_name(node.target)
+            name = packet_name(node.target)
             if not inputs and any(outputs) and name not in SEQUENCE_SOURCES and not subgraph:
                 self.refuse(node, "it makes a sequence-long tensor from tensors that are not: its rows would be "
                             "the first positions, not this rank's")
@@ -422,7 +195,7 @@ class _PositionPass:
             self.check_output_sizes(node)
 
     def check_output_sizes(self, node: torch.fx.Node) -> None:
-        for value in _values(node.meta.get("val")):
+        for value in tensor_values(node.meta.get("val")):
             dims = self.sequence_dims(value)
             if len(dims) > 1:
                 self.refuse(node, f"its output {tuple(value.shape)} pairs positions with positions; on a shard only "
@@ -438,7 +211,7 @@ class _PositionPass:
 
     def check_length_as_number(self, node: torch.fx.Node) -> None:
         """The sequence length flowing into an op as a scalar is the local length n = L/P on a shard."""
-        name = _packet_name(node.target)
+        name = packet_name(node.target)
         if name is None or name in LENGTH_AS_NUMBER_OK:
             return
         arguments = list(node.args) + list(node.kwargs.values())
@@ -513,8 +286,8 @@ class _PositionPass:
         """torch.autocast / torch.no_grad blocks are captured as a higher-order op around a subgraph: the subgraph
         is partitioned like the graph (its nodes carry the same size symbols)."""
         if node.target.__name__ not in CONTEXT_OPERATORS:
-            values = [value for argument in node.all_input_nodes for value in _values(argument.meta.get("val"))]
-            values += _values(node.meta.get("val"))
+            values = [value for argument in node.all_input_nodes for value in tensor_values(argument.meta.get("val"))]
+            values += tensor_values(node.meta.get("val"))
             lengths = [argument.meta.get("val") for argument in node.all_input_nodes
                        if isinstance(argument.meta.get("val"), torch.SymInt)]
             if any(self.sequence_dims(value) for value in values) or \
@@ -552,17 +325,17 @@ class _PositionPass:
         source = node.args[0]
         dims = self.dims_of(source)
         ndim = source.meta["val"].dim()
-        dim = _argument(node, "dim", 0) % ndim
+        dim = schema_argument(node, "dim", 0) % ndim
         if dim not in dims:
             if dim in self.dims_of(node):  # a fixed-size table cut to the sequence length
                 return self.check_table_slice(node, name, dim)
             return
         size = sympy.sympify(size_expr(source.meta["val"].shape[dim]))
         if name == "slice":
-            start, end, step = _argument(node, "start"), _argument(node, "end"), _argument(node, "step", 1)
+            start, end, step = schema_argument(node, "start"), schema_argument(node, "end"), schema_argument(node, "step", 1)
             full = start in (None, 0) and step == 1 and (end is None or self._at_least(end, size))
         else:
-            start, length = _argument(node, "start"), _argument(node, "length")
+            start, length = schema_argument(node, "start"), schema_argument(node, "length")
             full = start == 0 and self._at_least(length, size)
         if not full:
             self.refuse(node, f"it takes part of the sequence (dim {dim}); on a shard the positions it keeps are on "
@@ -570,8 +343,8 @@ class _PositionPass:
 
     def check_table_slice(self, node: torch.fx.Node, name: str, dim: int) -> None:
         length = size_expr(node.meta["val"].shape[dim])
-        start = _argument(node, "start") or 0
-        step = _argument(node, "step", 1) if name == "slice" else 1
+        start = schema_argument(node, "start") or 0
+        step = schema_argument(node, "step", 1) if name == "slice" else 1
         if not (isinstance(length, sympy.Symbol) and length in self.symbols) or step != 1 or \
                 not isinstance(start, int) or start < 0:
             self.refuse(node, f"it cuts {length} rows out of a fixed-size tensor along dim {dim}: not the rows of "
@@ -606,7 +379,7 @@ class _PositionPass:
                 self.refuse(node, "its input has no recorded shape")
             dims, ndim = self.sequence_dims(value), value.dim()
         # A missing dim (None, or no such argument in the overload) means every dim, as in torch.
-        touched = set(_normalize(_argument(node, DIM_ARGUMENT.get(name, "dim")), ndim)) & set(dims)
+        touched = set(normalize_dims(schema_argument(node, DIM_ARGUMENT.get(name, "dim")), ndim)) & set(dims)
         if touched:
             self.refuse(node, f"it works along the sequence (dim {sorted(touched)[0]}): {why}",
                         "compute it before sharding, on gathered outputs, or with a model that keeps it per position")
@@ -614,7 +387,7 @@ class _PositionPass:
     def check_dims_argument(self, node: torch.fx.Node, name: str, argument: str, why: str) -> None:
         value = node.args[0].meta["val"]
         dims = self.sequence_dims(value)
-        touched = set(_normalize(_argument(node, argument), value.dim())) & set(dims)
+        touched = set(normalize_dims(schema_argument(node, argument), value.dim())) & set(dims)
         if touched:
             self.refuse(node, f"it works along the sequence (dim {sorted(touched)[0]}): {why}")
 
@@ -656,7 +429,7 @@ class _PositionPass:
 
     def check_norm(self, node: torch.fx.Node, name: str) -> None:
         value = node.args[0].meta["val"]
-        count = len(_argument(node, NORMS_OVER_LAST[name]) or ())
+        count = len(schema_argument(node, NORMS_OVER_LAST[name]) or ())
         normalized = set(range(value.dim() - count, value.dim()))
         if normalized & set(self.sequence_dims(value)):
             self.refuse(node, f"{name} normalizes over the sequence: its statistics need every position")
@@ -667,7 +440,7 @@ class _PositionPass:
             self.refuse(node, f"{name} normalizes over channels and positions: its statistics need every position")
 
     def check_batch_norm(self, node: torch.fx.Node, name: str) -> None:
-        training = _argument(node, "training", name not in ("_native_batch_norm_legit_no_training",))
+        training = schema_argument(node, "training", name not in ("_native_batch_norm_legit_no_training",))
         if training:
             self.refuse(node, "batch norm in training mode takes statistics over the sequence",
                         "put the model in eval() or use a per-position norm")
@@ -686,9 +459,9 @@ class _PositionPass:
             if dim == 0:
                 continue  # the batch: the convolution is per sample
             kernel = int(weight.shape[dim])
-            stride = _argument(node, "stride", [1])
-            padding = _argument(node, "padding", [0])
-            transposed = bool(_argument(node, "transposed", False))
+            stride = schema_argument(node, "stride", [1])
+            padding = schema_argument(node, "padding", [0])
+            transposed = bool(schema_argument(node, "transposed", False))
             spatial = dim - 2
             stride_here = stride[spatial if len(stride) > spatial else 0] if isinstance(stride, (list, tuple)) \
                 else stride
@@ -701,7 +474,7 @@ class _PositionPass:
 
     def check_pad(self, node: torch.fx.Node) -> None:
         value = node.args[0].meta["val"]
-        pad = list(_argument(node, "pad") or _argument(node, "padding") or [])
+        pad = list(schema_argument(node, "pad") or schema_argument(node, "padding") or [])
         dims = set(self.sequence_dims(value))
         for pair in range(len(pad) // 2):
             dim = value.dim() - 1 - pair
@@ -711,7 +484,7 @@ class _PositionPass:
 
     def check_repeat(self, node: torch.fx.Node) -> None:
         value = node.meta["val"]
-        repeats = list(_argument(node, "repeats") or [])
+        repeats = list(schema_argument(node, "repeats") or [])
         offset = value.dim() - len(repeats)
         for dim in self.sequence_dims(value):
             if dim - offset >= 0 and repeats[dim - offset] != 1:
@@ -726,8 +499,8 @@ class _PositionPass:
         length = size_expr(value.shape[0])
         if not isinstance(length, sympy.Expr) or not length.free_symbols & self.symbols:
             return  # not over the sequence (rotary frequencies, head indices, ...)
-        start = _argument(node, "start", 0) if "start" in str(node.target) else 0
-        step = _argument(node, "step", 1) if "step" in str(node.target) else 1
+        start = schema_argument(node, "start", 0) if "start" in str(node.target) else 0
+        step = schema_argument(node, "step", 1) if "step" in str(node.target) else 1
         if not (isinstance(length, sympy.Symbol) and length in self.symbols):
             self.refuse(node, f"an arange of {length} positions: not the positions of the sequence, so there is no "
                         "global counterpart on a shard")
@@ -787,7 +560,7 @@ class _PositionPass:
         if name in FULL_REDUCTIONS:
             reduced, operation, average = set(range(value.dim())), FULL_REDUCTIONS[name], False
         else:
-            reduced = set(_normalize(_argument(node, "dim"), value.dim()))
+            reduced = set(normalize_dims(schema_argument(node, "dim"), value.dim()))
             operation, average = REDUCTIONS[name]
         if not reduced & dims:
             return
@@ -814,7 +587,7 @@ class _PositionPass:
         return last
 
     def reduce_loss(self, node: torch.fx.Node, name: str) -> None:
-        reduction = _argument(node, "reduction", 1)
+        reduction = schema_argument(node, "reduction", 1)
         if self.dims_of(node) or reduction == 0:
             return  # per position ("none"): stays on the shard
         if name in CLASS_LOSSES and reduction == 1:
@@ -823,13 +596,13 @@ class _PositionPass:
 
     def reduce_class_loss_mean(self, node: torch.fx.Node, name: str) -> None:
         """mean over the targets that count: all_reduce(local sum) / all_reduce(local count)."""
-        target = _argument(node, "target")
-        if _argument(node, "weight") is not None:
+        target = schema_argument(node, "target")
+        if schema_argument(node, "weight") is not None:
             self.refuse(node, f"{name} with class weights and reduction='mean' divides by the targets' weights",
                         "use reduction='sum' or no weights")
         if target.meta["val"].is_floating_point():  # class probabilities: every row counts
             return self.all_reduce(node, "sum", True, f"{name} (reduction mean)")
-        ignore_index = _argument(node, "ignore_index", -100)
+        ignore_index = schema_argument(node, "ignore_index", -100)
         schema_names = [argument.name for argument in node.target._schema.arguments]
         position = schema_names.index("reduction")
         if position < len(node.args):
