@@ -71,7 +71,7 @@ import torch  # noqa: E402
 from bench_e2e import build_model, model_specs  # noqa: E402  (the same models as the e2e benchmark)
 
 GIB = 1024 ** 3
-CONFIGS = ("dynamic", "static", "planner", "planner-uncaptured")
+CONFIGS = ("dynamic", "static", "planner", "planner-uncaptured", "planner-linear")
 MODEL_KEYS = {"llama": "llama-3.2-1b", "mistral": "mistral-1b-w4096"}
 # Guesses before anything is measured (seconds on an H100/H200; only for the budget's decisions).
 GUESS = {"static_compile": 90.0, "optimize": 15.0, "call_8k": 3.0}
@@ -131,6 +131,7 @@ class Bench:
         self.deadline = START + args.budget_s
         self.records: list[dict] = []
         self.dynamic_tokens: dict = {}
+        self.linearized: dict = {}  # model name -> planner.linearize result (planner-linear)
         self.bandwidth: Optional[float] = None
         self.out = Path(args.out) if args.out else None
         if self.out:
@@ -276,14 +277,43 @@ class Bench:
                 ms = triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")
                 roof = self.roofline(model, length + 1)
                 layers = config.num_hidden_layers
+                # As a decode step runs it: one call per layer, replayed from a CUDA graph (no dispatch between).
+                graphed = graphed_ms(lambda: [run() for _ in range(layers)])
                 self.record(kind="kernel", model=spec_name, length=length, status="ok", ms_per_layer=ms,
-                            ms_all_layers=ms * layers, kv_roofline_ms=roof["kv_roofline_ms"],
-                            ratio=ms * layers / roof["kv_roofline_ms"], slots=slots)
+                            ms_all_layers=graphed, ms_all_layers_dispatched=ms * layers,
+                            kv_roofline_ms=roof["kv_roofline_ms"], ratio=graphed / roof["kv_roofline_ms"],
+                            slots=slots)
+                if length == max(lengths) and self.args.kernel_sweep:
+                    self.sweep_kernel(spec_name, q, k, v, cache_len, options, layers, roof["kv_roofline_ms"])
                 del q, k, v
             except Exception as error:  # noqa: BLE001
                 traceback.print_exc(limit=4)
                 self.record(kind="kernel", model=spec_name, length=length, status="error", reason=first_line(error))
             self.free()
+
+    def sweep_kernel(self, spec_name: str, q, k, v, cache_len, options, layers: int, roofline_ms: float) -> None:
+        """Launch settings of the decoding kernel (splits, block, warps, stages) at one context, graphed as above."""
+        from backends.decode.triton import decode_forward
+
+        keywords = dict(scale=options.scale, window=options.window, sinks=0, softcap=None, rolling=options.rolling)
+        for splits in (0, 66, 132, 264):
+            for block_n in (64, 128):
+                for warps, stages in ((4, 2), (4, 3), (8, 3), (4, 4)):
+                    if self.left() < 20:
+                        return
+                    try:
+                        def run():
+                            return decode_forward(q, k, v, cache_len, num_splits=splits or None, block_n=block_n,
+                                                  num_warps=warps, num_stages=stages, **keywords)
+
+                        run()
+                        ms = graphed_ms(lambda: [run() for _ in range(layers)])
+                        self.record(kind="kernel_sweep", model=spec_name, splits=splits, block_n=block_n,
+                                    warps=warps, stages=stages, status="ok", ms_all_layers=ms,
+                                    ratio=ms / roofline_ms)
+                    except Exception as error:  # noqa: BLE001
+                        self.record(kind="kernel_sweep", model=spec_name, splits=splits, block_n=block_n,
+                                    warps=warps, stages=stages, status="error", reason=first_line(error))
 
     # -- the configurations --------------------------------------------------------------------------------------------
 
@@ -362,7 +392,15 @@ class Bench:
                 max_len = int(math.ceil((length + args.new_tokens) / 1024) * 1024)
                 self.sync()
                 begin = time.perf_counter()
-                fast = planner.optimize(model, max_len=max_len, device=args.planner_device or args.device)
+                if config == "planner-linear":
+                    # Every site linearized with the Hedgehog map untrained (steps=0): speed and memory only.
+                    if name not in self.linearized:
+                        calibration = [torch.randint(0, vocab, (1, 256), device=self.device)]
+                        self.linearized[name] = planner.linearize(model, calibration, steps=0)
+                    fast = planner.decoder(self.linearized[name], max_len=max_len,
+                                           device=args.planner_device or args.device)
+                else:
+                    fast = planner.optimize(model, max_len=max_len, device=args.planner_device or args.device)
                 self.sync()
                 extra["optimize_s"] = time.perf_counter() - begin
                 extra["max_len"] = max_len
@@ -393,7 +431,8 @@ class Bench:
                 self.dynamic_tokens[(name, length)] = tokens
             equal, first = self.compare(name, length, tokens)
             if fast is not None:
-                notes = [n for n in fast.report.notes if "generat" in n or "decod" in n]
+                notes = fast.notes if config == "planner-linear" else fast.report.notes
+                notes = [n for n in notes if "generat" in n or "decod" in n]
                 extra["notes"] = notes[:6]
             return self.record(**common, status="ok", **result, **extra, tokens_equal_dynamic=equal,
                                first_diff=first, tokens=tokens, **self.roofline(model, length))
@@ -515,6 +554,21 @@ class Bench:
 # Tables and goals
 
 
+def graphed_ms(work) -> float:
+    """Median milliseconds of `work` replayed from a CUDA graph (captured after a warm-up on a side stream)."""
+    import triton
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        work()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        work()
+    return triton.testing.do_bench(graph.replay, warmup=10, rep=100, return_mode="median")
+
+
 def gib(value: Optional[float]) -> str:
     return "–" if value is None else f"{value / GIB:.2f}"
 
@@ -596,16 +650,29 @@ def tables(records: list[dict], args: argparse.Namespace) -> str:
     kernels = [r for r in records if r.get("kind") == "kernel"]
     if kernels:
         lines.append("\nThe attention part alone: the split-K decoding kernel (1 token, batch 1) on a cache of that "
-                     "context, median of do_bench, times the layers, against K/V bytes / copy bandwidth:\n")
-        lines.append("| model | context | ms per layer | ms all layers | K/V roofline ms | × roofline |")
+                     "context, one call per layer replayed from a CUDA graph (as a decode step runs it; median of "
+                     "do_bench), against K/V bytes / copy bandwidth; op by op (each call dispatched from Python) "
+                     "beside it:\n")
+        lines.append("| model | context | ms all layers (graph) | K/V roofline ms | × roofline | ms per layer, "
+                     "dispatched |")
         lines.append("|---|---|---|---|---|---|")
         for r in kernels:
             if r.get("status") != "ok":
                 lines.append(f"| {r['model']} | {fmt_len(r['length']) if r.get('length') else '–'} | "
                              f"**{r.get('status')}**: {r.get('reason')} | | | |")
                 continue
-            lines.append(f"| {r['model']} | {fmt_len(r['length'])} | {r['ms_per_layer']:.4f} | "
-                         f"{r['ms_all_layers']:.3f} | {r['kv_roofline_ms']:.3f} | {r['ratio']:.2f} |")
+            lines.append(f"| {r['model']} | {fmt_len(r['length'])} | {r['ms_all_layers']:.3f} | "
+                         f"{r['kv_roofline_ms']:.3f} | {r['ratio']:.2f} | {r['ms_per_layer']:.4f} |")
+    sweep = sorted((r for r in records if r.get("kind") == "kernel_sweep" and r.get("status") == "ok"),
+                   key=lambda r: r["ms_all_layers"])
+    if sweep:
+        lines.append("\nDecoding kernel launch settings at the longest context (splits 0: the default), graphed, "
+                     "fastest first:\n")
+        lines.append("| model | splits | block | warps | stages | ms all layers | × roofline |")
+        lines.append("|---|---|---|---|---|---|---|")
+        for r in sweep[:12]:
+            lines.append(f"| {r['model']} | {r['splits']} | {r['block_n']} | {r['warps']} | {r['stages']} | "
+                         f"{r['ms_all_layers']:.3f} | {r['ratio']:.2f} |")
     lines.append("")
     lines.extend(goals(records, args))
     return "\n".join(lines)
@@ -656,7 +723,18 @@ def goals(records: list[dict], args: argparse.Namespace) -> list[str]:
                    f"{gib(a.get('peak_above_bytes'))} vs {gib(b.get('peak_above_bytes'))} GiB)")
     else:
         out.append(f"- Mistral ms/token {fmt_len(long_)} vs {fmt_len(short)} and cache memory: **not run**")
-    out.append("- a linearized model, constant time and memory per token: **not run** (not part of this benchmark)")
+    linear_rows = sorted((r for key, r in ok.items() if key[1] == "planner-linear"), key=lambda r: r["length"])
+    if len(linear_rows) >= 2 and linear_rows[0].get("ms_per_token") and linear_rows[-1].get("ms_per_token"):
+        a, b = linear_rows[0], linear_rows[-1]
+        change = b["ms_per_token"] / a["ms_per_token"] - 1
+        same = a.get("cache_bytes") == b.get("cache_bytes")
+        verdict = "met" if change <= 0.10 and same else "missed"
+        out.append(f"- {a['model']} linearized, constant time and memory per token: **{verdict}** "
+                   f"({b['ms_per_token']:.2f} ms at {fmt_len(b['length'])} vs {a['ms_per_token']:.2f} at "
+                   f"{fmt_len(a['length'])}, {100 * change:+.1f}%; state {gib(a.get('cache_bytes'))} vs "
+                   f"{gib(b.get('cache_bytes'))} GiB)")
+    else:
+        out.append("- a linearized model, constant time and memory per token: **not run** (--configs planner-linear)")
     return out
 
 
@@ -675,7 +753,7 @@ def plot(records: list[dict], path: Path) -> None:
         return
     figure, axes = plt.subplots(2, len(models), figsize=(6 * len(models), 8), squeeze=False)
     for column, model in enumerate(models):
-        for config, marker in (("dynamic", "o"), ("static", "s"), ("planner", "^"), ("planner-uncaptured", "v")):
+        for config, marker in (("dynamic", "o"), ("static", "s"), ("planner", "^"), ("planner-uncaptured", "v"), ("planner-linear", "D")):
             rows = sorted((r for r in generate if r["model"] == model and r["config"] == config),
                           key=lambda r: r["length"])
             if not rows:
@@ -715,6 +793,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--planner-device", default=None, help="optimize()'s device (default: --device)")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny configs, float32, lengths 64,128")
     parser.add_argument("--no-kernel", dest="kernel", action="store_false", help="skip the decoding kernel alone")
+    parser.add_argument("--kernel-sweep", action="store_true",
+                        help="also time the decoding kernel's launch settings at the longest context")
     parser.add_argument("--check-errors", action="store_true",
                         help="diagnostic: the decode check's errors (planner and transformers' cache) per dtype")
     parser.add_argument("--force-cached-decode", action="store_true",

@@ -307,12 +307,14 @@ class Generator:
             return
         device = next((tensor.device for tensor in self.model.parameters()), torch.device("cpu"))
         generator = torch.Generator(device="cpu").manual_seed(0)
-        tokens = torch.randint(0, _vocab_size(self.model), (2, CHECK_PROMPT + CHECK_STEPS), generator=generator)
+        # Two rows, one left-padded; one row against a reference of token ids alone (which may be fixed to it).
+        rows = 1 if self.reference is not None else 2
+        tokens = torch.randint(0, _vocab_size(self.model), (rows, CHECK_PROMPT + CHECK_STEPS), generator=generator)
         tokens = tokens.to(device)
         mask = torch.ones_like(tokens)
         takes_mask = "attention_mask" in self._parameters()
         if takes_mask and self.reference is None:
-            mask[1, :2] = 0  # a left-padded row too (a reference of token ids alone takes no padding)
+            mask[1, :2] = 0
         with torch.no_grad():
             state = self.prefill(tokens[:, :CHECK_PROMPT], mask[:, :CHECK_PROMPT])
             for step in range(CHECK_STEPS):

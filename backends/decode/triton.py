@@ -231,6 +231,8 @@ def decode_forward(
     sink_logits: Optional[torch.Tensor] = None,
     num_splits: Optional[int] = None,
     block_n: Optional[int] = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out (batch, q_heads, T, value_dim) in q's dtype, lse (batch, q_heads, T) natural log float32). Inputs are
     validated by backends/decode/op.py; the caches' last dimension must be contiguous (they are read in place)."""
@@ -267,7 +269,7 @@ def decode_forward(
         head_dim=head_dim, value_dim=value_dim, ROWS=rows, BLOCK_N=block_n, D_QK=d_qk, D_V=d_v,
         HAS_START=start is not None, HAS_WINDOW=window is not None, HAS_SINKS=bool(sinks) and (
             rolling or window is not None), ROLLING=rolling, HAS_SOFTCAP=softcap is not None,
-        INPUT_PRECISION=input_precision, num_warps=4, num_stages=2,
+        INPUT_PRECISION=input_precision, num_warps=num_warps, num_stages=num_stages,
     )
     sink_logits_ = lse if sink_logits is None else sink_logits.contiguous()  # any pointer when absent
     _decode_combine[(batch * heads * queries,)](
