@@ -704,7 +704,7 @@ def run_in_subprocess(family: tuple, implementations: list[str], timeout: float)
             process.communicate()
             results.append({"arch": model_type, "impl": pending.pop(0), "head": head, "status": "timeout",
                             "reason": f"over {timeout:.0f} s", "steps": {}, "diffs": {}, "frames": {},
-                            "seconds": round(time.time() - case_started, 1)})
+                            "seconds": round(time.time() - case_started, 1), "revision": _revision()})
             continue
         try:
             _, errors = process.communicate(timeout=30)
@@ -715,7 +715,8 @@ def run_in_subprocess(family: tuple, implementations: list[str], timeout: float)
             tail = (errors or "").strip().splitlines()[-1:] or [""]
             results.append({"arch": model_type, "impl": pending.pop(0), "head": head, "status": "harness-error",
                             "reason": f"worker exited {process.returncode}: {tail[0][:200]}", "steps": {},
-                            "diffs": {}, "frames": {}, "seconds": round(time.time() - started, 1)})
+                            "diffs": {}, "frames": {}, "seconds": round(time.time() - started, 1),
+                            "revision": _revision()})
     return results
 
 
@@ -763,7 +764,8 @@ def _cell(value: Any) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-def render(records: list[dict], command: str, table: Path, expected: Optional[list[str]] = None) -> str:
+def render(records: list[dict], command: str, table: Path, expected: Optional[list[str]] = None,
+           note: Optional[str] = None) -> str:
     """The Markdown table and summary; `expected`: the model types the sweep was asked for (those without a record
     are listed as not reached)."""
     import torch
@@ -796,6 +798,8 @@ def render(records: list[dict], command: str, table: Path, expected: Optional[li
             f"{revision}: {len(group)} cases"
             + (f" ({', '.join(sorted({r['arch'] for r in group}))})" if len(group) <= 40 else "")
             for revision, group in sorted(by_revision.items(), key=lambda item: -len(item[1]))) + ".")
+    if note:
+        lines.append(note)
     lines += [
         f"Command: `{command}`",
         "",
@@ -916,16 +920,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--find-from-report", action="store_true",
                         help="step 1 from optimize's report instead of a separate capture (a third faster)")
     parser.add_argument("--report-only", action="store_true", help="only re-render the table from --results")
+    parser.add_argument("--note", help="a line for the table's header (how the results were assembled)")
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
     if options.worker:
         _worker(*options.worker)
         return 0
+    arguments = list(argv if argv is not None else sys.argv[1:])
+    if "--note" in arguments:  # the note is in the header already
+        del arguments[arguments.index("--note"):arguments.index("--note") + 2]
     command = "PYTHONPATH=. python benchmarks/sweep_architectures.py " + " ".join(
-        argument for argument in (argv if argv is not None else sys.argv[1:]))
+        argument for argument in arguments if not argument.startswith("--note="))
     if options.report_only:
         print(render(load_results(options.results), command.replace(" --report-only", ""), options.table,
-                     [family[0] for family in families()]))
+                     [family[0] for family in families()], options.note))
         return 0
     selected = families()
     if options.only:
@@ -966,7 +974,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if options.only or options.limit:
         keep = {family[0] for family in selected}
         records = [record for record in records if record["arch"] in keep]
-    render(records, command, options.table, [family[0] for family in selected])
+    render(records, command, options.table, [family[0] for family in selected], options.note)
     print(f"wrote {options.table}")
     return 0
 
