@@ -58,6 +58,16 @@ def triton_property(cases, check, examples: int = 3):
     return test
 
 
+def kernel_properties(cases, check, impl: str, examples: int):
+    """Two tests of one kernel: `check(case, impl)` on `examples` drawn cases (the CPU path), and on a few small ones
+    with Triton (triton_property)."""
+    @given(case=cases())
+    @_settings(examples)
+    def test(case):
+        check(case, impl)
+    return test, triton_property(cases(small=True), check)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_intra_op_thread():
     """The tensors here are tiny: a second OpenMP thread costs more than it gains (much more on a busy machine,
@@ -472,13 +482,8 @@ def _check_decode(case: DecodeCase, impl: str) -> None:
         assert_close(f"row {row} lse", lse[row:row + 1], expected_lse, dtype)
 
 
-@given(case=decode_cases())
-@_settings(25)
-def test_decode_attention_reference_matches_oracle(case):
-    _check_decode(case, "reference")
-
-
-test_decode_attention_triton_matches_oracle = triton_property(decode_cases(small=True), _check_decode)
+(test_decode_attention_reference_matches_oracle,
+ test_decode_attention_triton_matches_oracle) = kernel_properties(decode_cases, _check_decode, "reference", 25)
 
 
 # ---- linear attention ------------------------------------------------------------------------------------------------
@@ -596,13 +601,8 @@ def _check_linear(case: LinearCase, impl: str) -> None:
     _compare_grads(grads, _grads([expected_out, expected_state], reference_leaves, case.seed), dtype)
 
 
-@given(case=linear_cases())
-@_settings(20)
-def test_linear_attention_cpu_fallback_matches_reference(case):
-    _check_linear(case, "fallback")
-
-
-test_linear_attention_triton_matches_reference = triton_property(linear_cases(small=True), _check_linear)
+(test_linear_attention_cpu_fallback_matches_reference,
+ test_linear_attention_triton_matches_reference) = kernel_properties(linear_cases, _check_linear, "fallback", 20)
 
 
 def test_linear_attention_rejects_what_it_cannot_take():
@@ -692,13 +692,8 @@ def _check_ssd(case: SSDCase, impl: str) -> None:
     _compare_grads(grads, _grads([expected_y, expected_state], reference_leaves, case.seed), dtype)
 
 
-@given(case=ssd_cases())
-@_settings(15)
-def test_ssd_cpu_fallback_matches_reference(case):
-    _check_ssd(case, "fallback")
-
-
-test_ssd_triton_matches_reference = triton_property(ssd_cases(small=True), _check_ssd)
+(test_ssd_cpu_fallback_matches_reference,
+ test_ssd_triton_matches_reference) = kernel_properties(ssd_cases, _check_ssd, "fallback", 15)
 
 
 # ---- HyperAttention (an approximation) -------------------------------------------------------------------------------
