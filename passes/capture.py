@@ -247,9 +247,20 @@ def _without_cache(model: torch.nn.Module, kwargs: dict) -> dict:
     parameters = inspect.signature(model.forward).parameters
     takes_keywords = any(parameter.kind == parameter.VAR_KEYWORD for parameter in parameters.values())
     if ("use_cache" not in parameters and takes_keywords and "use_cache" not in kwargs
-            and getattr(getattr(model, "config", None), "use_cache", None) is not None):
+            and _config_has_use_cache(getattr(model, "config", None))):
         return {**kwargs, "use_cache": False}
     return kwargs
+
+
+def _config_has_use_cache(config: Any) -> bool:
+    """The config, or one of its sub-configs (a composite model's text_config: MOSS-Transcribe-Diarize's), sets
+    use_cache."""
+    if config is None:
+        return False
+    if getattr(config, "use_cache", None) is not None:
+        return True
+    return any(getattr(value, "use_cache", None) is not None for value in vars(config).values()
+               if hasattr(value, "to_dict") and not isinstance(value, type))
 
 
 def bind_call(model: torch.nn.Module, args: tuple, kwargs: dict) -> inspect.BoundArguments:

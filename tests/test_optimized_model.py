@@ -388,3 +388,32 @@ def test_a_custom_autograd_function_keeps_its_backward():
     for mine, theirs in zip(got, model.parameters()):
         torch.testing.assert_close(mine, theirs.grad, rtol=1e-4, atol=1e-5)
     assert any("_TimesThree" in note and "the original" in note for note in fast.report.notes), fast.report.notes
+
+
+class _CompositeReturnsCache(torch.nn.Module):
+    """A composite model whose use_cache lives on its text sub-config only, taken through **kwargs: called without
+    use_cache=False it returns a KV cache, which no graph can output."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = transformers.PretrainedConfig()
+        self.config.text_config = transformers.LlamaConfig(use_cache=True)
+        self.qkv = torch.nn.Linear(16, 48)
+
+    def forward(self, x, **kwargs):
+        batch, length, _ = x.shape
+        q, k, v = self.qkv(x).view(batch, length, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(
+            batch, length, 16)
+        if kwargs.get("use_cache", self.config.text_config.use_cache):
+            return out, transformers.DynamicCache()
+        return (out,)
+
+
+def test_use_cache_on_a_sub_config_is_turned_off_for_the_capture():
+    model = _CompositeReturnsCache().eval()
+    fast = planner.optimize(model, "32k", device="h200", example_inputs=(torch.randn(2, 67, 16),))
+    assert _rewritten_calls(fast) == 1
+    x = torch.randn(3, 23, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x)[0], model(x, use_cache=False)[0], rtol=1e-4, atol=1e-5)
