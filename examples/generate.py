@@ -1,5 +1,5 @@
 """Generation: decode a transformers Llama (built from a small config, no download) through the planner's caches,
-and a plain PyTorch model with prefill/decode.
+prefill/decode step by step, and a linearized model decoding from its recurrent state.
 
     python examples/generate.py
 """
@@ -29,3 +29,11 @@ for _ in range(4):
     logits, state = fast.decode(state, next_ids)
     next_ids = logits.argmax(-1)
 print("prefill/decode tokens:", state.tokens[:, prompt.shape[1]:].tolist())
+
+# A linearized model (planner.linearize: linear attention, trained here for a few steps only) decodes from a
+# recurrent state per site: the same memory and time per token at any context length.
+linear = planner.linearize(model, [torch.randint(0, 128, (2, 32)) for _ in range(2)], steps=20)
+decoder = planner.decoder(linear, max_len="128k")
+tokens = decoder.generate(prompt[:1], max_new_tokens=8, do_sample=False, pad_token_id=0)
+print("linearized:", tokens[0, prompt.shape[1]:].tolist())
+print("\n".join(decoder.notes))
