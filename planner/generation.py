@@ -204,10 +204,11 @@ class Generator:
 
     def __init__(self, model: torch.nn.Module, max_len: int, bandwidth: float,
                  forward: Optional[Any] = None, linear_sites: Optional[dict] = None,
-                 reference: Optional[Any] = None):
+                 reference: Optional[Any] = None, recompute_because: Optional[str] = None):
         """linear_sites: site name -> the LinearizedAttention that replaces it (planner.linearize); those sites
         decode from a recurrent state. reference: what the derived steps are checked against and what a
-        recomputing step runs, called with the token ids alone (default: the model with explicit positions)."""
+        recomputing step runs, called with the token ids alone (default: the model with explicit positions).
+        recompute_because: decode by running `forward` over the whole sequence at every step, for this reason."""
         self.model = model
         self.forward = forward or model  # what a recomputing step runs: the optimized model
         self.linear_sites = dict(linear_sites or {})
@@ -218,6 +219,9 @@ class Generator:
         self.cuda_graphs = True  # one-token CUDA steps replay a CUDA graph (False after a capture failed)
         self.graph_failure: Optional[str] = None
         self._graphs: dict = {}
+        if recompute_because is not None:
+            self.recompute_because = recompute_because
+            return
         try:
             self._derive(bandwidth)
         except PlannerError as error:

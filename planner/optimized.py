@@ -196,13 +196,28 @@ class OptimizedModel(torch.nn.Module):
         state = self._state()
         generators = self.__dict__.setdefault("_generators", {})
         if state not in generators:
+            inexact = self._inexact_sites()
+            # Recomputing through the rewritten model: called with the token ids alone, as samples usually are, so
+            # that the call is planned as the samples measured it (another signature would be planned exact).
             generator = Generator(self._original, self._options.max_len, self._options.device.memory_bandwidth,
-                                  forward=self)
+                                  forward=self, recompute_because=inexact,
+                                  reference=(lambda ids: self(ids)) if inexact else None)
             generator.check()
             generators[state] = generator
             for line in generator.plan_lines():
                 self._note(line)
         return generators[state]
+
+    def _inexact_sites(self) -> Optional[str]:
+        """Why the caches cannot decode this model: sites rewritten into another function (approximate or retrain
+        variants), which a cache of the original attention would not follow. None when every rewrite is exact."""
+        decisions = self.report.plan.decisions if self.report is not None else ()
+        inexact = [f"{decision.site.name} ({decision.choice.variant}, {decision.choice.exactness})"
+                   for decision in decisions if decision.rewritten and decision.choice.exactness != "exact"]
+        if not inexact:
+            return None
+        return (f"{', '.join(inexact)} compute another function than the original's attention, which its cache "
+                "would not follow: each step runs the rewritten model over the whole sequence")
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None):
         """Run the prompt and fill every site's cache: returns a planner.generation.GenerationState whose `logits`

@@ -173,6 +173,22 @@ def test_a_linearized_model_decodes_from_its_recurrent_state_as_its_own_forward(
     assert torch.equal(got, expected)
 
 
+def test_a_model_rewritten_into_another_function_generates_through_its_rewrite():
+    model = _build("llama")
+    prompt = torch.randint(0, 97, (1, 15))
+    fast = planner.optimize(model, "1k", device="h200", policy="any", train=True, variant="linear",
+                            tolerance={"kl_mean": 100.0}, samples=[prompt])
+    assert any(decision.choice.variant == "linear" for decision in fast.report.plan.decisions if decision.choice)
+    got = fast.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    expected = prompt
+    with torch.no_grad():
+        for _ in range(4):
+            logits = _logits(fast(expected))
+            expected = torch.cat([expected, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(got, expected)
+    assert any("compute another function" in note and "(linear, retrain)" in note for note in fast.report.notes)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_step_that_does_not_carry_positions_is_caught_and_recomputed(dtype):
     torch.manual_seed(5)
