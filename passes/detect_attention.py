@@ -47,7 +47,18 @@ def match_softmax_attention(node: torch.fx.Node) -> Optional[AttentionSite]:
     if node.op != "call_function" or node.target not in SOFTMAX_TARGETS:
         return None
     unsupported: Optional[tuple] = None
-    for scores_path in score_paths(node.args[0]):
+    paths = list(score_paths(node.args[0]))
+    probabilities_paths = list(value_paths(node))
+    if not paths or not probabilities_paths:
+        # A Q·K contraction may still reach the softmax, or the probabilities a contraction with V, through ops the
+        # paths do not model: recorded and kept, with the reason.
+        scores = (paths[0], None) if paths else _unmodeled_scores(node)
+        values = (probabilities_paths[0], None) if probabilities_paths else _unmodeled_probabilities(node)
+        if scores is not None and values is not None:
+            reason = "; ".join(text for text in (scores[1], values[1]) if text)
+            return unsupported_site(node, scores[0], values[0], reason)
+        return None
+    for scores_path in paths:
         for probabilities_path in value_paths(node):
             try:
                 site = build_site(node, scores_path, probabilities_path)
@@ -67,6 +78,71 @@ def match_softmax_attention(node: torch.fx.Node) -> Optional[AttentionSite]:
     if unsupported is not None:
         return unsupported_site(node, *unsupported)
     return None
+
+
+def _unmodeled_scores(softmax: torch.fx.Node) -> Optional[tuple[list, str]]:
+    """(path [contraction, ..., softmax input], reason) for the nearest contraction upstream of the softmax when no
+    score path reaches one: the scores pass through an op that the matcher does not model (a multiplicative mask,
+    OpenAI GPT's w * b + -1e4 * (1 - b)). Such a site is recorded and kept, so that the report says why."""
+    start = softmax.args[0]
+    if not isinstance(start, torch.fx.Node):
+        return None
+    parents: dict = {}
+    frontier, seen = [start], {start}
+    while frontier and len(seen) <= 64:
+        node = frontier.pop(0)
+        if node.op != "call_function":
+            continue
+        if as_contraction(node) is not None:
+            path = [node]
+            while path[-1] in parents:
+                path.append(parents[path[-1]])
+            ops = []
+            for step in path[1:]:
+                name = _op_name(step)
+                if name not in ops and name not in ("view", "reshape", "permute", "transpose", "expand", "clone",
+                                                    "contiguous", "_to_copy", "to", "type_as", "unsqueeze"):
+                    ops.append(name)
+            return path, (f"the scores reach the softmax through ops the matcher does not model "
+                          f"({', '.join(ops) or 'unknown'}): kept as it is")
+        for argument in node.all_input_nodes:
+            if argument not in seen:
+                seen.add(argument)
+                parents[argument] = node
+                frontier.append(argument)
+    return None
+
+
+def _unmodeled_probabilities(softmax: torch.fx.Node) -> Optional[tuple[list, str]]:
+    """([first op after the softmax, ..., contraction], reason) for the nearest contraction downstream that takes
+    what the softmax became through ops the value paths do not model (CPM-Ant zeroes masked probabilities with a
+    masked_fill after the softmax)."""
+    parents: dict = {}
+    frontier, seen = list(softmax.users), set(softmax.users)
+    for user in frontier:
+        parents[user] = softmax
+    while frontier and len(seen) <= 64:
+        node = frontier.pop(0)
+        if node.op != "call_function":
+            continue
+        if as_contraction(node) is not None and parents[node] in as_contraction(node).operands:
+            path = [node]
+            while parents.get(path[-1]) not in (None, softmax):
+                path.append(parents[path[-1]])
+            path.reverse()
+            ops = [_op_name(step) for step in path[:-1]]
+            return path, (f"the probabilities reach the product with V through ops the matcher does not model "
+                          f"({', '.join(dict.fromkeys(ops)) or 'unknown'}): kept as it is")
+        for user in node.users:
+            if user not in seen:
+                seen.add(user)
+                parents[user] = node
+                frontier.append(user)
+    return None
+
+
+def _op_name(node: torch.fx.Node) -> str:
+    return getattr(node.target, "__name__", str(node.target)).split(".")[0]
 
 
 def _escaping_probabilities(softmax: torch.fx.Node, path: list) -> Optional[torch.fx.Node]:

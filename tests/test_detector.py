@@ -601,3 +601,35 @@ def test_a_mask_built_with_vmap_runs_after_the_rewrite():
     fast = planner.optimize(model, "32k", "h200", example_inputs=(torch.randn(2, 17, DIM),))
     assert_same(model, fast, (torch.randn(3, 11, DIM),))
     assert not any("the original" in note for note in fast.report.notes), fast.report.notes
+
+
+class MultiplicativeMask(FusedQKV):
+    """OpenAI GPT's mask, w * b + -1e4 * (1 - b), and CPM-Ant's zeroing of masked probabilities after the softmax:
+    ops the paths do not model. The site is found and kept, with the reason."""
+
+    def __init__(self, after_softmax: bool):
+        super().__init__()
+        self.after_softmax = after_softmax
+        self.register_buffer("bias", torch.ones(64, 64).tril().view(1, 1, 64, 64))
+
+    def forward(self, x):
+        length = x.shape[1]
+        q, k, v = (split_heads(part, HEADS) for part in self.qkv(x).chunk(3, dim=-1))
+        scores = q @ k.transpose(-1, -2) / math.sqrt(HEAD_DIM)
+        visible = self.bias[:, :, :length, :length]
+        if self.after_softmax:
+            probabilities = torch.softmax(scores.masked_fill(visible == 0, float("-inf")), dim=-1)
+            probabilities = probabilities.masked_fill(visible == 0, 0.0)
+        else:
+            probabilities = torch.softmax(scores * visible + -1e4 * (1 - visible), dim=-1)
+        return (probabilities @ v).transpose(1, 2).reshape(x.shape)
+
+
+@pytest.mark.parametrize("after_softmax", [False, True])
+def test_attention_through_unmodeled_ops_is_found_and_kept_with_the_reason(after_softmax):
+    model = MultiplicativeMask(after_softmax).eval()
+    fast = planner.optimize(model, "32k", "h200", example_inputs=(torch.randn(2, 17, DIM),))
+    (decision,) = fast.report.decisions
+    assert not decision.rewritten and "the matcher does not model" in decision.site.unsupported
+    assert ("masked_fill" if after_softmax else "mul") in decision.site.unsupported
+    assert_same(model, fast, (torch.randn(3, 11, DIM),))
