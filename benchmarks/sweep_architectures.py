@@ -535,6 +535,15 @@ def _run_case(model_type, implementation, head, auto_name, result, find_from_rep
                 missed = max(0, left["sdpa"] + left["softmax"] - result["kept_count"])
                 result["graph_ops"] = {"sdpa": 0, "softmax": len(decisions) + missed, "counted_after_rewrite": 1}
             steps["find"] = "ok"
+        if result.get("find_from_report") and "graph_ops" not in result and not result.get("unchanged"):
+            # returned unchanged for want of attention: the graph is captured to count what the detector missed
+            try:
+                captured, _ = capture_call(model, example_call(model, args, kwargs), widen_batch=False)
+                result["graph_ops"] = count_attention_ops(captured.graph_module)
+                del captured
+            except Exception as error:
+                result["graph_ops_error"] = _first_line(error)[:200]
+
     def events() -> list:
         return list(getattr(fast, "_events", None) or [])
 
