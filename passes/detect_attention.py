@@ -80,6 +80,24 @@ def match_softmax_attention(node: torch.fx.Node) -> Optional[AttentionSite]:
     return None
 
 
+def _nearest_contraction(starts: list, neighbours, accept, parents: dict) -> Optional[torch.fx.Node]:
+    """Breadth first from `starts` along `neighbours` (inputs or users), over at most 64 nodes: the first call whose
+    accept(node) holds, or None. `parents` maps each node reached to the node it was reached from."""
+    frontier, seen = list(starts), set(starts)
+    while frontier and len(seen) <= 64:
+        node = frontier.pop(0)
+        if node.op != "call_function":
+            continue
+        if as_contraction(node) is not None and accept(node):
+            return node
+        for other in neighbours(node):
+            if other not in seen:
+                seen.add(other)
+                parents[other] = node
+                frontier.append(other)
+    return None
+
+
 def _unmodeled_scores(softmax: torch.fx.Node) -> Optional[tuple[list, str]]:
     """(path [contraction, ..., softmax input], reason) for the nearest contraction upstream of the softmax when no
     score path reaches one: the scores pass through an op that the matcher does not model (a multiplicative mask,
@@ -88,57 +106,38 @@ def _unmodeled_scores(softmax: torch.fx.Node) -> Optional[tuple[list, str]]:
     if not isinstance(start, torch.fx.Node):
         return None
     parents: dict = {}
-    frontier, seen = [start], {start}
-    while frontier and len(seen) <= 64:
-        node = frontier.pop(0)
-        if node.op != "call_function":
-            continue
-        if as_contraction(node) is not None:
-            path = [node]
-            while path[-1] in parents:
-                path.append(parents[path[-1]])
-            ops = []
-            for step in path[1:]:
-                name = _op_name(step)
-                if name not in ops and name not in ("view", "reshape", "permute", "transpose", "expand", "clone",
-                                                    "contiguous", "_to_copy", "to", "type_as", "unsqueeze"):
-                    ops.append(name)
-            return path, (f"the scores reach the softmax through ops the matcher does not model "
-                          f"({', '.join(ops) or 'unknown'}): kept as it is")
-        for argument in node.all_input_nodes:
-            if argument not in seen:
-                seen.add(argument)
-                parents[argument] = node
-                frontier.append(argument)
-    return None
+    contraction = _nearest_contraction([start], lambda node: node.all_input_nodes, lambda node: True, parents)
+    if contraction is None:
+        return None
+    path = [contraction]
+    while path[-1] in parents:
+        path.append(parents[path[-1]])
+    ops = []
+    for step in path[1:]:
+        name = _op_name(step)
+        if name not in ops and name not in ("view", "reshape", "permute", "transpose", "expand", "clone",
+                                            "contiguous", "_to_copy", "to", "type_as", "unsqueeze"):
+            ops.append(name)
+    return path, (f"the scores reach the softmax through ops the matcher does not model "
+                  f"({', '.join(ops) or 'unknown'}): kept as it is")
 
 
 def _unmodeled_probabilities(softmax: torch.fx.Node) -> Optional[tuple[list, str]]:
     """([first op after the softmax, ..., contraction], reason) for the nearest contraction downstream that takes
     what the softmax became through ops the value paths do not model (CPM-Ant zeroes masked probabilities with a
     masked_fill after the softmax)."""
-    parents: dict = {}
-    frontier, seen = list(softmax.users), set(softmax.users)
-    for user in frontier:
-        parents[user] = softmax
-    while frontier and len(seen) <= 64:
-        node = frontier.pop(0)
-        if node.op != "call_function":
-            continue
-        if as_contraction(node) is not None and parents[node] in as_contraction(node).operands:
-            path = [node]
-            while parents.get(path[-1]) not in (None, softmax):
-                path.append(parents[path[-1]])
-            path.reverse()
-            ops = [_op_name(step) for step in path[:-1]]
-            return path, (f"the probabilities reach the product with V through ops the matcher does not model "
-                          f"({', '.join(dict.fromkeys(ops)) or 'unknown'}): kept as it is")
-        for user in node.users:
-            if user not in seen:
-                seen.add(user)
-                parents[user] = node
-                frontier.append(user)
-    return None
+    parents: dict = {user: softmax for user in softmax.users}
+    contraction = _nearest_contraction(list(softmax.users), lambda node: node.users,
+                                       lambda node: parents[node] in as_contraction(node).operands, parents)
+    if contraction is None:
+        return None
+    path = [contraction]
+    while parents.get(path[-1]) not in (None, softmax):
+        path.append(parents[path[-1]])
+    path.reverse()
+    ops = [_op_name(step) for step in path[:-1]]
+    return path, (f"the probabilities reach the product with V through ops the matcher does not model "
+                  f"({', '.join(dict.fromkeys(ops)) or 'unknown'}): kept as it is")
 
 
 def _op_name(node: torch.fx.Node) -> str:
