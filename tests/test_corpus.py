@@ -15,7 +15,7 @@ from typing import Callable, Optional
 import pytest
 import torch
 
-from test_detector_support import assert_same, rewrite_exactly, strict_matchers  # noqa: F401
+from detector_support import assert_same, rewrite_exactly, strict_matchers  # noqa: F401
 
 transformers = pytest.importorskip("transformers")
 

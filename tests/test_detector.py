@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import planner
 
-from test_detector_support import (  # noqa: F401  (strict_matchers is an autouse fixture)
+from detector_support import (  # noqa: F401  (strict_matchers is an autouse fixture)
     assert_same,
     detect,
     flash_calls,
@@ -507,7 +507,7 @@ def test_core_aten_graph_after_decompositions():
     level of graph that the torch.compile backend sees."""
     from passes.match import find_sites
     from planner.pipeline import rewrite
-    from test_detector_support import exact_plan
+    from detector_support import exact_plan
 
     model = Stack(gqa=ManualAttention(kv_heads=2), einsum=EinsumAttention(), nanogpt=NanoGPTBlock()).eval()
     example = torch.randn(2, 17, DIM)

@@ -13,7 +13,7 @@ import torch.nn as nn
 import planner  # noqa: F401  (planner/__init__ imports the passes; importing passes.masks first would be circular)
 from passes.detect_symbolic import SymbolicEvaluator, index_symbol
 from passes.masks import IndexSpace, MaskTerm, analyze_mask
-from test_detector_support import assert_same, rewrite_exactly, strict_matchers  # noqa: F401
+from detector_support import assert_same, rewrite_exactly, strict_matchers  # noqa: F401
 
 DIM, HEADS = 16, 2
 
