@@ -25,21 +25,23 @@ import dataclasses
 import inspect
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional, Union
 
 import torch
 
 from backends.decode.cache import append_to_cache, cache_slots
 from backends.decode.cost import cache_bytes, time_per_token
 from backends.decode.op import DecodeOptions, decode_attention
+from backends.devices import device_spec
 from backends.flash.rule import emit_sink_logits
 from passes.capture import bind_call, capture_call
 from passes.match import find_sites
 from passes.rewrite import erase_dead_inputs, match_memory_order, prepare_inputs, restore_output
 from planner.errors import InvalidArgumentError, PlannerError
 from planner.fidelity import first_tensor
-from planner.lengths import format_length
+from planner.lengths import format_length, parse_length
 from planner.records import AttentionSite
+from planner.token_loop import generate_with
 
 CHECK_PROMPT = 13  # the length of the random prompt the derived graphs are checked on (odd, short)
 CHECK_STEPS = 3
@@ -586,16 +588,24 @@ class Decoder:
                              generation_config, streamer, kwargs)
 
 
-def decoder(model: Any, max_len: Any = "32k", device: Any = None) -> Decoder:
+def _token_call(linearized: torch.fx.GraphModule, source: torch.nn.Module):
+    """How a linearize result is called with token ids alone: by keyword with use_cache=False when the source model
+    takes use_cache (linearize captured it so), else positionally."""
+    parameters = inspect.signature(source.forward).parameters
+    if "use_cache" not in parameters:
+        return linearized
+    first = next(iter(parameters))
+    return lambda ids: linearized(**{first: ids, "use_cache": False})
+
+
+def decoder(model: torch.nn.Module, max_len: Union[int, str] = "32k",
+            device: Union[None, str, torch.device] = None) -> Decoder:
     """Generation for `model` without optimize(): an nn.Module LM that takes `position_ids` (transformers causal
     LMs, or any module with that argument), or the result of `planner.linearize`, whose linearized sites then
     decode from their recurrent state (constant memory and time per token; the rest from caches).
 
     max_len: the longest sequence (prompt plus new tokens) the caches hold. device: what the per-token estimates in
     `notes` are for (default: the model's own device)."""
-    from backends.devices import device_spec
-    from planner.lengths import parse_length
-
     linear_sites = getattr(model, "linear_modules", None)
     reference = None
     if linear_sites is not None:
@@ -603,14 +613,7 @@ def decoder(model: Any, max_len: Any = "32k", device: Any = None) -> Decoder:
         if not isinstance(source, torch.nn.Module):
             raise InvalidArgumentError("this linearized model was made from a graph, not an nn.Module: pass "
                                        "planner.linearize the model itself to decode it")
-        linearized = model
-        if "use_cache" in inspect.signature(source.forward).parameters:
-            first = next(iter(inspect.signature(source.forward).parameters))
-
-            def reference(ids: torch.Tensor) -> Any:  # planner.linearize captured the model by keyword
-                return linearized(**{first: ids, "use_cache": False})
-        else:
-            reference = linearized
+        reference = _token_call(model, source)
         model = source
     if not isinstance(model, torch.nn.Module):
         raise InvalidArgumentError(f"decoder takes an nn.Module or planner.linearize's result; got "
@@ -620,105 +623,3 @@ def decoder(model: Any, max_len: Any = "32k", device: Any = None) -> Decoder:
         device = "cuda" if weight is not None and weight.is_cuda else "cpu"
     return Decoder(model, parse_length(max_len, name="max_len"), device_spec(device).memory_bandwidth,
                    linear_sites=linear_sites, reference=reference)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# model.generate's common cases
-# ----------------------------------------------------------------------------------------------------------------------
-
-# Generation options this loop follows as transformers does; any other option set away from its default sends the
-# call to the model's own generate (noted in the report).
-FOLLOWED = {"max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "eos_token_id",
-            "pad_token_id", "bos_token_id", "num_beams", "num_return_sequences", "use_cache", "cache_implementation",
-            "transformers_version", "_from_model_config", "decoder_start_token_id", "return_dict_in_generate",
-            "output_scores", "output_logits", "output_attentions", "output_hidden_states"}
-
-
-def unfollowed_options(config: Any) -> list[str]:
-    """Options of a GenerationConfig that this loop does not follow (set away from their defaults)."""
-    names = [name for name in config.to_diff_dict() if name not in FOLLOWED]
-    if (config.num_beams or 1) != 1:
-        names.append("num_beams")
-    if (config.num_return_sequences or 1) != 1:
-        names.append("num_return_sequences")
-    for name in ("return_dict_in_generate", "output_scores", "output_logits"):
-        if getattr(config, name, False):
-            names.append(name)
-    return names
-
-
-def sample_processors(config: Any) -> list:
-    """transformers' warpers for sampling, in its order: temperature, top-k, top-p."""
-    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
-
-    warpers = []
-    if config.temperature is not None and config.temperature != 1.0:
-        warpers.append(TemperatureLogitsWarper(config.temperature))
-    if config.top_k is not None and config.top_k != 0:
-        warpers.append(TopKLogitsWarper(top_k=config.top_k, min_tokens_to_keep=1))
-    if config.top_p is not None and config.top_p < 1.0:
-        warpers.append(TopPLogitsWarper(top_p=config.top_p, min_tokens_to_keep=1))
-    return warpers
-
-
-def generate_with(generator: Callable[[], Generator], fallback: Optional[Callable], note: Callable[[str], None],
-                  model_config: Any, input_ids: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor],
-                  generation_config: Any, streamer: Any, kwargs: dict) -> torch.Tensor:
-    """transformers' `generate` arguments resolved to a GenerationConfig (the model's own, updated by `kwargs`), then
-    the token loop over `generator()`'s prefill/decode. A call with options the loop does not follow goes to
-    `fallback` (the model's own generate; its reason noted), or, without one, raises naming the options."""
-    try:
-        from transformers import GenerationConfig
-    except ImportError:
-        raise InvalidArgumentError("generate needs transformers for its options; use prefill/decode instead") from None
-    inputs = kwargs.pop("inputs", None)
-    input_ids = input_ids if input_ids is not None else kwargs.pop("input_ids", inputs)
-    config = copy.deepcopy(generation_config or model_config or GenerationConfig())
-    unused = config.update(**kwargs)
-    unfollowed = unfollowed_options(config) + sorted(unused)
-    if input_ids is None or unfollowed:
-        named = ", ".join(unfollowed) or "a call without input_ids"
-        if fallback is None:
-            raise InvalidArgumentError(f"generate does not follow {named}; use prefill/decode")
-        note(f"generate ran the model's own generate: {named} is not followed by the planner's decoding")
-        return fallback(input_ids, attention_mask=attention_mask, generation_config=generation_config,
-                        streamer=streamer, **kwargs)
-    with torch.no_grad():
-        return generate_tokens(generator(), input_ids, attention_mask, config, streamer)
-
-
-def generate_tokens(generator: Generator, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
-                    config: Any, streamer: Any = None) -> torch.Tensor:
-    """The token loop of transformers' greedy search and sampling (without beams), over prefill/decode."""
-    length = input_ids.shape[1]
-    max_length = length + config.max_new_tokens if config.max_new_tokens is not None else config.max_length
-    eos = config.eos_token_id
-    eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-    pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else None)
-    warpers = sample_processors(config) if config.do_sample else []
-    if streamer is not None:
-        streamer.put(input_ids.cpu())
-    tokens = input_ids
-    unfinished = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
-    state = generator.prefill(input_ids, attention_mask) if tokens.shape[1] < max_length else None
-    while tokens.shape[1] < max_length:
-        scores = state.logits.float()
-        for warper in warpers:
-            scores = warper(tokens, scores)
-        if config.do_sample:
-            next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
-        else:
-            next_tokens = torch.argmax(scores, dim=-1)
-        if pad is not None:
-            next_tokens = next_tokens * unfinished + pad * (1 - unfinished)
-        tokens = torch.cat([tokens, next_tokens[:, None]], dim=-1)
-        if streamer is not None:
-            streamer.put(next_tokens.cpu())
-        if eos:
-            unfinished = unfinished & ~torch.isin(next_tokens, torch.tensor(eos, device=next_tokens.device))
-        if unfinished.max() == 0 or tokens.shape[1] >= max_length:
-            break
-        _, state = generator.decode(state, next_tokens)
-    if streamer is not None:
-        streamer.end()
-    return tokens

@@ -28,6 +28,7 @@ from planner.errors import InvalidArgumentError, PlannerError
 from planner.fidelity import as_batches
 from planner.pipeline import PlanOptions, run_passes
 from planner.report import Report
+from planner.token_loop import generate_with
 
 MAX_CAPTURES_PER_SIGNATURE = 8  # past this many size specializations of one signature, calls run the original
 
@@ -233,8 +234,6 @@ class OptimizedModel(torch.nn.Module):
         """transformers' `generate` for its common cases (greedy; sampling with temperature, top-k, top-p under a
         seed; max_new_tokens/max_length; eos and pad tokens; left-padded batches; streamers), decoding through the
         planner's caches; returns the same tokens. Other options go to the model's own generate (report notes)."""
-        from planner.generation import generate_with
-
         return generate_with(self._generator, getattr(self._original, "generate", None), self._note,
                              getattr(self._original, "generation_config", None), input_ids, attention_mask,
                              generation_config, streamer, kwargs)
