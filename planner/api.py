@@ -10,10 +10,10 @@ from backends.hardware import DeviceSpec
 from passes.capture import capture, capture_call, example_call
 from passes.errors import CaptureError, InvalidArgumentError
 from passes.match import find_sites
-from passes.records import AttentionSite, Plan
-from planner.distributed import optimize_partitioned
+from passes.records import AttentionSite
+from planner.distributed import partition_model
 from planner.optimized import OptimizedModel
-from planner.pipeline import PlanOptions, example_tuple, run_passes
+from planner.pipeline import PlanOptions, example_tuple, run_passes, unchanged_report
 from planner.report import Report
 
 
@@ -100,13 +100,13 @@ def optimize(
                                    "give one")
     options = PlanOptions.create(max_len, device, policy, train=train, variant=variant, window=window, sinks=sinks,
                                  tolerance=tolerance, calibration=samples if samples is not None else calibration,
-                                 output=output)
-    if world_size != 1:
+                                 output=output, world_size=world_size, layout=layout)
+    if options.world_size != 1:
         if variant not in (None, "ring"):
             raise InvalidArgumentError(f"variant={variant!r} with world_size={world_size}: a sharded sequence runs "
                                        "ring attention at every site")
-        return optimize_partitioned(model, options, world_size=world_size, group=group,
-                                    example_inputs=example_inputs, example_kwargs=example_kwargs, layout=layout)
+        return partition_model(model, options, group=group, example_inputs=example_inputs,
+                               example_kwargs=example_kwargs)
     if isinstance(model, (torch.fx.GraphModule, torch.export.ExportedProgram)):
         captured = capture(model, example_tuple(example_inputs), example_kwargs)
         report = run_passes(captured.graph_module, options, captured.model_name)
@@ -120,9 +120,7 @@ def optimize(
         optimized = OptimizedModel(model, options, bound)
     except CaptureError as error:
         # What torch.export cannot capture runs as the user wrote it; the report says why nothing was planned.
-        report = Report(plan=Plan(device=options.device, policy=options.policy, max_len=options.max_len,
-                                  decisions=()), model=type(model).__name__)
-        report.notes.append(f"the model is returned unchanged: {error}")
+        report = unchanged_report(options, type(model).__name__, f"the model is returned unchanged: {error}")
         warnings.warn(f"attention-planner: {error}; the model is returned unchanged", stacklevel=2)
         _attach_report(model, report)
         return model

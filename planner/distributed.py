@@ -25,17 +25,13 @@ from torch.utils import _pytree as pytree
 from backends.costs import evaluate
 from backends.registry import VARIANTS, Offer
 from backends.ring.comm import group_name_of
-from backends.ring.layout import LAYOUTS, check_layout, chunks_per_rank, local_chunks, shard, unshard
+from backends.ring.layout import check_layout, chunks_per_rank, local_chunks, shard, unshard
 from backends.ring.partition import SequenceShard, check_ring_site, partition, sequence_symbols
 from passes.capture import capture
 from passes.errors import InvalidArgumentError, PlanError
 from passes.match import find_sites
-from planner.pipeline import PlanOptions, example_tuple
-from planner.plan import cost_shape, format_bytes, format_seconds, make_plan
-from planner.report import Report
-
-# The passes, backends and planner modules are imported inside the functions: planner/__init__ exports this module,
-# and backends.ring.layout imports passes.errors, so a top-level import here would make a cycle.
+from planner.pipeline import PlanOptions, example_tuple, plan_report, plan_sites
+from planner.plan import cost_shape, format_bytes, format_seconds
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -273,13 +269,19 @@ def optimize_partitioned(
         layout: "zigzag" (balanced causal work; the default) or "contiguous".
         dim: the sequence dimension of the inputs (and of the outputs).
         max_len, device, example_inputs, example_kwargs, policy, train: as in planner.optimize; max_len is the whole
-            sequence, over all ranks. max_len may also be a planner.pipeline.PlanOptions already validated by a front
-            door (its max_len, device, policy and train are then used).
+            sequence, over all ranks.
     """
-    options = max_len if isinstance(max_len, PlanOptions) else PlanOptions.create(max_len, device, policy, train=train)
-    tokens, spec, policy, train = options.max_len, options.device, options.policy, options.train
-    if layout not in LAYOUTS:
-        raise InvalidArgumentError(f"layout={layout!r} is not a ring layout; accepted: {', '.join(LAYOUTS)}")
+    options = PlanOptions.create(max_len, device, policy, train=train, world_size=world_size, layout=layout)
+    return partition_model(model, options, group=group, example_inputs=example_inputs, example_kwargs=example_kwargs,
+                           dim=dim)
+
+
+def partition_model(model: Any, options: PlanOptions, *, group: Optional[dist.ProcessGroup] = None,
+                    example_inputs: Optional[tuple] = None, example_kwargs: Optional[dict] = None,
+                    dim: int = 1) -> torch.nn.Module:
+    """optimize_partitioned with its arguments validated by a front door into `options` (options.world_size ranks,
+    options.layout); see optimize_partitioned."""
+    world_size, layout = options.world_size, options.layout
     if not isinstance(world_size, int) or world_size < 2:
         raise InvalidArgumentError(f"world_size={world_size!r}: the partitioned path needs an int >= 2 "
                                    "(world_size=1 is plain optimize)")
@@ -294,16 +296,16 @@ def optimize_partitioned(
     sites = find_sites(graph_module)
     for site in sites:
         check_ring_site(site, symbols)  # before planning: the clearest refusal names the site
-    plan = make_plan(sites, spec, policy, tokens, world_size=world_size, train=train, graph_module=graph_module)
+    # Every site runs the ring over the whole sequence: a window or a fidelity measurement has no part here.
+    _, plan = plan_sites(graph_module, dataclasses.replace(options, window=None, sinks=0), sites)
     plan = _ring_everywhere(plan, layout)
     shard_spec = SequenceShard(world_size, rank, group_name_of(group), layout, dim)
-    result = partition(graph_module, sites, shard_spec, train=train)
+    result = partition(graph_module, sites, shard_spec, train=options.train)
 
-    report = Report(plan=plan, model=captured.model_name)
-    if not sites:
-        report.notes.append("no softmax attention was found in the graph; only positions and reductions were "
-                            "partitioned")
-    summary = Partition(world_size, rank, layout, dim, tokens, spec.name, spec.interconnect_bandwidth,
+    report = plan_report(plan, captured.model_name, no_attention="no softmax attention was found in the graph; only "
+                         "positions and reductions were partitioned")
+    spec = options.device
+    summary = Partition(world_size, rank, layout, dim, options.max_len, spec.name, spec.interconnect_bandwidth,
                         ring_traffic(plan, spec), result.positions + result.collectives, result.sequence_symbols,
                         list(result.output_dims))
     report.notes.extend(summary.summary())
@@ -330,4 +332,5 @@ def _ring_everywhere(plan: Any, layout: str) -> Any:
     return dataclasses.replace(plan, decisions=tuple(decisions))
 
 
-__all__ = ["shard_inputs", "gather_outputs", "optimize_partitioned", "Partition", "RingTraffic", "ring_traffic"]
+__all__ = ["shard_inputs", "gather_outputs", "optimize_partitioned", "partition_model", "Partition", "RingTraffic",
+           "ring_traffic"]

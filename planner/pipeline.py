@@ -1,7 +1,15 @@
 """The passes that every front door runs, in one place: find the attention sites of an ATen graph, plan each, rewrite.
 
-`optimize()` (after torch.export) and the torch.compile backend (after re-tracing Dynamo's graph to ATen) both call
-`run_passes` with one PlanOptions value, validated at the door.
+Every front door validates its arguments once, into one PlanOptions value (PlanOptions.create), and hands that value
+down; nothing below the door parses a length or resolves a device again.
+
+    optimize() (after torch.export), the torch.compile backend (after re-tracing Dynamo's graph to ATen):
+        run_passes      = plan_sites -> measure_plan (approximate policies) -> plan_report -> rewrite
+    optimize(world_size=P) (planner/distributed.py):
+        plan_sites -> every site ring attention -> the partition pass
+    the CLI's presets and 'package.module:function' models (planner/presets.py):
+        plan_sites (sites of representative layers, replicated) -> plan_report
+    a model that is not planned (capture failed, the compile backend fell back): unchanged_report
 """
 from __future__ import annotations
 
@@ -13,9 +21,10 @@ import torch
 
 from backends.devices import DeviceSpec, device_spec
 from backends.registry import VARIANTS
+from backends.ring.layout import LAYOUTS
 from passes.errors import InvalidArgumentError
 from passes.match import find_sites
-from passes.records import POLICIES, Plan
+from passes.records import POLICIES, AttentionSite, Plan
 from passes.rewrite import rewrite_sites
 from planner.fidelity import measure_plan, require_samples
 from planner.lengths import parse_length
@@ -42,7 +51,9 @@ class PlanOptions:
     train: plan for training. variant: force this variant wherever it applies. window, sinks: a sliding window to
     offer where sites have none. tolerance, calibration, output: how approximate choices are measured (calibration:
     the sample batches, optimize's `samples=`, not a device's timing; given in the graph's own calling convention
-    by the time they reach the passes).
+    by the time they reach the passes). world_size: devices the sequence is sharded over (ring attention is a
+    candidate when > 1; optimize shards the inputs). layout: how a sharded sequence is split ("zigzag" or
+    "contiguous").
     """
 
     max_len: int
@@ -55,6 +66,8 @@ class PlanOptions:
     tolerance: Optional[Mapping[str, float]] = None
     calibration: Any = None
     output: Optional[Callable[[Any], torch.Tensor]] = None
+    world_size: int = 1
+    layout: str = "zigzag"
 
     @classmethod
     def create(cls, max_len: Union[int, str], device: Union[str, torch.device, DeviceSpec], policy: str = "exact",
@@ -64,6 +77,9 @@ class PlanOptions:
         if policy not in POLICIES:
             raise InvalidArgumentError(f"policy={policy!r} is not a policy; accepted: {', '.join(POLICIES)}")
         require_samples(policy, options.get("tolerance"), options.get("calibration"))
+        layout = options.get("layout", "zigzag")
+        if layout not in LAYOUTS:
+            raise InvalidArgumentError(f"layout={layout!r} is not a ring layout; accepted: {', '.join(LAYOUTS)}")
         return cls(max_len=parse_length(max_len), device=device_spec(device), policy=policy, **options)
 
 
@@ -77,20 +93,49 @@ def run_passes(graph_module: torch.fx.GraphModule, options: PlanOptions, model_n
     approximate choice is measured on options.calibration and kept only within options.tolerance
     (planner.fidelity.measure_plan).
     """
-    sites = find_sites(graph_module)
-    plan = make_plan(sites, options.device, options.policy, options.max_len, train=options.train,
-                     window=options.window, sinks=options.sinks, graph_module=graph_module)
-    if options.variant is not None:
-        plan = force_variant(plan, options.variant)
+    sites, plan = plan_sites(graph_module, options)
     fidelity = None
     if options.policy != "exact" and sites:
         plan, fidelity = measure_plan(graph_module, plan, options.calibration, options.tolerance,
                                         output=options.output)
+    report = plan_report(plan, model_name, fidelity=fidelity)
+    if sites:
+        rewrite(graph_module, plan)
+    return report
+
+
+def plan_sites(graph_module: Optional[torch.fx.GraphModule], options: PlanOptions,
+               sites: Optional[list[AttentionSite]] = None, **extra: Any) -> tuple[list[AttentionSite], Plan]:
+    """The attention sites of `graph_module` (or `sites`, when the caller has them: the presets replicate their
+    representative layers' sites) and their plan under `options`, with options.variant forced where it applies.
+
+    extra: what only some doors know, passed on to planner.plan.make_plan (weights_bytes, layer_repeat, progress).
+    """
+    if sites is None:
+        sites = find_sites(graph_module)
+    plan = make_plan(sites, options.device, options.policy, options.max_len, options.world_size,
+                     train=options.train, window=options.window, sinks=options.sinks, graph_module=graph_module,
+                     **extra)
+    if options.variant is not None:
+        plan = force_variant(plan, options.variant)
+    return sites, plan
+
+
+def plan_report(plan: Plan, model_name: str, *, fidelity: Any = None, no_attention: str = NO_ATTENTION_NOTE) -> Report:
+    """The report of `plan`; a plan without sites says so with `no_attention`."""
     report = Report(plan=plan, model=model_name, fidelity=fidelity)
-    if not sites:
-        report.notes.append(NO_ATTENTION_NOTE)
-        return report
-    rewrite(graph_module, plan)
+    if not plan.decisions:
+        report.notes.append(no_attention)
+    return report
+
+
+def unchanged_report(options: PlanOptions, model_name: str, note: Optional[str] = None) -> Report:
+    """The report of a model or graph that was not planned (nothing captured, or the planning failed): no sites, the
+    options it would have been planned under, and `note` saying why."""
+    report = Report(plan=Plan(device=options.device, policy=options.policy, max_len=options.max_len, decisions=()),
+                    model=model_name)
+    if note is not None:
+        report.notes.append(note)
     return report
 
 
