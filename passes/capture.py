@@ -361,6 +361,10 @@ class _CallAdapter(torch.nn.Module):
         object.__setattr__(self, "forward", types.MethodType(forward, self))
 
 
+# GraphModule.meta key: the torch.autograd.Functions that the capture traced through (their own backward is lost)
+CUSTOM_BACKWARDS = "attention_planner_custom_backwards"
+
+
 @contextlib.contextmanager
 def _recording_custom_backwards(found: list):
     """Appends to `found` the name of every torch.autograd.Function (outside torch) applied, while it runs, to a
@@ -408,12 +412,11 @@ def capture_call(model: torch.nn.Module, bound: inspect.BoundArguments,
         raise CaptureError(
             f"torch.export could not capture {type(model).__name__}: {type(error).__name__}: {message}"
         ) from error
-    if custom_backwards:
-        names = ", ".join(sorted(set(custom_backwards)))
-        raise CaptureError(
-            f"cannot capture {type(model).__name__} for this call: it applies {names}, a torch.autograd.Function "
-            "with its own backward, which a captured graph does not keep (its gradients would differ)")
     graph_module = exported.module()
+    if custom_backwards:
+        # The forward is exact; gradients through the graph would not be: a call that needs them runs the original
+        # (OptimizedModel reads this).
+        graph_module.meta[CUSTOM_BACKWARDS] = tuple(sorted(set(custom_backwards)))
     follow_weights_device(graph_module)
     args, kwargs = signature.rebuild(tensors)
     return Capture(graph_module, exported, args, kwargs, type(model).__name__), signature

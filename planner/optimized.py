@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 import torch
 
-from passes.capture import CallSignature, bind_call, call_signature, capture_call
+from passes.capture import CUSTOM_BACKWARDS, CallSignature, bind_call, call_signature, capture_call
 from planner.errors import InvalidArgumentError, PlannerError
 from planner.fidelity import as_batches
 from planner.pipeline import PlanOptions, run_passes
@@ -98,6 +98,12 @@ class OptimizedModel(torch.nn.Module):
         if entry.original_because is not None:
             return self._original(*args, **kwargs)
         for graph in entry.graphs:
+            custom = graph.module.meta.get(CUSTOM_BACKWARDS)
+            if custom and torch.is_grad_enabled() and (any(tensor.requires_grad for tensor in tensors) or any(
+                    parameter.requires_grad for parameter in self._original.parameters())):
+                self._note(f"a call that needs gradients runs the original: the graph traced {', '.join(custom)}, "
+                           "a torch.autograd.Function whose own backward a captured graph does not keep")
+                return self._original(*args, **kwargs)
             try:
                 output = graph.module(*tensors)
             except Exception as error:  # any failure of ours must leave the user where the original leaves them
