@@ -9,7 +9,8 @@ How one Dynamo graph is compiled:
      make_fx(pre_dispatch=True) on fake copies of the inputs that keep Dynamo's symbols, so a dynamic sequence length
      stays a symbol for the cost model. Pre-dispatch tracing sits above autograd: scaled_dot_product_attention stays
      one node and nothing has been differentiated yet.
-  2. planner.pipeline.plan_and_rewrite runs the same passes as optimize(): find_sites -> make_plan -> rewrite.
+  2. planner.pipeline.run_passes runs the same passes as optimize(): find_sites -> make_plan -> rewrite, under the
+     options the backend validated when it was made (the device, if not given, is the one the inputs are on).
   3. Inductor's compile_fx compiles the rewritten graph. Its aot_autograd derives the backward from our custom op's
      registered autograd, so the backward graph calls attention_planner::flash_attention_backward, never autograd
      through a reference.
@@ -40,7 +41,7 @@ import torch
 
 from backends.devices import DeviceSpec, device_spec
 from passes.errors import InvalidArgumentError
-from passes.records import POLICIES, Plan
+from planner.fidelity import require_samples
 from planner.lengths import format_length, parse_length
 from planner import pipeline
 from planner.report import Report
@@ -102,11 +103,17 @@ class AttentionPlannerBackend:
         inductor_options: Optional[dict] = None,
         eager_backward: bool = True,
     ):
-        if policy not in POLICIES:
-            raise InvalidArgumentError(f"policy={policy!r} is not a policy; accepted: {', '.join(POLICIES)}")
+        pipeline.check_policy(policy)
         self.max_len = parse_length(max_len) if max_len is not None else None
         self.device = device_spec(device) if device is not None else None
         self.policy = policy
+        # The backend takes no samples: under a policy that admits approximations every graph goes to plain
+        # Inductor, with this reason.
+        try:
+            require_samples(policy, None, None)
+            self._refusal: Optional[InvalidArgumentError] = None
+        except InvalidArgumentError as error:
+            self._refusal = error
         self.variant = variant
         self.inductor_options = dict(inductor_options or {})
         self.eager_backward = eager_backward
@@ -137,19 +144,21 @@ class AttentionPlannerBackend:
         global _LAST_BACKEND
         _LAST_BACKEND = self
         compile_id = _current_compile_id()
-        device = self.device or _device_of(example_inputs)
-        max_len = self.max_len or DEFAULT_MAX_LEN
+        options = pipeline.PlanOptions(max_len=self.max_len or DEFAULT_MAX_LEN,
+                                       device=self.device or device_spec(_device_of(example_inputs)),
+                                       policy=self.policy, train=_is_training(example_inputs), variant=self.variant)
         try:
             rewritten = trace_to_aten(graph_module, example_inputs)
             specialized_before = _specializations(rewritten)
-            report = pipeline.plan_and_rewrite(rewritten, device, self.policy, max_len, model_name=f"graph {compile_id}",
-                                      train=_is_training(example_inputs), variant=self.variant)
+            if self._refusal is not None:
+                raise self._refusal
+            report = pipeline.run_passes(rewritten, options, model_name=f"graph {compile_id}")
             _note_specializations(report, rewritten, specialized_before)
             _fill_missing_meta(rewritten)
         except Exception as error:  # noqa: BLE001 - any failure of our passes must leave the model to Inductor
             _raise_if_dynamo_control_flow(error)
             reason = f"the planner's passes failed on this graph ({type(error).__name__}: {_first_line(error)})"
-            return self._fall_back(graph_module, example_inputs, compile_id, reason, device, max_len, None)
+            return self._fall_back(graph_module, example_inputs, compile_id, reason, options, None)
         report = _describe_graph(report, self.max_len)
         record = GraphRecord(compile_id, report)
         if not report.rewritten:
@@ -162,7 +171,7 @@ class AttentionPlannerBackend:
         except Exception as error:  # noqa: BLE001
             _raise_if_dynamo_control_flow(error)
             reason = f"Inductor failed on the rewritten graph ({type(error).__name__}: {_first_line(error)})"
-            return self._fall_back(graph_module, example_inputs, compile_id, reason, device, max_len, report)
+            return self._fall_back(graph_module, example_inputs, compile_id, reason, options, report)
         self.graphs.append(record)
         _log_rewrites(record)
         return compiled
@@ -181,12 +190,11 @@ class AttentionPlannerBackend:
         record.from_cache = _cache_hits() > hits_before and not record.forward_ops
         return compiled
 
-    def _fall_back(self, graph_module, example_inputs, compile_id: str, reason: str, device, max_len,
+    def _fall_back(self, graph_module, example_inputs, compile_id: str, reason: str, options: pipeline.PlanOptions,
                    report: Optional[Report]) -> Callable:
         logger.warning("attention-planner: graph %s compiled by plain Inductor: %s", compile_id, reason)
         if report is None:
-            report = Report(plan=Plan(device=device_spec(device), policy=self.policy, max_len=parse_length(max_len),
-                                      decisions=()), model=f"graph {compile_id}")
+            report = pipeline.unchanged_report(options, f"graph {compile_id}")
         record = GraphRecord(compile_id, left_as_is(report, reason), fallback=reason)
         compiled = self._inductor(graph_module, example_inputs, record)
         self.graphs.append(record)

@@ -74,13 +74,18 @@ class PlanOptions:
                **options: Any) -> "PlanOptions":
         """Parse and check every argument (raising InvalidArgumentError/UnknownDeviceError at once, before any slow
         capture)."""
-        if policy not in POLICIES:
-            raise InvalidArgumentError(f"policy={policy!r} is not a policy; accepted: {', '.join(POLICIES)}")
+        check_policy(policy)
         require_samples(policy, options.get("tolerance"), options.get("calibration"))
         layout = options.get("layout", "zigzag")
         if layout not in LAYOUTS:
             raise InvalidArgumentError(f"layout={layout!r} is not a ring layout; accepted: {', '.join(LAYOUTS)}")
         return cls(max_len=parse_length(max_len), device=device_spec(device), policy=policy, **options)
+
+
+def check_policy(policy: str) -> None:
+    """Raise InvalidArgumentError unless `policy` is one of POLICIES."""
+    if policy not in POLICIES:
+        raise InvalidArgumentError(f"policy={policy!r} is not a policy; accepted: {', '.join(POLICIES)}")
 
 
 def run_passes(graph_module: torch.fx.GraphModule, options: PlanOptions, model_name: str = "GraphModule") -> Report:
@@ -142,18 +147,6 @@ def unchanged_report(options: PlanOptions, model_name: str, note: Optional[str] 
 def rewrite(graph_module: torch.fx.GraphModule, plan: Plan) -> list[str]:
     """Rewrite `graph_module` in place following `plan`, with the registered variants; return the rewritten sites."""
     return rewrite_sites(graph_module, plan, VARIANTS)
-
-
-def plan_and_rewrite(
-    graph_module: torch.fx.GraphModule,
-    device: Union[str, torch.device, DeviceSpec],
-    policy: str,
-    max_len: Union[int, str],
-    model_name: str = "GraphModule",
-    **options: Any,
-) -> Report:
-    """run_passes with its options given as arguments (see PlanOptions for their meaning)."""
-    return run_passes(graph_module, PlanOptions.create(max_len, device, policy, **options), model_name)
 
 
 def force_variant(plan: Plan, variant: str) -> Plan:

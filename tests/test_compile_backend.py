@@ -331,7 +331,7 @@ def test_a_failure_leaves_the_graph_to_plain_inductor(failing, device, monkeypat
         def broken(*args, **kwargs):
             raise RuntimeError("matcher exploded")
 
-        monkeypatch.setattr(pipeline, "plan_and_rewrite", broken)
+        monkeypatch.setattr(pipeline, "run_passes", broken)
         expected_reason = "the planner's passes failed on this graph (RuntimeError: matcher exploded)"
     else:
         import torch._inductor.compile_fx as inductor_compile_fx
