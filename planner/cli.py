@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 from passes.errors import PlannerError
 from planner.calibration import calibrate
 from planner import demo
-from planner.lengths import parse_length
+from planner.pipeline import PlanOptions
 from planner.presets import PRESETS, Progress, plan_callable, plan_preset
 
 COMMANDS = ("plan", "presets", "calibrate", "demo")
@@ -49,15 +49,14 @@ def _plan_parser() -> argparse.ArgumentParser:
 def plan_command(argv: Sequence[str]) -> int:
     arguments = _plan_parser().parse_args(argv)
     progress = Progress(quiet=arguments.quiet)
-    max_len = parse_length(arguments.max_len, name="--max-len")
-    window = parse_length(arguments.window, name="--window") if arguments.window is not None else None
-    options = dict(world_size=arguments.world_size, train=arguments.train, window=window, sinks=arguments.sinks,
-                   progress=progress)
+    # The CLI only plans: approximate choices are shown as estimates, with nothing to measure them on.
+    options = PlanOptions.create(arguments.max_len, arguments.device, arguments.policy, rewrites=False,
+                                 names={"max_len": "--max-len", "window": "--window"}, train=arguments.train,
+                                 window=arguments.window, sinks=arguments.sinks, world_size=arguments.world_size)
     if arguments.model.strip().lower() in PRESETS:
-        report = plan_preset(arguments.model, max_len, arguments.device, arguments.policy, batch=arguments.batch,
-                             **options)
+        report = plan_preset(arguments.model, options, batch=arguments.batch, progress=progress)
     else:
-        report = plan_callable(arguments.model, max_len, arguments.device, arguments.policy, **options)
+        report = plan_callable(arguments.model, options, progress=progress)
     if arguments.html:
         progress(f"writing {arguments.html}")
         report.save_html(arguments.html)

@@ -71,15 +71,25 @@ class PlanOptions:
 
     @classmethod
     def create(cls, max_len: Union[int, str], device: Union[str, torch.device, DeviceSpec], policy: str = "exact",
-               **options: Any) -> "PlanOptions":
+               *, rewrites: bool = True, names: Optional[Mapping[str, str]] = None, **options: Any) -> "PlanOptions":
         """Parse and check every argument (raising InvalidArgumentError/UnknownDeviceError at once, before any slow
-        capture)."""
+        capture). max_len, and a window given as a string, may be "32k", "128k", "1M".
+
+        rewrites: the door rewrites the model, so a policy that admits approximations needs tolerance and samples
+        (nothing approximate is used unmeasured); a door that only plans (the CLI) shows approximate choices as
+        estimates and needs neither. names: what the door calls max_len and window in its messages (the CLI:
+        {"max_len": "--max-len", "window": "--window"})."""
+        names = names or {}
         check_policy(policy)
-        require_samples(policy, options.get("tolerance"), options.get("calibration"))
+        if rewrites:
+            require_samples(policy, options.get("tolerance"), options.get("calibration"))
         layout = options.get("layout", "zigzag")
         if layout not in LAYOUTS:
             raise InvalidArgumentError(f"layout={layout!r} is not a ring layout; accepted: {', '.join(LAYOUTS)}")
-        return cls(max_len=parse_length(max_len), device=device_spec(device), policy=policy, **options)
+        tokens = parse_length(max_len, name=names.get("max_len", "max_len"))
+        if isinstance(options.get("window"), str):
+            options["window"] = parse_length(options["window"], name=names.get("window", "window"))
+        return cls(max_len=tokens, device=device_spec(device), policy=policy, **options)
 
 
 def check_policy(policy: str) -> None:

@@ -20,14 +20,14 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from backends.devices import device_spec
 from passes.capture import capture, capture_call, example_call
 from passes.errors import InvalidArgumentError, PlannerError
 from passes.match import find_sites
-from planner.plan import _weights_bytes, format_bytes, make_plan
-from planner.report import Report
+from planner.pipeline import PlanOptions, plan_report, plan_sites
+from planner.plan import _weights_bytes, format_bytes
 
 EXAMPLE_LENGTH = 67  # odd and unlike any hidden size (see passes/capture.py)
+NO_ATTENTION_NOTE = "no softmax attention was found in the graph"  # a plan is only shown: nothing is returned
 
 
 @dataclass(frozen=True)
@@ -160,14 +160,13 @@ class Progress:
             print(f"[{time.perf_counter() - self.start:5.1f} s] {message}", file=sys.stderr, flush=True)
 
 
-def plan_preset(name: str, max_len: int, device: Any = "h200", policy: str = "exact", *, batch: int = 1,
-                world_size: int = 1, train: bool = False, window: Optional[int] = None, sinks: int = 0,
-                dtype: torch.dtype = torch.bfloat16, attention: str = "sdpa",
-                progress: Optional[Callable[[str], None]] = None):
-    """Plan a preset for `max_len` tokens on `device`; returns a planner.Report. No weight memory is allocated."""
+def plan_preset(name: str, options: PlanOptions, *, batch: int = 1, dtype: torch.dtype = torch.bfloat16,
+                attention: str = "sdpa", progress: Optional[Callable[[str], None]] = None):
+    """Plan a preset for options.max_len tokens on options.device (options validated by the door, the CLI: see
+    PlanOptions.create); returns a planner.Report. No weight memory is allocated."""
     progress = progress or (lambda message: None)
     chosen = preset(name)
-    spec = device_spec(device)
+    max_len, spec = options.max_len, options.device
     progress(f"building {chosen.name} ({chosen.repository}) on the meta device")
     attention = _supported_attention(chosen, attention)
     full_config = build_config(chosen, None, attention)
@@ -183,10 +182,9 @@ def plan_preset(name: str, max_len: int, device: Any = "h200", policy: str = "ex
     full_sites = _replicate_sites(sites, layer_types, types)
     progress(f"planning {len(full_sites)} attention sites ({len(sites)} captured) for {max_len:,} tokens on "
              f"{spec.name}")
-    plan = make_plan(full_sites, spec, policy, max_len, world_size, train=train, window=window, sinks=sinks,
-                     graph_module=captured.graph_module, weights_bytes=weights,
-                     layer_repeat=chosen.layers / len(representatives), progress=progress)
-    report = Report(plan=plan, model=chosen.name)
+    _, plan = plan_sites(captured.graph_module, options, full_sites, weights_bytes=weights,
+                         layer_repeat=chosen.layers / len(representatives), progress=progress)
+    report = plan_report(plan, chosen.name, no_attention=NO_ATTENTION_NOTE)
     report.notes.append(
         f"{chosen.name}: config of {chosen.repository}; built on the meta device (no weights allocated); captured "
         f"{len(representatives)} representative layer(s) ({', '.join(types)}) of {chosen.layers}, which hold "
@@ -269,24 +267,18 @@ def load_model_function(spec: str):
     return result
 
 
-def plan_callable(spec: str, max_len: int, device: Any = "h200", policy: str = "exact", *, world_size: int = 1,
-                  train: bool = False, window: Optional[int] = None, sinks: int = 0,
-                  progress: Optional[Callable[[str], None]] = None):
-    """Plan the model that 'package.module:function' returns (a model, or (model, example_inputs))."""
+def plan_callable(spec: str, options: PlanOptions, *, progress: Optional[Callable[[str], None]] = None):
+    """Plan the model that 'package.module:function' returns (a model, or (model, example_inputs)) under `options`
+    (validated by the door, the CLI)."""
     progress = progress or (lambda message: None)
     progress(f"calling {spec}")
     result = load_model_function(spec)
     model, example_inputs = (result if isinstance(result, tuple) and len(result) == 2 else (result, None))
     if example_inputs is not None and not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
-    spec_device = device_spec(device)
     progress(f"capturing {type(model).__name__} with torch.export")
     captured, _ = capture_call(model, example_call(model, example_inputs, None))
     sites = find_sites(captured.graph_module)
-    progress(f"planning {len(sites)} attention sites for {max_len:,} tokens on {spec_device.name}")
-    plan = make_plan(sites, spec_device, policy, max_len, world_size, train=train, window=window, sinks=sinks,
-                     graph_module=captured.graph_module, progress=progress)
-    report = Report(plan=plan, model=captured.model_name)
-    if not sites:
-        report.notes.append("no softmax attention was found in the graph")
-    return report
+    progress(f"planning {len(sites)} attention sites for {options.max_len:,} tokens on {options.device.name}")
+    _, plan = plan_sites(captured.graph_module, options, sites, progress=progress)
+    return plan_report(plan, captured.model_name, no_attention=NO_ATTENTION_NOTE)
