@@ -13,7 +13,7 @@ from passes.match import find_sites
 from passes.records import AttentionSite
 from planner.distributed import partition_model
 from planner.optimized import OptimizedModel
-from planner.pipeline import PlanOptions, example_tuple, run_passes, unchanged_report
+from planner.pipeline import PlanOptions, capture_sites, example_tuple, run_passes, unchanged_report
 from planner.report import Report
 
 
@@ -31,10 +31,9 @@ def find_attention(
         example_kwargs: keyword inputs for capture.
     """
     if isinstance(model, (torch.fx.GraphModule, torch.export.ExportedProgram)):
-        captured = capture(model, example_tuple(example_inputs), example_kwargs)
-    else:
-        captured, _ = capture_call(model, example_call(model, example_tuple(example_inputs), example_kwargs),
-                                   widen_batch=False)
+        return capture_sites(model, example_inputs, example_kwargs)[1]
+    captured, _ = capture_call(model, example_call(model, example_tuple(example_inputs), example_kwargs),
+                               widen_batch=False)
     return find_sites(captured.graph_module)
 
 

@@ -27,10 +27,8 @@ from backends.registry import VARIANTS, Offer
 from backends.ring.comm import group_name_of
 from backends.ring.layout import check_layout, chunks_per_rank, local_chunks, shard, unshard
 from backends.ring.partition import SequenceShard, check_ring_site, partition, sequence_symbols
-from passes.capture import capture
 from passes.errors import InvalidArgumentError, PlanError
-from passes.match import find_sites
-from planner.pipeline import PlanOptions, example_tuple, plan_report, plan_sites
+from planner.pipeline import PlanOptions, capture_sites, plan_report, plan_sites
 from planner.plan import cost_shape, format_bytes, format_seconds
 
 
@@ -290,10 +288,9 @@ def partition_model(model: Any, options: PlanOptions, *, group: Optional[dist.Pr
         raise InvalidArgumentError(f"world_size={world_size} but the process group has {dist.get_world_size(group)} "
                                    "ranks; pass the group whose ranks share the sequence")
     rank = dist.get_rank(group)
-    captured = capture(model, example_tuple(example_inputs), example_kwargs)
+    captured, sites = capture_sites(model, example_inputs, example_kwargs)
     graph_module = captured.graph_module
     symbols = sequence_symbols(graph_module, dim)
-    sites = find_sites(graph_module)
     for site in sites:
         check_ring_site(site, symbols)  # before planning: the clearest refusal names the site
     # Every site runs the ring over the whole sequence: a window or a fidelity measurement has no part here.

@@ -31,12 +31,11 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from passes.capture import capture
 from passes.errors import InvalidArgumentError
-from passes.match import find_sites
 from passes.records import AttentionSite
 from passes.rewrite import drop_dead_metadata_asserts, replace_site
 from planner.fidelity import _tap_prepared_inputs, as_batches, first_tensor, rewrite_copy, site_error
+from planner.pipeline import capture_sites
 
 IMPLEMENTATIONS = ("auto", "kernel", "parallel")
 DENOMINATOR_FLOOR = 1e-12
@@ -394,9 +393,8 @@ def linearize(model: Any, calibration: Any, steps: int = 300, *, features: Optio
         example_inputs, example_kwargs = batches[0]
     if isinstance(model, torch.fx.GraphModule):
         model = copy.deepcopy(model)
-    captured = capture(model, tuple(example_inputs or ()), example_kwargs)
+    captured, sites = capture_sites(model, example_inputs if example_inputs is not None else (), example_kwargs)
     graph_module = captured.graph_module
-    sites = find_sites(graph_module)
     report = linearize_graph(graph_module, sites, calibration, steps, features=features, learning_rate=learning_rate,
                              finetune_steps=finetune_steps, output=output, seed=seed)
     if not sites:

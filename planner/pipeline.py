@@ -9,6 +9,8 @@ down; nothing below the door parses a length or resolves a device again.
         plan_sites -> every site ring attention -> the partition pass
     the CLI's presets and 'package.module:function' models (planner/presets.py):
         plan_sites (sites of representative layers, replicated) -> plan_report
+    find_attention, the partition, linearize (which distils the sites instead of planning them):
+        capture_sites (torch.export, then the sites of the graph)
     a model that is not planned (capture failed, the compile backend fell back): unchanged_report
 """
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from backends.devices import DeviceSpec, device_spec
 from backends.registry import VARIANTS
 from backends.ring.layout import LAYOUTS
+from passes.capture import Capture, capture
 from passes.errors import InvalidArgumentError
 from passes.match import find_sites
 from passes.records import POLICIES, AttentionSite, Plan
@@ -90,6 +93,14 @@ class PlanOptions:
         if isinstance(options.get("window"), str):
             options["window"] = parse_length(options["window"], name=names.get("window", "window"))
         return cls(max_len=tokens, device=device_spec(device), policy=policy, **options)
+
+
+def capture_sites(model: Any, example_inputs: Any = None,
+                  example_kwargs: Optional[dict] = None) -> tuple[Capture, list[AttentionSite]]:
+    """Capture `model` (an nn.Module, a GraphModule or an ExportedProgram) with torch.export and find the attention
+    sites of its graph. example_inputs: a tuple, a list or one input (see example_tuple)."""
+    captured = capture(model, example_tuple(example_inputs), example_kwargs)
+    return captured, find_sites(captured.graph_module)
 
 
 def check_policy(policy: str) -> None:
