@@ -9,11 +9,19 @@ from typing import Any, Optional, Union
 
 import sympy
 
+from passes.errors import InvalidArgumentError
+
 Size = Union[int, sympy.Expr]
 
 MASK_KINDS = ("none", "causal", "sliding_window", "chunked", "padding", "bias", "arbitrary")
 EXACTNESS = ("exact", "approximate", "retrain")
 POLICIES = ("exact", "approximate", "any")
+
+
+def check_policy(policy: str) -> None:
+    """Raise InvalidArgumentError unless `policy` is one of POLICIES."""
+    if policy not in POLICIES:
+        raise InvalidArgumentError(f"policy={policy!r} is not a policy; accepted: {', '.join(POLICIES)}")
 
 
 @dataclass(frozen=True)

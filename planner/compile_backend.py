@@ -41,6 +41,7 @@ import torch
 
 from backends.devices import DeviceSpec, device_spec
 from passes.errors import InvalidArgumentError
+from passes.records import check_policy
 from planner.fidelity import require_samples
 from planner.lengths import format_length, parse_length
 from planner import pipeline
@@ -103,7 +104,7 @@ class AttentionPlannerBackend:
         inductor_options: Optional[dict] = None,
         eager_backward: bool = True,
     ):
-        pipeline.check_policy(policy)
+        check_policy(policy)
         self.max_len = parse_length(max_len) if max_len is not None else None
         self.device = device_spec(device) if device is not None else None
         self.policy = policy

@@ -27,7 +27,7 @@ from backends.ring.layout import LAYOUTS
 from passes.capture import Capture, capture
 from passes.errors import InvalidArgumentError
 from passes.match import find_sites
-from passes.records import POLICIES, AttentionSite, Plan
+from passes.records import AttentionSite, Plan, check_policy
 from passes.rewrite import rewrite_sites
 from planner.fidelity import measure_plan, require_samples
 from planner.lengths import parse_length
@@ -101,12 +101,6 @@ def capture_sites(model: Any, example_inputs: Any = None,
     sites of its graph. example_inputs: a tuple, a list or one input (see example_tuple)."""
     captured = capture(model, example_tuple(example_inputs), example_kwargs)
     return captured, find_sites(captured.graph_module)
-
-
-def check_policy(policy: str) -> None:
-    """Raise InvalidArgumentError unless `policy` is one of POLICIES."""
-    if policy not in POLICIES:
-        raise InvalidArgumentError(f"policy={policy!r} is not a policy; accepted: {', '.join(POLICIES)}")
 
 
 def run_passes(graph_module: torch.fx.GraphModule, options: PlanOptions, model_name: str = "GraphModule") -> Report:

@@ -33,7 +33,7 @@ from backends.costs import (
 from backends.hardware import DeviceSpec
 from backends.registry import EXACTNESS_ALLOWED, VARIANTS, Offer, PlanContext, keeps_mask_tensor, variants_for
 from passes.errors import InvalidArgumentError
-from passes.records import POLICIES, AttentionSite, Candidate, Plan, SiteDecision
+from passes.records import AttentionSite, Candidate, Plan, SiteDecision, check_policy
 from planner.crossovers import cheapest_envelope, crossover_length, fastest_index  # noqa: F401  (re-exported)
 
 CROSSOVER_RANGE = 8  # crossovers are searched for in [1, CROSSOVER_RANGE × max_len]
@@ -370,8 +370,7 @@ def make_plan(sites: list[AttentionSite], device: DeviceSpec, policy: str, max_l
         layer_repeat: training only: how many times the graph's layers repeat in the model (activations scale).
         progress: called with a short message before long steps.
     """
-    if policy not in POLICIES:
-        raise InvalidArgumentError(f"policy={policy!r} is not a policy; accepted: {', '.join(POLICIES)}")
+    check_policy(policy)
     if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < 1:
         raise InvalidArgumentError(f"max_len={max_len!r} must be a positive int (planner.parse_length parses '128k')")
     if not isinstance(world_size, int) or world_size < 1:
