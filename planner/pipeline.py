@@ -31,7 +31,7 @@ from passes.records import AttentionSite, Plan, check_policy
 from passes.rewrite import rewrite_sites
 from planner.fidelity import measure_plan, require_samples
 from planner.lengths import parse_length
-from planner.plan import make_plan
+from planner.plan import check_plan_sizes, plan_checked
 from planner.report import Report
 
 NO_ATTENTION_NOTE = "no softmax attention was found in the graph; the model is returned unchanged"
@@ -92,6 +92,7 @@ class PlanOptions:
         tokens = parse_length(max_len, name=names.get("max_len", "max_len"))
         if isinstance(options.get("window"), str):
             options["window"] = parse_length(options["window"], name=names.get("window", "window"))
+        check_plan_sizes(tokens, options.get("world_size", 1), options.get("window"), options.get("sinks", 0))
         return cls(max_len=tokens, device=device_spec(device), policy=policy, **options)
 
 
@@ -129,13 +130,14 @@ def plan_sites(graph_module: Optional[torch.fx.GraphModule], options: PlanOption
     """The attention sites of `graph_module` (or `sites`, when the caller has them: the presets replicate their
     representative layers' sites) and their plan under `options`, with options.variant forced where it applies.
 
-    extra: what only some doors know, passed on to planner.plan.make_plan (weights_bytes, layer_repeat, progress).
+    extra: what only some doors know, passed on to planner.plan.plan_checked (weights_bytes, layer_repeat,
+    progress). The options were checked at the door (PlanOptions.create), so nothing is checked again here.
     """
     if sites is None:
         sites = find_sites(graph_module)
-    plan = make_plan(sites, options.device, options.policy, options.max_len, options.world_size,
-                     train=options.train, window=options.window, sinks=options.sinks, graph_module=graph_module,
-                     **extra)
+    plan = plan_checked(sites, options.device, options.policy, options.max_len, options.world_size,
+                        train=options.train, window=options.window, sinks=options.sinks, graph_module=graph_module,
+                        **extra)
     if options.variant is not None:
         plan = force_variant(plan, options.variant)
     return sites, plan

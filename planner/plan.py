@@ -350,6 +350,20 @@ def _site_signature(site: AttentionSite) -> tuple:
 # The whole model
 
 
+def check_plan_sizes(max_len: int, world_size: int = 1, window: Optional[int] = None, sinks: int = 0) -> None:
+    """Raise InvalidArgumentError unless max_len and world_size are positive ints, window a positive int or None and
+    sinks a non-negative int. (make_plan checks them; a front door checks them once, in PlanOptions.create, and
+    the pipeline then plans with plan_checked.)"""
+    if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < 1:
+        raise InvalidArgumentError(f"max_len={max_len!r} must be a positive int (planner.parse_length parses '128k')")
+    if not isinstance(world_size, int) or world_size < 1:
+        raise InvalidArgumentError(f"world_size={world_size!r} must be a positive int")
+    if window is not None and (not isinstance(window, int) or window < 1):
+        raise InvalidArgumentError(f"window={window!r} must be a positive number of keys, or None")
+    if not isinstance(sinks, int) or sinks < 0:
+        raise InvalidArgumentError(f"sinks={sinks!r} must be a non-negative int")
+
+
 def make_plan(sites: list[AttentionSite], device: DeviceSpec, policy: str, max_len: int,
               world_size: int = 1, *, train: bool = False, window: Optional[int] = None, sinks: int = 0,
               graph_module: Optional[torch.fx.GraphModule] = None, weights_bytes: Optional[float] = None,
@@ -371,14 +385,17 @@ def make_plan(sites: list[AttentionSite], device: DeviceSpec, policy: str, max_l
         progress: called with a short message before long steps.
     """
     check_policy(policy)
-    if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < 1:
-        raise InvalidArgumentError(f"max_len={max_len!r} must be a positive int (planner.parse_length parses '128k')")
-    if not isinstance(world_size, int) or world_size < 1:
-        raise InvalidArgumentError(f"world_size={world_size!r} must be a positive int")
-    if window is not None and (not isinstance(window, int) or window < 1):
-        raise InvalidArgumentError(f"window={window!r} must be a positive number of keys, or None")
-    if not isinstance(sinks, int) or sinks < 0:
-        raise InvalidArgumentError(f"sinks={sinks!r} must be a non-negative int")
+    check_plan_sizes(max_len, world_size, window, sinks)
+    return plan_checked(sites, device, policy, max_len, world_size, train=train, window=window, sinks=sinks,
+                        graph_module=graph_module, weights_bytes=weights_bytes, layer_repeat=layer_repeat,
+                        progress=progress)
+
+
+def plan_checked(sites: list[AttentionSite], device: DeviceSpec, policy: str, max_len: int,
+                 world_size: int = 1, *, train: bool = False, window: Optional[int] = None, sinks: int = 0,
+                 graph_module: Optional[torch.fx.GraphModule] = None, weights_bytes: Optional[float] = None,
+                 layer_repeat: float = 1.0, progress: Optional[Callable[[str], None]] = None) -> ModelPlan:
+    """make_plan for arguments already checked (check_policy, check_plan_sizes), as a front door's PlanOptions are."""
     context = PlanContext(device=device, policy=policy, max_len=max_len, world_size=world_size, train=train,
                           window=window, sinks=sinks)
     model = model_memory(graph_module, sites, max_len, train=train, weights_bytes=weights_bytes,
