@@ -868,7 +868,7 @@ def render(records: list[dict], command: str, table: Path, expected: Optional[li
         f"- cases: {len(records)} ({len({r['arch'] for r in records})} families); ran: {len(ran)}; skipped: "
         f"{len(skipped)}; timed out: {len(timeouts)}; harness errors: {len(harness)}",
         f"- cases with a crash (a step raised): {len(crashes)}; by step: "
-        + ", ".join(f"{step} {count}" for step, count in by_step.items() if count),
+        + (", ".join(f"{step} {count}" for step, count in by_step.items() if count) or "none"),
         f"- cases with a mismatch: {len(mismatches)}; by step: "
         + (", ".join(f"{step} {count}" for step, count in mismatch_by_step.items() if count) or "none"),
         f"- cases where fast ran the original model instead of its graph (FALLBACK): {len(fallbacks)}; by step: "
