@@ -113,10 +113,10 @@ class RecurrentLinearSite(torch.nn.Module):
 
             out = linear_attention(query, key, extended, feature_map=feature_map, causal=True)
         else:
-            weights = (feature_map(query) @ key_features.transpose(-1, -2)).tril()
-            out = weights @ extended
+            query_features = feature_map(query)
+            out = (query_features @ key_features.transpose(-1, -2)).tril() @ extended
             if not prefill:
-                out = out + feature_map(query) @ state
+                out = out + query_features @ state
         state.add_(key_features.transpose(-1, -2) @ extended)
         return (out[..., :-1] / out[..., -1:].clamp_min(LINEAR_DENOMINATOR_FLOOR)).to(output_dtype)
 
