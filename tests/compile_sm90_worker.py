@@ -68,15 +68,51 @@ def compile_ptx(kernel, pointers: dict, constexprs: dict, num_warps: int, num_st
     return compiled.asm["ptx"]
 
 
+def compile_hopper_ptx(block_n: int, stages: int, pingpong: bool, head_dim: int, causal: bool, window: bool) -> str:
+    """PTX of the warp-specialized Gluon forward (backends/flash/hopper.py), bf16, as its wrapper launches it."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from backends.flash import hopper
+
+    def descriptor(rows: int) -> str:
+        layout = gl.NVMMASharedLayout.get_default_for([1, 1, rows, head_dim], gl.bfloat16)
+        return f"tensordesc<bf16[1, 1, {rows}, {head_dim}],{layout!r}>"
+
+    kernel = hopper._attn_fwd_hopper
+    constexprs = dict(BLOCK_N=block_n, HEAD_D=head_dim, STAGES=stages, CAUSAL=causal, HAS_WINDOW=window,
+                      PINGPONG=pingpong)
+    signature = dict(q_desc=descriptor(hopper.HALF_M), k_desc=descriptor(block_n), v_desc=descriptor(block_n),
+                     out_ptr="*bf16", lse_ptr="*fp32", heads="i32", group="i32", q_len="i32", kv_len="i32",
+                     window="i32", qk_scale="fp32", **{name: "constexpr" for name in constexprs})
+    source = GluonASTSource(kernel, signature,
+                            constexprs={(kernel.arg_names.index(name),): value for name, value in constexprs.items()})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=hopper.NUM_WARPS, maxnreg=hopper.MAX_REGISTERS))
+    return compiled.asm["ptx"]
+
+
+# The Gluon forward, name "hopper, ...": (BLOCK_N, STAGES, PINGPONG, head dim, causal, window)
+HOPPER_VARIANTS = {
+    "hopper, causal, ping-pong, head dim 128": (128, 2, True, 128, True, False),
+    "hopper, window not causal, head dim 64": (128, 2, False, 64, False, True),
+    "hopper, 64-key tiles, 3 stages, causal window": (64, 3, True, 128, True, True),
+}
+
+
 def main() -> None:
     results = {}
-    for name, (kernel, pointers, constexprs, num_warps, num_stages) in VARIANTS.items():
+    compilers = {name: (lambda variant=variant: compile_ptx(*variant)) for name, variant in VARIANTS.items()}
+    compilers.update({name: (lambda variant=variant: compile_hopper_ptx(*variant))
+                      for name, variant in HOPPER_VARIANTS.items()})
+    for name, compile_variant in compilers.items():
         try:
-            ptx = compile_ptx(kernel, pointers, constexprs, num_warps, num_stages)
+            ptx = compile_variant()
             results[name] = {"ok": True, "tma_copies": ptx.count("cp.async.bulk.tensor"),
                              "bulk_reduces": ptx.count("cp.reduce.async.bulk"), "ex2": ptx.count("ex2.approx"),
                              "shared_accesses": ptx.count("st.shared") + ptx.count("ld.shared"),
-                             "shuffles": ptx.count("shfl.sync")}
+                             "shuffles": ptx.count("shfl.sync"), "wgmma": ptx.count("wgmma.mma_async"),
+                             "setmaxnreg": ptx.count("setmaxnreg")}
         except Exception as error:  # noqa: BLE001 - reported to the test, which fails on it
             results[name] = {"ok": False, "error": f"{type(error).__name__}: {error}"[:2000]}
     json.dump(results, sys.stdout)

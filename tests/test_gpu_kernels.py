@@ -85,3 +85,19 @@ def test_atomic_dq_backward_matches_the_separate_dq_kernel(layout):
     for name, ours, theirs, exact in zip(("dq", "dk", "dv"), atomic, separate, reference):
         error, baseline = ((t.double() - exact).abs().max().item() for t in (ours, theirs))
         assert error <= 2 * baseline + 1e-3, f"{name}: atomic {error:.2e} vs separate {baseline:.2e}"
+
+
+def test_warp_specialized_hopper_forward_meets_the_flash_attention_rule():
+    """Every launch configuration of the Gluon kernel (backends/flash/hopper.py) at odd sizes of each case kind it
+    takes: causal, full with more keys than queries, sliding window causal and not, head dims 64 and 128, grouped
+    heads, bf16 and fp16; output poisoned first, lse checked too (benchmarks/bench_flash_hopper.py's check)."""
+    from backends.flash.triton import _hopper
+
+    if _hopper is None or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the warp-specialized forward needs Gluon and a Hopper GPU")
+    import bench_flash_hopper
+
+    rows: list = []
+    bench_flash_hopper.check(_hopper.CONFIGS, rows)
+    failed = [row for row in rows if not row["ok"]]
+    assert rows and not failed, failed

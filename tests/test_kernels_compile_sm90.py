@@ -60,3 +60,12 @@ def test_polynomial_exp2_split_replaces_exponentials_without_moving_data(compile
     assert exp2["ex2"] - split["ex2"] == 128 * 128 // 256 * 2 // EXP2_CHUNKS, (exp2["ex2"], split["ex2"])
     assert split["shared_accesses"] == exp2["shared_accesses"]
     assert split["shuffles"] == exp2["shuffles"]
+
+
+def test_hopper_forward_is_warp_specialized_on_the_tensor_cores(compiled):
+    """The Gluon forward's partitions are real: wgmma products, per-partition register budgets (setmaxnreg) and
+    TMA tile copies in every variant's PTX."""
+    hopper = {name: result for name, result in compiled.items() if name.startswith("hopper")}
+    assert len(hopper) == 3, sorted(compiled)
+    for name, result in hopper.items():
+        assert result["wgmma"] > 0 and result["setmaxnreg"] > 0 and result["tma_copies"] > 0, (name, result)
