@@ -4,7 +4,7 @@ variant once per round in rotated order; "ratio" is the median over rounds of th
 variant's in the same round (> 1: faster).
 
     PYTHONPATH=. python3 benchmarks/bench_flash_hopper.py                  # correctness, then timings
-    PYTHONPATH=. python3 benchmarks/bench_flash_hopper.py --cases causal32k --configs "128,2,1;128,2,0" --rounds 3
+    PYTHONPATH=. python3 benchmarks/bench_flash_hopper.py --cases causal32k --configs "128,2,1,1;128,2,1,0" --rounds 3
 
 Correctness first (the FlashAttention rule): max |out - float32 reference| at most 2x that of SDPA in bf16, and the
 lse within 1e-3 of the reference's, at odd sizes of every case kind, each configuration, on poisoned outputs.
@@ -179,7 +179,7 @@ def main() -> int:
     parser.add_argument("--no-check", action="store_true")
     arguments = parser.parse_args()
     configs = [tuple(int(x) for x in one.split(",")) for one in arguments.configs.split(";")]
-    configs = [(c[0], c[1], bool(c[2])) for c in configs]
+    configs = [(c[0], c[1], bool(c[2]), bool(c[3])) for c in configs]
     start = time.time()
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__, flush=True)
     rows: list = []

@@ -68,7 +68,8 @@ def compile_ptx(kernel, pointers: dict, constexprs: dict, num_warps: int, num_st
     return compiled.asm["ptx"]
 
 
-def compile_hopper_ptx(block_n: int, stages: int, pingpong: bool, head_dim: int, causal: bool, window: bool) -> str:
+def compile_hopper_ptx(block_n: int, stages: int, pingpong: bool, overlap: bool, head_dim: int, causal: bool,
+                       window: bool) -> str:
     """PTX of the warp-specialized Gluon forward (backends/flash/hopper.py), bf16, as its wrapper launches it."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -81,7 +82,7 @@ def compile_hopper_ptx(block_n: int, stages: int, pingpong: bool, head_dim: int,
 
     kernel = hopper._attn_fwd_hopper
     constexprs = dict(BLOCK_N=block_n, HEAD_D=head_dim, STAGES=stages, CAUSAL=causal, HAS_WINDOW=window,
-                      PINGPONG=pingpong)
+                      PINGPONG=pingpong, OVERLAP=overlap)
     signature = dict(q_desc=descriptor(hopper.HALF_M), k_desc=descriptor(block_n), v_desc=descriptor(block_n),
                      out_ptr="*bf16", lse_ptr="*fp32", heads="i32", group="i32", q_len="i32", kv_len="i32",
                      window="i32", qk_scale="fp32", **{name: "constexpr" for name in constexprs})
@@ -92,11 +93,11 @@ def compile_hopper_ptx(block_n: int, stages: int, pingpong: bool, head_dim: int,
     return compiled.asm["ptx"]
 
 
-# The Gluon forward, name "hopper, ...": (BLOCK_N, STAGES, PINGPONG, head dim, causal, window)
+# The Gluon forward, name "hopper, ...": (BLOCK_N, STAGES, PINGPONG, OVERLAP, head dim, causal, window)
 HOPPER_VARIANTS = {
-    "hopper, causal, ping-pong, head dim 128": (128, 2, True, 128, True, False),
-    "hopper, window not causal, head dim 64": (128, 2, False, 64, False, True),
-    "hopper, 64-key tiles, 3 stages, causal window": (64, 3, True, 128, True, True),
+    "hopper, causal, ping-pong, overlap, head dim 128": (128, 2, True, True, 128, True, False),
+    "hopper, window not causal, no ping-pong, head dim 64": (128, 2, False, True, 64, False, True),
+    "hopper, 64-key tiles, 3 stages, causal window, no overlap": (64, 3, True, False, 128, True, True),
 }
 
 

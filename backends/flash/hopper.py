@@ -43,8 +43,9 @@ NUM_WARPS = 4  # the default partition (consumer 0); consumer 1 and the producer
 # producer gives its share back (24) and the consumers take 240 each.
 MAX_REGISTERS = 168
 
-# (BLOCK_N, STAGES, PINGPONG): the key tile, the K/V ring depth, whether the consumers take turns.
-CONFIGS = [(128, 2, True), (128, 2, False), (64, 3, True)]
+# (BLOCK_N, STAGES, PINGPONG, OVERLAP): the key tile, the K/V ring depth, whether the consumers take turns, whether
+# a consumer's softmax of S_{i+1} runs under its own P_i V_i.
+CONFIGS = [(128, 2, True, True), (128, 2, True, False), (128, 2, False, True), (64, 3, True, True)]
 
 
 @gluon.jit
@@ -81,10 +82,11 @@ def _pass_turn(turns, HALF: gl.constexpr, PINGPONG: gl.constexpr):
 
 
 @gluon.jit
-def _softmax_tile(s, m_i, l_i, acc, rows, row_first, row_last, start_n, kv_len, window, qk_scale,
+def _softmax_tile(s, m_i, l_i, rows, row_first, row_last, start_n, kv_len, window, qk_scale,
                   p_layout: gl.constexpr, o_rows: gl.constexpr, P_DTYPE: gl.constexpr, BLOCK_N: gl.constexpr,
                   CAUSAL: gl.constexpr, HAS_WINDOW: gl.constexpr):
-    """One key tile of the online softmax: (m_i, l_i, acc rescaled, P in the A-operand layout of O's product)."""
+    """One key tile of the online softmax: (m_i, l_i, alpha by which O is rescaled (O's row layout), P in the
+    A-operand layout of O's product)."""
     # Edge tiles only evaluate the mask: the window's start, the diagonal, the partial last key tile.
     edge = start_n + BLOCK_N > kv_len
     if CAUSAL:
@@ -113,15 +115,14 @@ def _softmax_tile(s, m_i, l_i, acc, rows, row_first, row_last, start_n, kv_len, 
         p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
     alpha = gl.exp2(m_i - m_new)
     l_i = l_i * alpha + gl.sum(p, axis=1)
-    acc = acc * gl.expand_dims(gl.convert_layout(alpha, o_rows), 1)
-    return m_new, l_i, acc, gl.convert_layout(p.to(P_DTYPE), p_layout)
+    return m_new, l_i, gl.expand_dims(gl.convert_layout(alpha, o_rows), 1), gl.convert_layout(p.to(P_DTYPE), p_layout)
 
 
 @gluon.jit
 def _consumer(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, turns, out_ptr, lse_ptr, out_row0,
               m_first, tile_lo, tile_count, q_len, kv_len, window, qk_scale, HALF: gl.constexpr,
               BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-              HAS_WINDOW: gl.constexpr, PINGPONG: gl.constexpr):
+              HAS_WINDOW: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP: gl.constexpr):
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -144,40 +145,57 @@ def _consumer(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, turns, 
 
     q = q_smem.index(HALF).reshape([64, HEAD_D])
     mbarrier.wait(q_bar, 0)
-
-    # Software pipeline (FlashAttention-3's order): one turn issues P_i V_i and then S_{i+1} = Q K_{i+1}^T, so that
-    # the two products run back to back on the tensor cores while the other consumer computes its softmax.
+    # Every wgmma below is asynchronous; its operands in registers (P, the accumulator) stay alive, untouched, until
+    # a wait that names them in `deps` (the hardware reads them while the product runs).
     mbarrier.wait(k_ready.index(0), 0)
     _take_turn(turns, 0, HALF, PINGPONG)
     s = warpgroup_mma(q, k_smem.index(0).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), zero_s, use_acc=False,
                       is_async=True)
     _pass_turn(turns, HALF, PINGPONG)
     s = warpgroup_mma_wait(0, deps=(s,))
+    m_i, l_i, alpha, p = _softmax_tile(s, m_i, l_i, rows, row_first, row_last, tile_lo * BLOCK_N, kv_len, window,
+                                       qk_scale, p_layout, o_rows, q.dtype, BLOCK_N, CAUSAL, HAS_WINDOW)
     for i in range(tile_count - 1):
         slot = i % STAGES
-        m_i, l_i, acc, p = _softmax_tile(s, m_i, l_i, acc, rows, row_first, row_last, (tile_lo + i) * BLOCK_N,
-                                         kv_len, window, qk_scale, p_layout, o_rows, q.dtype, BLOCK_N, CAUSAL,
-                                         HAS_WINDOW)
-        mbarrier.wait(v_ready.index(slot), (i // STAGES) & 1)
-        _take_turn(turns, i + 1, HALF, PINGPONG)
-        acc = warpgroup_mma(p, v_smem.index(slot).reshape([BLOCK_N, HEAD_D]), acc, is_async=True)
         following = (i + 1) % STAGES
+        if not OVERLAP:
+            acc = acc * alpha
+        # One turn issues P_i V_i and S_{i+1} = Q K_{i+1}^T back to back (FlashAttention-3's order).
+        mbarrier.wait(v_ready.index(slot), (i // STAGES) & 1)
         mbarrier.wait(k_ready.index(following), ((i + 1) // STAGES) & 1)
-        s = warpgroup_mma(q, k_smem.index(following).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), zero_s,
-                          use_acc=False, is_async=True)
-        _pass_turn(turns, HALF, PINGPONG)
-        acc, s = warpgroup_mma_wait(0, deps=(acc, s))
+        _take_turn(turns, i + 1, HALF, PINGPONG)
+        if OVERLAP:
+            # S_{i+1} first: its softmax then runs while P_i V_i is still on the tensor cores.
+            s = warpgroup_mma(q, k_smem.index(following).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), zero_s,
+                              use_acc=False, is_async=True)
+            acc = warpgroup_mma(p, v_smem.index(slot).reshape([BLOCK_N, HEAD_D]), acc, is_async=True)
+            _pass_turn(turns, HALF, PINGPONG)
+            s = warpgroup_mma_wait(1, deps=(s,))
+            m_i, l_i, alpha_next, p_next = _softmax_tile(s, m_i, l_i, rows, row_first, row_last,
+                                                         (tile_lo + i + 1) * BLOCK_N, kv_len, window, qk_scale,
+                                                         p_layout, o_rows, q.dtype, BLOCK_N, CAUSAL, HAS_WINDOW)
+            acc, p = warpgroup_mma_wait(0, deps=(acc, p))
+            acc = acc * alpha_next
+            p = p_next
+        else:
+            acc = warpgroup_mma(p, v_smem.index(slot).reshape([BLOCK_N, HEAD_D]), acc, is_async=True)
+            s = warpgroup_mma(q, k_smem.index(following).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), zero_s,
+                              use_acc=False, is_async=True)
+            _pass_turn(turns, HALF, PINGPONG)
+            acc, s, p = warpgroup_mma_wait(0, deps=(acc, s, p))
+            m_i, l_i, alpha, p = _softmax_tile(s, m_i, l_i, rows, row_first, row_last, (tile_lo + i + 1) * BLOCK_N,
+                                               kv_len, window, qk_scale, p_layout, o_rows, q.dtype, BLOCK_N, CAUSAL,
+                                               HAS_WINDOW)
         # Both consumers arrive: the producer refills the slot after the second.
         mbarrier.arrive(kv_empty.index(slot), count=1)
-    last = tile_count - 1
-    slot = last % STAGES
-    m_i, l_i, acc, p = _softmax_tile(s, m_i, l_i, acc, rows, row_first, row_last, (tile_lo + last) * BLOCK_N, kv_len,
-                                     window, qk_scale, p_layout, o_rows, q.dtype, BLOCK_N, CAUSAL, HAS_WINDOW)
-    mbarrier.wait(v_ready.index(slot), (last // STAGES) & 1)
+    slot = (tile_count - 1) % STAGES
+    if not OVERLAP:
+        acc = acc * alpha
+    mbarrier.wait(v_ready.index(slot), ((tile_count - 1) // STAGES) & 1)
     _take_turn(turns, tile_count, HALF, PINGPONG)
     acc = warpgroup_mma(p, v_smem.index(slot).reshape([BLOCK_N, HEAD_D]), acc, is_async=True)
     _pass_turn(turns, HALF, PINGPONG)
-    acc = warpgroup_mma_wait(0, deps=(acc,))
+    acc, p = warpgroup_mma_wait(0, deps=(acc, p))
     mbarrier.arrive(kv_empty.index(slot), count=1)
 
     empty = l_i == 0.0  # no visible key: out = 0, lse = -inf
@@ -195,7 +213,7 @@ def _consumer(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, turns, 
 @gluon.jit
 def _attn_fwd_hopper(q_desc, k_desc, v_desc, out_ptr, lse_ptr, heads, group, q_len, kv_len, window, qk_scale,
                      BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                     HAS_WINDOW: gl.constexpr, PINGPONG: gl.constexpr):
+                     HAS_WINDOW: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP: gl.constexpr):
     # Heaviest query blocks first (under causality the last block sees the most keys): the grid's tail is short work.
     block_m = gl.num_programs(0) - 1 - gl.program_id(0)
     batch_head = gl.program_id(1)
@@ -240,10 +258,10 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, out_ptr, lse_ptr, heads, group, q_l
     gl.warp_specialize([
         (_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, turns, out_ptr, lse_ptr, out_row0,
                      m_first, tile_lo, tile_count, q_len, kv_len, window, qk_scale, first_half, BLOCK_N, HEAD_D,
-                     STAGES, CAUSAL, HAS_WINDOW, PINGPONG)),
+                     STAGES, CAUSAL, HAS_WINDOW, PINGPONG, OVERLAP)),
         (_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, turns, out_ptr, lse_ptr, out_row0,
                      m_first, tile_lo, tile_count, q_len, kv_len, window, qk_scale, second_half, BLOCK_N, HEAD_D,
-                     STAGES, CAUSAL, HAS_WINDOW, PINGPONG)),
+                     STAGES, CAUSAL, HAS_WINDOW, PINGPONG, OVERLAP)),
         (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, batch, head,
                      kv_head, m_first, tile_lo, tile_count, BLOCK_N, STAGES)),
     ], [4, 1], [240, 24])
@@ -291,10 +309,10 @@ def hopper_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
                    lse: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of exact attention by the warp-specialized kernel; the caller has checked `applies`.
 
-    config = (BLOCK_N, STAGES, PINGPONG), one of CONFIGS or any with BLOCK_N in (64, 128). out (contiguous, like q)
+    config = (BLOCK_N, STAGES, PINGPONG, OVERLAP), one of CONFIGS or any with BLOCK_N in (64, 128). out (contiguous, like q)
     and lse ((batch, heads, queries) fp32, contiguous) are written in place when given.
     """
-    block_n, stages, pingpong = config
+    block_n, stages, pingpong, overlap = config
     batch, heads, q_len, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     if out is None:
@@ -306,5 +324,5 @@ def hopper_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
         _descriptor(q, HALF_M), _descriptor(k, block_n), _descriptor(v, block_n), out, lse,
         heads, heads // kv_heads, q_len, kv_len, window if has_window else 0, scale * LOG2E,
         BLOCK_N=block_n, HEAD_D=head_dim, STAGES=stages, CAUSAL=causal, HAS_WINDOW=has_window,
-        PINGPONG=pingpong, num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS)
+        PINGPONG=pingpong, OVERLAP=overlap, num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS)
     return out, lse
