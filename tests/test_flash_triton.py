@@ -353,3 +353,34 @@ def test_polynomial_exponentials_are_tuned_in_only_where_they_measured_faster(mo
     q = torch.empty(1, 1, length, head_dim, dtype=dtype)  # never reaches a kernel: only shape and dtype count
     flash_forward(q, q, q, causal=causal, window=window, sinks=0, scale=0.1, key_padding_mask=None)
     assert offered and any(len(config) > 4 and config[4] > 0 for config in offered) == expected, offered
+
+
+def test_hopper_forward_scope_is_what_the_kernel_computes():
+    """The Gluon forward takes 16-bit, head dim 64/128, unpadded exact attention with descriptor-friendly layouts;
+    every other call stays on the Triton kernel, and nothing reaches it off a Hopper GPU."""
+    from backends.flash.triton import _hopper
+
+    if _hopper is None:
+        pytest.skip("this Triton has no Gluon for Hopper")
+    plain = dict(has_sinks=False, key_padding_mask=None, softcap=None, sink_logits=None, scale=0.1)
+    q = torch.randn(1, 4, 33, 128, dtype=torch.bfloat16)
+    kv = torch.randn(1, 2, 45, 128, dtype=torch.bfloat16)
+    assert _hopper.supports(q, kv, kv, **plain)
+    assert not _hopper.applies(q, kv, kv, **plain)  # a CPU tensor
+    assert _hopper.supports(q[..., :64].contiguous(), kv[..., :64].contiguous(), kv[..., :64].contiguous(), **plain)
+    assert _hopper.supports(q.transpose(1, 2).contiguous().transpose(1, 2), kv, kv, **plain)  # a model's view
+    refused = [
+        (q.float(), kv.float(), kv.float(), plain),
+        (q, kv.half(), kv.half(), plain),
+        (q[..., :96].contiguous(), kv[..., :96].contiguous(), kv[..., :96].contiguous(), plain),
+        (q, kv, kv[..., :64].contiguous(), plain),
+        (q, kv, kv, dict(plain, has_sinks=True)),
+        (q, kv, kv, dict(plain, key_padding_mask=torch.ones(1, 45, dtype=torch.bool))),
+        (q, kv, kv, dict(plain, softcap=30.0)),
+        (q, kv, kv, dict(plain, sink_logits=torch.zeros(4))),
+        (q, kv, kv, dict(plain, scale=-0.1)),
+        (q[:, :, :0], kv, kv, plain),
+        (torch.randn(1, 4, 33, 130, dtype=torch.bfloat16)[..., 1:129], kv, kv, plain),  # 2-byte offset base
+    ]
+    for q_, k_, v_, flags in refused:
+        assert not _hopper.supports(q_, k_, v_, **flags), (q_.shape, q_.dtype, flags)

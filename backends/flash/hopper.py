@@ -286,11 +286,21 @@ def _descriptor(tensor: torch.Tensor, rows: int) -> TensorDescriptor:
 
 def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, has_sinks: bool, key_padding_mask, softcap,
             sink_logits, scale: float) -> bool:
-    """Whether `hopper_forward` computes this call (else the Triton kernel does)."""
+    """Whether `hopper_forward` computes this call (else the Triton kernel does): a Hopper GPU (compute capability
+    9.0; wgmma is not on later chips), not the interpreter, and a call within `supports`."""
     if os.environ.get("TRITON_INTERPRET") == "1" or not q.is_cuda:
         return False
     if torch.cuda.get_device_capability(q.device) != (9, 0):
         return False
+    return supports(q, k, v, has_sinks=has_sinks, key_padding_mask=key_padding_mask, softcap=softcap,
+                    sink_logits=sink_logits, scale=scale)
+
+
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, has_sinks: bool, key_padding_mask, softcap,
+             sink_logits, scale: float) -> bool:
+    """The kernel's scope, whatever the device: 16-bit q, k, v of one dtype and one head dim (64 or 128), no sinks,
+    padding, soft-capping or sink logits, a positive scale, non-empty sequences, and layouts a tensor descriptor
+    takes (contiguous head dim, 16-byte aligned base and strides)."""
     if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
         return False
     if has_sinks or key_padding_mask is not None or softcap is not None or sink_logits is not None or scale <= 0:
