@@ -951,8 +951,9 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: Op
         if (configs is _FORWARD_CONFIGS["small"] and head_dim == 128 and not causal and not has_window
                 and bucket == 32768):
             configs = _FORWARD_CONFIGS["small, full, long"]
-        if _hopper is not None and _hopper.applies(q_, k_, v_, has_sinks=has_sinks, key_padding_mask=key_padding_mask,
-                                                   softcap=softcap, sink_logits=sink_logits, scale=scale):
+        if _hopper is not None and _hopper.ENABLED and _hopper.applies(
+                q_, k_, v_, has_sinks=has_sinks, key_padding_mask=key_padding_mask, softcap=softcap,
+                sink_logits=sink_logits, scale=scale):
             # Timed against the Triton configurations: the Gluon kernel runs only where it measured faster (and a
             # Triton whose Gluon cannot build it scores it as not fitting).
             key += ("hopper",)
