@@ -76,14 +76,15 @@ def visible(q_len, kv_len, causal, window):
 
 
 def reference(q, k, v, mask):
-    """Dense float32 attention and its natural-log lse, one head at a time."""
+    """Dense float32 attention and its natural-log lse, one head at a time; rows that see no key give out 0 and lse
+    -inf (the kernels' contract)."""
     group = q.shape[1] // k.shape[1]
     out = torch.empty(q.shape, dtype=torch.float32, device="cuda")
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device="cuda")
     for h in range(q.shape[1]):
         scores = (q[0, h].float() @ k[0, h // group].float().T) * q.shape[-1] ** -0.5
         scores = scores.masked_fill(~mask, float("-inf"))
-        out[0, h] = torch.softmax(scores, -1) @ v[0, h // group].float()
+        out[0, h] = torch.softmax(scores, -1).nan_to_num(0.0) @ v[0, h // group].float()
         lse[0, h] = torch.logsumexp(scores, -1)
     return out, lse
 
@@ -113,7 +114,8 @@ def check(configs, rows):
                              q_gain=q_gain)
             mask = visible(q_len, kv_len, causal, window)
             expected, expected_lse = reference(q, k, v, mask)
-            sdpa_error = (sdpa(q, k, v, causal, window, mask).float() - expected).abs().max().item()
+            seen = mask.any(-1)  # SDPA gives NaN for rows that see no key: its error over the others
+            sdpa_error = (sdpa(q, k, v, causal, window, mask).float() - expected)[:, :, seen].abs().max().item()
             for config in configs:
                 label = f"{q_len}x{kv_len} h{heads}/{kv_heads} d{head_dim} causal={causal} window={window} " \
                         f"{str(dtype)[6:]} gain {q_gain} config {config}"
@@ -128,8 +130,9 @@ def check(configs, rows):
                     rows.append(dict(kind="check", case=label, ok=False))
                     continue
                 error = (out.float() - expected).abs().max().item()
-                lse_error = (lse - expected_lse).abs().max().item()
-                ok = error == error and error <= 2 * sdpa_error and lse_error <= 1e-3
+                empty_ok = bool((lse[:, :, ~seen] == float("-inf")).all())
+                lse_error = (lse[:, :, seen] - expected_lse[:, :, seen]).abs().max().item() if empty_ok else float("nan")
+                ok = error == error and error <= 2 * sdpa_error and lse_error <= 1e-3  # NaN fails
                 rows.append(dict(kind="check", case=label, error=error, sdpa_error=sdpa_error, lse_error=lse_error,
                                  ok=ok))
                 print(f"[check] {label}: ours {error:.3e} sdpa {sdpa_error:.3e} lse {lse_error:.2e} "
@@ -144,11 +147,15 @@ def time_case(name, configs, rounds, rows):
         variants[f"hopper {config}"] = lambda config=config: hopper_forward(q, k, v, causal, window, config)
     if window is None:
         variants["SDPA cuDNN"] = lambda: sdpa(q, k, v, causal, None, None)
-    times = {label: [] for label in variants}
     with torch.no_grad():
-        for function in variants.values():
-            function()
-        torch.cuda.synchronize()
+        for label, function in list(variants.items()):
+            try:
+                function()
+                torch.cuda.synchronize()
+            except Exception as failure:  # noqa: BLE001 - a configuration that does not fit is a result
+                print(f"[time] {name} {label}: {type(failure).__name__}: {str(failure)[:300]}", flush=True)
+                del variants[label]
+        times = {label: [] for label in variants}
         labels = list(variants)
         for round_index in range(rounds):
             for label in labels[round_index % len(labels):] + labels[:round_index % len(labels)]:

@@ -49,12 +49,12 @@ MAX_REGISTERS = 168
 
 # (BLOCK_N, STAGES, PINGPONG, OVERLAP): the key tile, the K/V ring depth, whether the consumers take turns, whether
 # a consumer's softmax of S_{i+1} runs under its own P_i V_i.
-CONFIGS = [(128, 2, True, True), (128, 2, True, False), (128, 2, False, True), (64, 3, True, True)]
+CONFIGS = [(128, 3, True, True), (128, 2, True, True), (64, 4, True, True), (64, 3, True, True)]
 
 
 @gluon.jit
-def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, batch, head,
-              kv_head, m_first, tile_lo, tile_count, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, batch,
+              head, kv_head, m_first, tile_lo, tile_count, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     # Both halves of the program's queries on one barrier; the consumers wait on it once.
     mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
     _tma_load(q_desc, [batch, head, m_first, 0], q_bar, q_smem.index(0))
@@ -63,11 +63,13 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_
     for i in range(tile_count):
         slot = i % STAGES
         # A fresh mbarrier counts as having completed the phase before its first: the first STAGES waits pass.
-        mbarrier.wait(kv_empty.index(slot), ((i // STAGES) & 1) ^ 1)
+        # K and V slots are freed apart (K after S = Q K^T, V after O += P V): the next K lands a product earlier.
+        empty_phase = ((i // STAGES) & 1) ^ 1
         start_n = (tile_lo + i) * BLOCK_N
-        # K and V on separate barriers: the consumers start S = Q K^T before V has landed.
+        mbarrier.wait(k_empty.index(slot), empty_phase)
         mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
         _tma_load(k_desc, [batch, kv_head, start_n, 0], k_ready.index(slot), k_smem.index(slot))
+        mbarrier.wait(v_empty.index(slot), empty_phase)
         mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
         _tma_load(v_desc, [batch, kv_head, start_n, 0], v_ready.index(slot), v_smem.index(slot))
 
@@ -123,7 +125,7 @@ def _softmax_tile(s, m_i, l_i, rows, row_first, row_last, start_n, kv_len, windo
 
 
 @gluon.jit
-def _consumer(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, turns, out_ptr, lse_ptr, out_row0,
+def _consumer(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turns, out_ptr, lse_ptr, out_row0,
               m_first, tile_lo, tile_count, q_len, kv_len, window, qk_scale, HALF: gl.constexpr,
               BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
               HAS_WINDOW: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP: gl.constexpr):
@@ -157,6 +159,7 @@ def _consumer(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, turns, 
                       is_async=True)
     _pass_turn(turns, HALF, PINGPONG)
     s = warpgroup_mma_wait(0, deps=(s,))
+    mbarrier.arrive(k_empty.index(0), count=1)
     m_i, l_i, alpha, p = _softmax_tile(s, m_i, l_i, rows, row_first, row_last, tile_lo * BLOCK_N, kv_len, window,
                                        qk_scale, p_layout, o_rows, q.dtype, BLOCK_N, CAUSAL, HAS_WINDOW)
     for i in range(tile_count - 1):
@@ -175,6 +178,7 @@ def _consumer(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, turns, 
             acc = warpgroup_mma(p, v_smem.index(slot).reshape([BLOCK_N, HEAD_D]), acc, is_async=True)
             _pass_turn(turns, HALF, PINGPONG)
             s = warpgroup_mma_wait(1, deps=(s,))
+            mbarrier.arrive(k_empty.index(following), count=1)
             m_i, l_i, alpha_next, p_next = _softmax_tile(s, m_i, l_i, rows, row_first, row_last,
                                                          (tile_lo + i + 1) * BLOCK_N, kv_len, window, qk_scale,
                                                          p_layout, o_rows, q.dtype, BLOCK_N, CAUSAL, HAS_WINDOW)
@@ -187,11 +191,12 @@ def _consumer(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, turns, 
                               use_acc=False, is_async=True)
             _pass_turn(turns, HALF, PINGPONG)
             acc, s, p = warpgroup_mma_wait(0, deps=(acc, s, p))
+            mbarrier.arrive(k_empty.index(following), count=1)
             m_i, l_i, alpha, p = _softmax_tile(s, m_i, l_i, rows, row_first, row_last, (tile_lo + i + 1) * BLOCK_N,
                                                kv_len, window, qk_scale, p_layout, o_rows, q.dtype, BLOCK_N, CAUSAL,
                                                HAS_WINDOW)
         # Both consumers arrive: the producer refills the slot after the second.
-        mbarrier.arrive(kv_empty.index(slot), count=1)
+        mbarrier.arrive(v_empty.index(slot), count=1)
     slot = (tile_count - 1) % STAGES
     if not OVERLAP:
         acc = acc * alpha
@@ -200,7 +205,7 @@ def _consumer(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, turns, 
     acc = warpgroup_mma(p, v_smem.index(slot).reshape([BLOCK_N, HEAD_D]), acc, is_async=True)
     _pass_turn(turns, HALF, PINGPONG)
     acc, p = warpgroup_mma_wait(0, deps=(acc, p))
-    mbarrier.arrive(kv_empty.index(slot), count=1)
+    mbarrier.arrive(v_empty.index(slot), count=1)
 
     empty = l_i == 0.0  # no visible key: out = 0, lse = -inf
     l_safe = gl.where(empty, 1.0, l_i)
@@ -246,13 +251,15 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, out_ptr, lse_ptr, heads, group, q_l
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     mbarrier.init(q_bar, count=1)
     for s in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(s), count=1)
         mbarrier.init(v_ready.index(s), count=1)
-        mbarrier.init(kv_empty.index(s), count=2)
+        mbarrier.init(k_empty.index(s), count=2)
+        mbarrier.init(v_empty.index(s), count=2)
     mbarrier.init(turns.index(0), count=1)
     mbarrier.init(turns.index(1), count=1)
 
@@ -260,14 +267,14 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, out_ptr, lse_ptr, heads, group, q_l
     first_half: gl.constexpr = 0
     second_half: gl.constexpr = 1
     gl.warp_specialize([
-        (_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, turns, out_ptr, lse_ptr, out_row0,
+        (_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turns, out_ptr, lse_ptr, out_row0,
                      m_first, tile_lo, tile_count, q_len, kv_len, window, qk_scale, first_half, BLOCK_N, HEAD_D,
                      STAGES, CAUSAL, HAS_WINDOW, PINGPONG, OVERLAP)),
-        (_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, turns, out_ptr, lse_ptr, out_row0,
+        (_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turns, out_ptr, lse_ptr, out_row0,
                      m_first, tile_lo, tile_count, q_len, kv_len, window, qk_scale, second_half, BLOCK_N, HEAD_D,
                      STAGES, CAUSAL, HAS_WINDOW, PINGPONG, OVERLAP)),
-        (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, batch, head,
-                     kv_head, m_first, tile_lo, tile_count, BLOCK_N, STAGES)),
+        (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, batch,
+                     head, kv_head, m_first, tile_lo, tile_count, BLOCK_N, STAGES)),
     ], [4, 1], [240, 24])
 
 
