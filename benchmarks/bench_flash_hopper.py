@@ -8,7 +8,7 @@ variant's in the same round (> 1: faster).
 
 Correctness first (the FlashAttention rule): max |out - float32 reference| at most 2x that of SDPA in bf16, and the
 lse within 1e-3 of the reference's, at odd sizes of every case kind, each configuration, on poisoned outputs.
-Writes $OUT/flash_hopper.jsonl; prints a markdown table last.
+Appends to $OUT/flash_hopper.jsonl; prints a markdown table last.
 """
 from __future__ import annotations
 
@@ -195,7 +195,7 @@ def main() -> int:
     for name in arguments.cases.split(","):
         time_case(name, configs, arguments.rounds, rows)
     print(f"\nbench time {time.time() - start:.0f}s")
-    with open(os.path.join(os.environ.get("OUT", "."), "flash_hopper.jsonl"), "w") as log:
+    with open(os.path.join(os.environ.get("OUT", "."), "flash_hopper.jsonl"), "a") as log:  # one file per run of calls
         for row in rows:
             log.write(json.dumps(row) + "\n")
     failed = [row for row in rows if row["kind"] == "check" and not row["ok"]]

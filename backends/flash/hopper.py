@@ -17,6 +17,11 @@ no key padding, no soft-capping, no sink logits, 16-bit q/k/v with one head dim 
 The wrapper `hopper_forward` returns None for anything else, and callers fall back to the Triton kernel. Outputs
 match that kernel's contract: (out, lse) with lse the natural-log row logsumexp in fp32, -inf for empty rows.
 
+Status: correct on the H200 (the FlashAttention rule at odd sizes, every configuration) but 0.70-0.98x the Triton
+kernel's speed in its first run (benchmarks/RESULTS.md, "Warp-specialized forward in Gluon"), so flash_forward
+offers it to its tuner only with ATTENTION_PLANNER_GLUON=1. The K/V slots freed apart and the 3-4 slot rings came
+after that run and are not yet measured.
+
 Visibility (top-left aligned, as backends/flash/triton.py): causal j <= i; window W causal i - W < j <= i, not causal
 |i - j| < W. Scores are kept in the log2 domain (log2(e) folded into the scale).
 """
@@ -36,8 +41,9 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 # The TMA tile load is `tma.async_load` from Triton 3.7 and `tma.async_copy_global_to_shared` before (removed since).
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
-# Whether flash_forward offers this kernel to its tuner. Off until the kernel has been checked and timed on a Hopper
-# GPU (the FlashAttention rule at odd sizes, benchmarks/bench_flash_hopper.py); ATTENTION_PLANNER_GLUON=1 turns it on.
+# Whether flash_forward offers this kernel to its tuner (which then runs it only where it times faster). Off: it
+# measured slower than the Triton kernel, and its latest pipeline has not run on a GPU yet; ATTENTION_PLANNER_GLUON=1
+# turns it on (benchmarks/bench_flash_hopper.py checks and times it directly, whatever this flag).
 ENABLED = os.environ.get("ATTENTION_PLANNER_GLUON", "0") == "1"
 
 LOG2E = 1.4426950408889634
