@@ -131,7 +131,8 @@ def check(configs, rows):
                     continue
                 error = (out.float() - expected).abs().max().item()
                 empty_ok = bool((lse[:, :, ~seen] == float("-inf")).all())
-                lse_error = (lse[:, :, seen] - expected_lse[:, :, seen]).abs().max().item() if empty_ok else float("nan")
+                lse_error = ((lse[:, :, seen] - expected_lse[:, :, seen]).abs().max().item() if empty_ok
+                             else float("nan"))
                 ok = error == error and error <= 2 * sdpa_error and lse_error <= 1e-3  # NaN fails
                 rows.append(dict(kind="check", case=label, error=error, sdpa_error=sdpa_error, lse_error=lse_error,
                                  ok=ok))

@@ -8,19 +8,21 @@ plus the exponential time. Here a program owns 2 x 64 query rows and runs three 
     consumer 0, consumer 1     64 query rows each (one warpgroup): S = Q K^T, online softmax, O += P V, by wgmma
     (4 warps each)
 
-Both consumers read the same K/V slot, and a slot is released when both have finished with it. With PINGPONG the
-two consumers take turns issuing their products (two mbarriers pass the turn), so that one warpgroup's softmax runs
-while the other's products occupy the tensor cores; without it the warp scheduler interleaves them as it likes.
+Both consumers read the same K/V slots; a K slot is released when both have finished S = Q K^T with it, a V slot
+when both have finished O += P V (so the next K lands a product earlier). With PINGPONG the two consumers take turns
+issuing their products (two mbarriers pass the turn), so that one warpgroup's softmax runs while the other's
+products occupy the tensor cores; without it the warp scheduler interleaves them as it likes. With OVERLAP a
+consumer issues S_{i+1} before P_i V_i and computes the softmax of S_{i+1} while P_i V_i runs.
 
 Scope: what the planner's exact rewrites need most, no more: causal, full or sliding-window (no sinks) attention,
 no key padding, no soft-capping, no sink logits, 16-bit q/k/v with one head dim of 64 or 128, grouped-query heads.
-The wrapper `hopper_forward` returns None for anything else, and callers fall back to the Triton kernel. Outputs
+`applies` says False for anything else (and off Hopper), and flash_forward keeps the Triton kernel there. Outputs
 match that kernel's contract: (out, lse) with lse the natural-log row logsumexp in fp32, -inf for empty rows.
 
-Status: correct on the H200 (the FlashAttention rule at odd sizes, every configuration) but 0.70-0.98x the Triton
-kernel's speed in its first run (benchmarks/RESULTS.md, "Warp-specialized forward in Gluon"), so flash_forward
-offers it to its tuner only with ATTENTION_PLANNER_GLUON=1. The K/V slots freed apart and the 3-4 slot rings came
-after that run and are not yet measured.
+Status: correct on the H200 (the FlashAttention rule at odd sizes, every configuration of that run) but 0.70-0.98x
+the Triton kernel's speed in its first run (benchmarks/RESULTS.md, "Warp-specialized forward in Gluon"), so
+flash_forward offers it to its tuner only with ATTENTION_PLANNER_GLUON=1. The K/V slots freed apart and the 3-4 slot
+rings came after that run and are not yet measured.
 
 Visibility (top-left aligned, as backends/flash/triton.py): causal j <= i; window W causal i - W < j <= i, not causal
 |i - j| < W. Scores are kept in the log2 domain (log2(e) folded into the scale).
@@ -273,12 +275,12 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, out_ptr, lse_ptr, heads, group, q_l
     first_half: gl.constexpr = 0
     second_half: gl.constexpr = 1
     gl.warp_specialize([
-        (_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turns, out_ptr, lse_ptr, out_row0,
-                     m_first, tile_lo, tile_count, q_len, kv_len, window, qk_scale, first_half, BLOCK_N, HEAD_D,
-                     STAGES, CAUSAL, HAS_WINDOW, PINGPONG, OVERLAP)),
-        (_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turns, out_ptr, lse_ptr, out_row0,
-                     m_first, tile_lo, tile_count, q_len, kv_len, window, qk_scale, second_half, BLOCK_N, HEAD_D,
-                     STAGES, CAUSAL, HAS_WINDOW, PINGPONG, OVERLAP)),
+        (_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turns, out_ptr, lse_ptr,
+                     out_row0, m_first, tile_lo, tile_count, q_len, kv_len, window, qk_scale, first_half, BLOCK_N,
+                     HEAD_D, STAGES, CAUSAL, HAS_WINDOW, PINGPONG, OVERLAP)),
+        (_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turns, out_ptr, lse_ptr,
+                     out_row0, m_first, tile_lo, tile_count, q_len, kv_len, window, qk_scale, second_half, BLOCK_N,
+                     HEAD_D, STAGES, CAUSAL, HAS_WINDOW, PINGPONG, OVERLAP)),
         (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, batch,
                      head, kv_head, m_first, tile_lo, tile_count, BLOCK_N, STAGES)),
     ], [4, 1], [240, 24])
@@ -336,8 +338,8 @@ def hopper_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
                    lse: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of exact attention by the warp-specialized kernel; the caller has checked `applies`.
 
-    config = (BLOCK_N, STAGES, PINGPONG, OVERLAP), one of CONFIGS or any with BLOCK_N in (64, 128). out (contiguous, like q)
-    and lse ((batch, heads, queries) fp32, contiguous) are written in place when given.
+    config = (BLOCK_N, STAGES, PINGPONG, OVERLAP), one of CONFIGS or any with BLOCK_N in (64, 128). out (contiguous,
+    like q) and lse ((batch, heads, queries) fp32, contiguous) are written in place when given.
     """
     block_n, stages, pingpong, overlap = config
     batch, heads, q_len, head_dim = q.shape
