@@ -358,10 +358,7 @@ def test_polynomial_exponentials_are_tuned_in_only_where_they_measured_faster(mo
 def test_hopper_forward_scope_is_what_the_kernel_computes():
     """The Gluon forward takes 16-bit, head dim 64/128, unpadded exact attention with descriptor-friendly layouts;
     every other call stays on the Triton kernel, and nothing reaches it off a Hopper GPU."""
-    from backends.flash.triton import _hopper
-
-    if _hopper is None:
-        pytest.skip("this Triton has no Gluon for Hopper")
+    _hopper = pytest.importorskip("backends.flash.hopper", reason="this Triton has no Gluon for Hopper")
     plain = dict(has_sinks=False, key_padding_mask=None, softcap=None, sink_logits=None, scale=0.1)
     q = torch.randn(1, 4, 33, 128, dtype=torch.bfloat16)
     kv = torch.randn(1, 2, 45, 128, dtype=torch.bfloat16)
@@ -384,3 +381,23 @@ def test_hopper_forward_scope_is_what_the_kernel_computes():
     ]
     for q_, k_, v_, flags in refused:
         assert not _hopper.supports(q_, k_, v_, **flags), (q_.shape, q_.dtype, flags)
+
+
+def test_gluon_forward_is_offered_only_when_turned_on(monkeypatch):
+    from backends.flash import triton as flash_triton
+
+    for value, expected_on in ((None, False), ("0", False), ("1", True)):
+        if value is None:
+            monkeypatch.delenv("ATTENTION_PLANNER_GLUON", raising=False)
+        else:
+            monkeypatch.setenv("ATTENTION_PLANNER_GLUON", value)
+        flash_triton.gluon_forward.cache_clear()
+        try:
+            module = flash_triton.gluon_forward()
+        finally:
+            flash_triton.gluon_forward.cache_clear()
+        if expected_on:
+            pytest.importorskip("backends.flash.hopper", reason="this Triton has no Gluon for Hopper")
+            assert module is not None and hasattr(module, "hopper_forward")
+        else:
+            assert module is None

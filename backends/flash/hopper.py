@@ -43,11 +43,6 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 # The TMA tile load is `tma.async_load` from Triton 3.7 and `tma.async_copy_global_to_shared` before (removed since).
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
-# Whether flash_forward offers this kernel to its tuner (which then runs it only where it times faster). Off: it
-# measured slower than the Triton kernel, and its latest pipeline has not run on a GPU yet; ATTENTION_PLANNER_GLUON=1
-# turns it on (benchmarks/bench_flash_hopper.py checks and times it directly, whatever this flag).
-ENABLED = os.environ.get("ATTENTION_PLANNER_GLUON", "0") == "1"
-
 LOG2E = 1.4426950408889634
 HALF_M = 64  # query rows per consumer warpgroup: 64 x BLOCK_N fp32 scores + 64 x D fp32 output in registers
 NUM_WARPS = 4  # the default partition (consumer 0); consumer 1 and the producer are worker partitions

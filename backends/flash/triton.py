@@ -41,10 +41,6 @@ import triton.language as tl
 from backends.flash.options import AttentionOptions
 from passes.errors import BackendError
 
-try:  # the warp-specialized forward needs Triton's Gluon with Hopper support (Triton 3.6 and later)
-    from backends.flash import hopper as _hopper
-except (ImportError, AttributeError):
-    _hopper = None
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -54,6 +50,21 @@ MAX_HEAD_DIM = 256
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.lru_cache(maxsize=1)
+def gluon_forward():
+    """The warp-specialized Gluon forward's module (backends/flash/hopper.py) when ATTENTION_PLANNER_GLUON=1 and this
+    Triton has Gluon's Hopper API; else None. Off by default: it measured slower than this file's forward
+    (benchmarks/RESULTS.md, "Warp-specialized forward in Gluon"). When on, the forward's tuner times it beside the
+    Triton configurations and keeps it only where it is faster."""
+    if os.environ.get("ATTENTION_PLANNER_GLUON") != "1":
+        return None
+    try:
+        from backends.flash import hopper
+    except (ImportError, AttributeError):  # no Gluon, or one whose Hopper API differs
+        return None
+    return hopper
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -917,8 +928,8 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: Op
 
     def launch(cfg):
         if cfg[0] == "hopper":  # the warp-specialized Gluon kernel (backends/flash/hopper.py)
-            _hopper.hopper_forward(q_, k_, v_, causal=causal, window=window_size, has_window=has_window, scale=scale,
-                                   config=cfg[1:], out=out, lse=lse)
+            gluon_forward().hopper_forward(q_, k_, v_, causal=causal, window=window_size, has_window=has_window,
+                                           scale=scale, config=cfg[1:], out=out, lse=lse)
             return
         block_m, block_n, num_warps, num_stages = cfg[:4]
         poly_exp2 = cfg[4] if len(cfg) > 4 else 0
@@ -951,13 +962,13 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: Op
         if (configs is _FORWARD_CONFIGS["small"] and head_dim == 128 and not causal and not has_window
                 and bucket == 32768):
             configs = _FORWARD_CONFIGS["small, full, long"]
-        if _hopper is not None and _hopper.ENABLED and _hopper.applies(
-                q_, k_, v_, has_sinks=has_sinks, key_padding_mask=key_padding_mask, softcap=softcap,
-                sink_logits=sink_logits, scale=scale):
+        hopper = gluon_forward()
+        if hopper is not None and hopper.applies(q_, k_, v_, has_sinks=has_sinks, key_padding_mask=key_padding_mask,
+                                                 softcap=softcap, sink_logits=sink_logits, scale=scale):
             # Timed against the Triton configurations: the Gluon kernel runs only where it measured faster (and a
             # Triton whose Gluon cannot build it scores it as not fitting).
             key += ("hopper",)
-            configs = [("hopper",) + config for config in _hopper.CONFIGS] + list(configs)
+            configs = [("hopper",) + config for config in hopper.CONFIGS] + list(configs)
         _launch_tuned("forward", key, configs, launch)
     return (out if d_v_pad == d_v else out[..., :d_v]), lse
 
