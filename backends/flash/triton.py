@@ -41,7 +41,6 @@ import triton.language as tl
 from backends.flash.options import AttentionOptions
 from passes.errors import BackendError
 
-
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
