@@ -26,6 +26,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from backends.flash import hopper
 from backends.flash import triton as flash_triton
+from bench_flash_poly_exp2 import visible  # the benchmarks directory is on the path when run as a script
 
 torch.backends.cuda.matmul.allow_tf32 = False
 
@@ -64,17 +65,6 @@ def inputs(q_len, kv_len, heads, kv_heads, head_dim, dtype, seed, q_gain=1.0):
     return q, k, v
 
 
-def visible(q_len, kv_len, causal, window):
-    rows = torch.arange(q_len, device="cuda")[:, None]
-    cols = torch.arange(kv_len, device="cuda")[None, :]
-    mask = torch.ones(q_len, kv_len, dtype=torch.bool, device="cuda")
-    if causal:
-        mask &= cols <= rows
-    if window is not None:
-        mask &= (cols > rows - window) if causal else ((cols > rows - window) & (cols < rows + window))
-    return mask
-
-
 def reference(q, k, v, mask):
     """Dense float32 attention and its natural-log lse, one head at a time; rows that see no key give out 0 and lse
     -inf (the kernels' contract)."""
@@ -94,8 +84,9 @@ def triton_forward(q, k, v, causal, window):
 
 
 def hopper_forward(q, k, v, causal, window, config, out=None, lse=None):
-    has_window = window is not None and (window < q.shape[2] if causal else window < max(q.shape[2], k.shape[2]))
-    return hopper.hopper_forward(q, k, v, causal=causal, window=window or 0, has_window=has_window,
+    # the window as flash_forward passes it: dropped where it hides nothing
+    has_window, window_size, _, _ = flash_triton._structure(q.shape[2], k.shape[2], causal, window, 0)
+    return hopper.hopper_forward(q, k, v, causal=causal, window=window_size, has_window=has_window,
                                  scale=q.shape[-1] ** -0.5, config=config, out=out, lse=lse)
 
 

@@ -74,10 +74,11 @@ def tuned_config(q, k, v, causal, window):
     return flash_triton._TUNED[new[-1]] if new else None
 
 
-def visible(length, causal, window):
-    rows = torch.arange(length, device="cuda")[:, None]
-    cols = torch.arange(length, device="cuda")[None, :]
-    mask = torch.ones(length, length, dtype=torch.bool, device="cuda")
+def visible(q_len, kv_len, causal, window):
+    """(q_len, kv_len) bool: which key each query sees (top-left aligned, as the kernels)."""
+    rows = torch.arange(q_len, device="cuda")[:, None]
+    cols = torch.arange(kv_len, device="cuda")[None, :]
+    mask = torch.ones(q_len, kv_len, dtype=torch.bool, device="cuda")
     if causal:
         mask &= cols <= rows
     if window is not None:
@@ -114,7 +115,7 @@ def check(name, config, polys, rows):
     length, window = CHECK_LENGTH.get(name, 2048), CHECK_WINDOW.get(name, window)
     for q_gain in (1.0, 4.0):  # 4x: peakier rows, exponents far below the row maximum
         q, k, v = inputs(length, 4, 4 * kv_heads // heads, head_dim, seed=length + int(q_gain), q_gain=q_gain)
-        mask = visible(length, causal, window)
+        mask = visible(length, length, causal, window)
         expected = reference(q, k, v, mask)
         sdpa_error = (sdpa(q, k, v, causal, window, mask).float() - expected).abs().max().item()
         for poly in polys + (None,):  # None: the tuner's choice
